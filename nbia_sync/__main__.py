@@ -1,0 +1,3 @@
+from nbia_sync.cli import main
+
+raise SystemExit(main())

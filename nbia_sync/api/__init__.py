@@ -1,0 +1,1 @@
+"""The archive: the only package that speaks HTTP to NBIA."""

@@ -1,0 +1,209 @@
+"""Settings: the TOML file, validated once at start, with secrets from the environment.
+
+Every section forbids unknown keys so a typo is a named error, not a silent default.
+Secrets may be given in the environment instead of the file:
+  NBIA_SYNC_CATALOG_URL                 the catalog URL (may embed a database password)
+  NBIA_SYNC_SOURCE_<NAME>_USERNAME      per source, NAME upper-cased, '-' -> '_'
+  NBIA_SYNC_SOURCE_<NAME>_PASSWORD
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from nbia_sync.errors import ConfigError
+
+DEFAULT_TCIA_URL = "https://services.cancerimagingarchive.net/nbia-api/"
+GUEST_USER = "nbia_guest"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MirrorSettings(_Section):
+    root: Path
+    # Refuse to start a series unless this much space stays free after it.
+    min_free_bytes: int = Field(default=1 << 30, ge=0)
+    # Parse every file as DICOM and compare its UIDs before placing it.
+    check_dicom: bool = True
+
+
+class CatalogSettings(_Section):
+    # None: SQLite at <root>/.nbia-sync/catalog.sqlite
+    url: str | None = None
+
+
+class TransferSettings(_Section):
+    workers: int = Field(default=8, ge=1, le=256)
+    max_attempts: int = Field(default=6, ge=1)
+    retry_base_delay: float = Field(default=0.2, ge=0)  # seconds
+    retry_max_delay: float = Field(default=600.0, gt=0)  # seconds
+    # Attempts of a single HTTP query before it gives up for this pass.
+    request_attempts: int = Field(default=5, ge=1)
+    connect_timeout: float = Field(default=30.0, gt=0)
+    # A stream that sends nothing for this long is cut and retried.
+    read_timeout: float = Field(default=120.0, gt=0)
+    lease_seconds: float = Field(default=300.0, gt=0)
+    heartbeat_interval: float = Field(default=30.0, gt=0)
+    # Bytes per second over all downloads of this process; None = unlimited.
+    bandwidth_limit: int | None = Field(default=None, gt=0)
+    chunk_size: int = Field(default=1 << 20, ge=4096)
+
+
+class ScheduleSettings(_Section):
+    poll_interval: float = Field(default=3600.0, gt=0)  # seconds
+    # getUpdatedSeries is asked from (watermark - overlap): release dates are days,
+    # and the archive's clock is not ours.
+    overlap_days: int = Field(default=2, ge=0)
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # auto: JSON when stdout is not a terminal, readable otherwise.
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class DaemonSettings(_Section):
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=9469, ge=0, le=65535)
+
+
+class SourceSettings(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    url: str = DEFAULT_TCIA_URL
+    api: Literal["v1", "v2", "v4"] = "v2"
+    username: str = GUEST_USER
+    password: SecretStr = SecretStr("")
+    collections: list[str] = Field(default_factory=list)  # empty: every collection
+    modalities: list[str] = Field(default_factory=list)  # empty: every modality
+    body_parts: list[str] = Field(default_factory=list)
+    patients: list[str] = Field(default_factory=list)
+    verify_tls: bool = True
+    # Concurrent connections to this source; None: the transfer worker count.
+    max_connections: int | None = Field(default=None, ge=1)
+    # Refresh the access token when less than this fraction of its life is left.
+    refresh_margin: float = Field(default=0.2, gt=0, lt=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_http(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value if value.endswith("/") else value + "/"
+
+    @property
+    def needs_token(self) -> bool:
+        return self.api != "v4"
+
+
+class Settings(_Section):
+    mirror: MirrorSettings
+    catalog: CatalogSettings = CatalogSettings()
+    transfer: TransferSettings = TransferSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
+    logging: LoggingSettings = LoggingSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    sources: list[SourceSettings] = Field(min_length=1)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, value: list[SourceSettings]) -> list[SourceSettings]:
+        names = [s.name for s in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {', '.join(dupes)}")
+        return value
+
+    @property
+    def state_dir(self) -> Path:
+        """Bookkeeping (catalog, staging, lock) lives under the mirror root."""
+        return self.mirror.root / ".nbia-sync"
+
+    @property
+    def catalog_url(self) -> str:
+        if self.catalog.url:
+            return self.catalog.url
+        return f"sqlite+aiosqlite:///{(self.state_dir / 'catalog.sqlite').resolve()}"
+
+    def source(self, name: str) -> SourceSettings:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no source named {name!r} in the configuration")
+
+
+def _env_key(source_name: str, field: str) -> str:
+    return f"NBIA_SYNC_SOURCE_{re.sub(r'[^A-Za-z0-9]', '_', source_name).upper()}_{field}"
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    raw = dict(raw)
+    if "NBIA_SYNC_CATALOG_URL" in env:
+        raw["catalog"] = {**raw.get("catalog", {}), "url": env["NBIA_SYNC_CATALOG_URL"]}
+    sources = raw.get("sources")
+    if isinstance(sources, list):
+        patched = []
+        for src in sources:
+            if isinstance(src, dict) and isinstance(src.get("name"), str):
+                src = dict(src)
+                for field in ("username", "password"):
+                    key = _env_key(src["name"], field.upper())
+                    if key in env:
+                        src[field] = env[key]
+            patched.append(src)
+        raw["sources"] = patched
+    return raw
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per problem, naming the key as written in the TOML file."""
+    lines = []
+    for err in error.errors():
+        parts: list[str] = []
+        for loc in err["loc"]:
+            if isinstance(loc, int):
+                parts[-1:] = [f"{parts[-1]}[{loc}]"] if parts else [f"[{loc}]"]
+            else:
+                parts.append(str(loc))
+        where = ".".join(parts) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key")
+        elif err["type"] == "missing":
+            lines.append(f"{where}: required key is missing")
+        else:
+            lines.append(f"{where}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def settings_from_dict(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
+    merged = _apply_env(dict(raw), os.environ if env is None else env)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
+
+
+def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate a TOML config; every problem is a ConfigError naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return settings_from_dict(raw, env)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

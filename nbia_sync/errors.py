@@ -1,0 +1,61 @@
+"""The exception hierarchy: every failure is either worth retrying or not.
+
+The retry policy, the transfer pool and the CLI's exit codes all decide on the class
+alone, so a new failure mode only has to pick the right base class.
+Messages never contain tokens or passwords.
+"""
+
+from __future__ import annotations
+
+
+class NbiaSyncError(Exception):
+    """Base of every error nbia-sync raises on purpose."""
+
+
+class ConfigError(NbiaSyncError):
+    """The configuration is invalid (exit code 2)."""
+
+
+class CatalogError(NbiaSyncError):
+    """The catalog cannot be opened or is at an unknown schema revision."""
+
+
+class ArchiveError(NbiaSyncError):
+    """Something went wrong talking to the archive or with what it sent."""
+
+    retryable: bool = False
+
+
+class RetryableError(ArchiveError):
+    """A transient failure: connection error, timeout, 5xx, 429, truncated archive."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        # Seconds the server asked us to wait (429/503 Retry-After), if it said.
+        self.retry_after = retry_after
+
+
+class PermanentError(ArchiveError):
+    """A failure that retrying will not fix: 400, no access, malformed request."""
+
+
+class AuthError(PermanentError):
+    """The archive refused our credentials (bad username/password)."""
+
+
+class IntegrityError(RetryableError):
+    """The archive sent data that failed a check (MD5, file count, missing hash list).
+
+    Retryable: the archive streams series on the fly and a second attempt usually
+    succeeds; the attempt counter bounds the damage when it never does.
+    """
+
+
+class HostileArchiveError(PermanentError):
+    """A ZIP entry name is absolute, climbs out with '..', or is a link."""
+
+
+class DiskSpaceError(NbiaSyncError):
+    """Not enough free space for a series; stops the pass rather than the series."""
