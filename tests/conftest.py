@@ -1,1 +1,3 @@
-"""Shared fixtures. The simulator fixtures live in tests/sim_fixtures.py (imported below)."""
+"""Shared fixtures. Each area registers its fixture module in pytest_plugins below."""
+
+pytest_plugins: list[str] = []

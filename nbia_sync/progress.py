@@ -1,0 +1,61 @@
+"""What the transfer pool reports as it works.
+
+The pool calls a ProgressSink; the CLI plugs in a terminal display, the daemon plugs in
+Prometheus metrics, tests plug in a recorder. Implementations must be cheap and must
+not block: they are called on the event loop for every chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class ProgressSink(Protocol):
+    def plan(self, series: int, total_bytes: int) -> None:
+        """The queue this drain starts with (series and their expected bytes)."""
+
+    def series_started(self, series_uid: str, expected_bytes: int | None) -> None: ...
+
+    def bytes_received(self, n: int) -> None: ...
+
+    def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
+        """ok=False with error set when the attempt failed (it may be retried later)."""
+
+
+class NullProgress:
+    """Reports nowhere."""
+
+    def plan(self, series: int, total_bytes: int) -> None:
+        pass
+
+    def series_started(self, series_uid: str, expected_bytes: int | None) -> None:
+        pass
+
+    def bytes_received(self, n: int) -> None:
+        pass
+
+    def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
+        pass
+
+
+class FanOut:
+    """Reports to several sinks at once (display + metrics)."""
+
+    def __init__(self, *sinks: ProgressSink) -> None:
+        self._sinks = sinks
+
+    def plan(self, series: int, total_bytes: int) -> None:
+        for s in self._sinks:
+            s.plan(series, total_bytes)
+
+    def series_started(self, series_uid: str, expected_bytes: int | None) -> None:
+        for s in self._sinks:
+            s.series_started(series_uid, expected_bytes)
+
+    def bytes_received(self, n: int) -> None:
+        for s in self._sinks:
+            s.bytes_received(n)
+
+    def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
+        for s in self._sinks:
+            s.series_finished(series_uid, ok=ok, files=files, error=error)
