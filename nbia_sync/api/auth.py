@@ -1,0 +1,206 @@
+"""OAuth tokens for one v1/v2 source, shared by every request to it.
+
+Other clients die when the 2-hour token expires mid-run (nbiatoolkit captures it once).
+Here the token is renewed *ahead* of expiry: when less than ``refresh_margin`` of its
+life is left, the next request refreshes it first. Renewal is single flight: a lock with a
+re-check inside, so 32 requests arriving together cause one grant. A 401 still happens
+(server restart, revocation): the caller hands back the rejected token, we renew once, the
+caller replays. When the refresh token is dead too, we log in again with the password.
+Expiry uses a monotonic clock: wall-clock jumps must not expire or immortalise a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+from pydantic import SecretStr
+
+from nbia_sync.api.retry import error_for_exception, error_for_status
+from nbia_sync.config import SourceSettings
+from nbia_sync.errors import AuthError, RetryableError
+
+log = structlog.get_logger(__name__)
+
+CLIENT_ID = "NBIA"
+# A token whose server says nothing about its life is renewed after this long.
+_DEFAULT_LIFETIME = 300.0
+_LOGOUT_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+@dataclass(frozen=True, slots=True)
+class _Grant:
+    """One token pair; secrets are SecretStr so no repr or log line can show them."""
+
+    access: SecretStr
+    refresh: SecretStr | None
+    obtained_at: float  # monotonic, taken *before* the request: errs towards early renewal
+    lifetime: float
+    refresh_lifetime: float | None  # None: unknown, try it and fall back on failure
+
+    def remaining(self, now: float) -> float:
+        return self.obtained_at + self.lifetime - now
+
+    def refresh_alive(self, now: float) -> bool:
+        if self.refresh is None:
+            return False
+        if self.refresh_lifetime is None:
+            return True
+        return now < self.obtained_at + self.refresh_lifetime
+
+
+class TokenSession:
+    """Access tokens for one source. Not for v4 sources, which need none."""
+
+    def __init__(
+        self,
+        source: SourceSettings,
+        http: aiohttp.ClientSession,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._source = source
+        self._http = http
+        self._clock = clock
+        self._token_url = f"{source.url}oauth/token"
+        self._logout_url = f"{source.url}logout"
+        self._grant: _Grant | None = None
+        self._lock = asyncio.Lock()
+        # Grants made, by type ("password", "refresh_token"): for logs, metrics and tests.
+        self.grants: Counter[str] = Counter()
+
+    def __repr__(self) -> str:
+        return f"TokenSession(source={self._source.name!r}, user={self._source.username!r})"
+
+    async def token(self) -> str:
+        """A bearer token with enough life left; renews it first if it is due."""
+        grant = self._grant
+        if grant is not None and not self._due(grant):
+            return grant.access.get_secret_value()
+        async with self._lock:
+            # Re-check: whoever held the lock before us may have renewed already.
+            grant = self._grant
+            if grant is None or self._due(grant):
+                grant = await self._renew(grant)
+            return grant.access.get_secret_value()
+
+    async def rejected(self, token: str) -> None:
+        """The archive answered 401 to ``token``: renew it, unless another task already did."""
+        async with self._lock:
+            grant = self._grant
+            if grant is not None and grant.access.get_secret_value() != token:
+                return
+            log.info("auth.token_rejected", source=self._source.name)
+            await self._renew(grant)
+
+    async def close(self) -> None:
+        """Log out (invalidates the token on the server); failures are only logged."""
+        async with self._lock:
+            grant, self._grant = self._grant, None
+        if grant is None:
+            return
+        headers = {"Authorization": f"Bearer {grant.access.get_secret_value()}"}
+        try:
+            async with self._http.get(
+                self._logout_url, headers=headers, timeout=_LOGOUT_TIMEOUT
+            ) as resp:
+                await resp.read()
+                if resp.status < 300:
+                    log.info("auth.logout", source=self._source.name)
+                else:
+                    # Best effort: the session dies with its tokens anyway.
+                    log.warning("auth.logout_failed", source=self._source.name, status=resp.status)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("auth.logout_failed", source=self._source.name, error=type(exc).__name__)
+
+    def _due(self, grant: _Grant) -> bool:
+        return grant.remaining(self._clock()) < self._source.refresh_margin * grant.lifetime
+
+    async def _renew(self, old: _Grant | None) -> _Grant:
+        """Refresh grant when the refresh token lives, else (or if refused) password grant."""
+        if old is not None and old.refresh is not None and old.refresh_alive(self._clock()):
+            form = {
+                "grant_type": "refresh_token",
+                "refresh_token": old.refresh.get_secret_value(),
+                "client_id": CLIENT_ID,
+            }
+            grant = await self._request_grant(form, "refresh_token")
+            if grant is not None:
+                return grant
+            log.info("auth.refresh_refused", source=self._source.name)
+        form = {
+            "username": self._source.username,
+            "password": self._source.password.get_secret_value(),
+            "client_id": CLIENT_ID,
+            "grant_type": "password",
+        }
+        grant = await self._request_grant(form, "password")
+        if grant is None:
+            raise AuthError(
+                f"source {self._source.name!r}: the archive refused the credentials "
+                f"of user {self._source.username!r}"
+            )
+        return grant
+
+    async def _request_grant(self, form: dict[str, str], kind: str) -> _Grant | None:
+        """POST the grant; None when the server refuses it (400/401), errors otherwise."""
+        what = f"token {kind} grant for source {self._source.name!r}"
+        started = self._clock()
+        try:
+            async with self._http.post(self._token_url, data=form) as resp:
+                body = await resp.read()
+                status = resp.status
+                headers = dict(resp.headers)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise error_for_exception(exc, what) from exc
+        if status in (400, 401):
+            return None
+        if status >= 300:
+            # The body of a failed grant may echo the form; it is left out of the message.
+            raise error_for_status(status, headers, what)
+        grant = _parse_grant(body, started, what)
+        self._grant = grant
+        self.grants[kind] += 1
+        log.info(
+            "auth.granted",
+            source=self._source.name,
+            grant=kind,
+            expires_in=grant.lifetime,
+            refresh_expires_in=grant.refresh_lifetime,
+        )
+        return grant
+
+
+def _parse_grant(body: bytes, obtained_at: float, what: str) -> _Grant:
+    try:
+        data: Any = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise RetryableError(f"{what}: the answer is not JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("access_token"), str):
+        raise RetryableError(f"{what}: the answer has no access_token")
+    refresh = data.get("refresh_token")
+    return _Grant(
+        access=SecretStr(data["access_token"]),
+        refresh=SecretStr(refresh) if isinstance(refresh, str) and refresh else None,
+        obtained_at=obtained_at,
+        lifetime=_seconds(data.get("expires_in")) or _DEFAULT_LIFETIME,
+        refresh_lifetime=_seconds(data.get("refresh_expires_in")),
+    )
+
+
+def _seconds(value: object) -> float | None:
+    """A positive lifetime in seconds, or None (absent, zero = "no limit" in Keycloak, bad)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None

@@ -1,0 +1,386 @@
+"""NbiaClient: the endpoints of one archive source, as typed records and byte streams.
+
+One aiohttp session per source, its connector sized for the transfer workers plus a few
+queries. ``sock_read`` bounds the silence of a stream (a stall is cut and retried) while
+``total`` stays unbounded, because a multi-GB series legitimately takes hours.
+Queries are retried by the RetryPolicy; a download is retried only while opening, since a
+broken stream can only restart from the first byte and that is the caller's decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from datetime import date
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+import structlog
+
+from nbia_sync.api import _records as records
+from nbia_sync.api.auth import TokenSession
+from nbia_sync.api.dates import new_since_param, updated_series_param
+from nbia_sync.api.models import PatientInfo, SeriesInfo, SeriesSize, StudyInfo
+from nbia_sync.api.retry import RetryPolicy, error_for_exception, error_for_status
+from nbia_sync.config import SourceSettings, TransferSettings
+from nbia_sync.errors import RetryableError
+
+log = structlog.get_logger(__name__)
+
+# Connections beyond the download workers, so discovery queries never queue behind streams.
+QUERY_CONNECTIONS = 4
+ZIP_MAGIC = b"PK\x03\x04"
+# Content types that are certainly not an archive: an error page or an error object.
+_NOT_ZIP_TYPES = ("text/", "application/json", "application/xml", "application/xhtml")
+_SNIPPET = 160
+_warned_insecure: set[str] = set()
+
+
+class NbiaClient:
+    """The archive at ``source``; use as ``async with NbiaClient(...) as client``."""
+
+    def __init__(
+        self,
+        source: SourceSettings,
+        transfer: TransferSettings,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> None:
+        self.source = source
+        self.transfer = transfer
+        self.policy = policy or RetryPolicy.from_settings(transfer)
+        self._api_root = f"{source.url}services/{source.api}/"
+        self._given_session = session
+        self._http: aiohttp.ClientSession | None = session
+        self._auth: TokenSession | None = None
+
+    def __repr__(self) -> str:
+        return f"NbiaClient(source={self.source.name!r}, url={self.source.url!r})"
+
+    @property
+    def auth(self) -> TokenSession | None:
+        """The source's token session (None for v4, or before the client is opened)."""
+        return self._auth
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self._http is None:
+            self._http = self._new_session()
+        if self.source.needs_token and self._auth is None:
+            self._auth = TokenSession(self.source, self._http)
+
+    async def close(self) -> None:
+        """Log out (v1/v2), then close the HTTP session if this client made it."""
+        try:
+            if self._auth is not None:
+                await self._auth.close()
+        finally:
+            self._auth = None
+            if self._http is not None and self._http is not self._given_session:
+                await self._http.close()
+            self._http = None
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        limit = self.source.max_connections or self.transfer.workers + QUERY_CONNECTIONS
+        ssl = self.source.verify_tls  # True: aiohttp's default context, verified
+        if not ssl and self.source.name not in _warned_insecure:
+            _warned_insecure.add(self.source.name)
+            log.warning("client.tls_verification_off", source=self.source.name)
+        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ssl=ssl)
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self.transfer.connect_timeout,
+            sock_read=self.transfer.read_timeout,
+        )
+        return aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
+
+    # ---- queries ---------------------------------------------------------------------
+
+    async def collections(self) -> list[str]:
+        what = "getCollectionValues"
+        rows = await self._query("getCollectionValues", {}, what)
+        return [records.collection_name(r, what, i) for i, r in enumerate(rows)]
+
+    async def patients(self, collection: str) -> list[PatientInfo]:
+        what = f"getPatient Collection={collection}"
+        rows = await self._query("getPatient", {"Collection": collection}, what)
+        return [records.patient_info(r, what, i, collection) for i, r in enumerate(rows)]
+
+    async def patient_studies(
+        self, collection: str, patient_id: str | None = None, study_uid: str | None = None
+    ) -> list[StudyInfo]:
+        params = {"Collection": collection, "PatientID": patient_id, "StudyInstanceUID": study_uid}
+        what = _describe("getPatientStudy", params)
+        rows = await self._query("getPatientStudy", params, what)
+        return [records.study_info(r, what, i, collection) for i, r in enumerate(rows)]
+
+    async def series(
+        self,
+        collection: str | None = None,
+        patient_id: str | None = None,
+        study_uid: str | None = None,
+        modality: str | None = None,
+        series_uid: str | None = None,
+        body_part: str | None = None,
+    ) -> list[SeriesInfo]:
+        params = {
+            "Collection": collection,
+            "PatientID": patient_id,
+            "StudyInstanceUID": study_uid,
+            "Modality": modality,
+            "SeriesInstanceUID": series_uid,
+            "BodyPartExamined": body_part,
+        }
+        what = _describe("getSeries", params)
+        rows = await self._query("getSeries", params, what)
+        return [records.series_info(r, what, i, collection) for i, r in enumerate(rows)]
+
+    async def updated_series(self, since: date) -> list[SeriesInfo]:
+        """Series released strictly after ``since`` (the archive's rule)."""
+        name, value = updated_series_param(since, self.source.api)
+        what = f"getUpdatedSeries {name}={value}"
+        rows = await self._query("getUpdatedSeries", {name: value}, what)
+        return [records.series_info(r, what, i, None) for i, r in enumerate(rows)]
+
+    async def new_patients(self, collection: str, since: date) -> list[PatientInfo]:
+        name, value = new_since_param(since, self.source.api)
+        params = {"Collection": collection, name: value}
+        what = _describe("NewPatientsInCollection", params)
+        rows = await self._query("NewPatientsInCollection", params, what)
+        return [records.patient_info(r, what, i, collection) for i, r in enumerate(rows)]
+
+    async def new_studies(
+        self, collection: str, since: date, patient_id: str | None = None
+    ) -> list[StudyInfo]:
+        name, value = new_since_param(since, self.source.api)
+        params = {"Collection": collection, name: value, "PatientID": patient_id}
+        what = _describe("NewStudiesInPatientCollection", params)
+        rows = await self._query("NewStudiesInPatientCollection", params, what)
+        return [records.study_info(r, what, i, collection) for i, r in enumerate(rows)]
+
+    async def series_size(self, uid: str) -> SeriesSize:
+        what = f"getSeriesSize SeriesInstanceUID={uid}"
+        rows = await self._query("getSeriesSize", {"SeriesInstanceUID": uid}, what)
+        return records.series_size(rows, what)
+
+    async def sop_instance_uids(self, uid: str) -> list[str]:
+        what = f"getSOPInstanceUIDs SeriesInstanceUID={uid}"
+        rows = await self._query("getSOPInstanceUIDs", {"SeriesInstanceUID": uid}, what)
+        return [records.required(r, ("SOPInstanceUID",), what, i) for i, r in enumerate(rows)]
+
+    async def series_metadata(self, uid: str) -> dict[str, str]:
+        what = f"getSeriesMetaData SeriesInstanceUID={uid}"
+        rows = await self._query("getSeriesMetaData", {"SeriesInstanceUID": uid}, what)
+        return records.flat_strings(rows[0]) if rows else {}
+
+    async def single_image(self, series_uid: str, sop_uid: str) -> bytes:
+        params = {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid}
+        what = _describe("getSingleImage", params)
+
+        async def fetch() -> bytes:
+            async with self._open("getSingleImage", params, what) as resp:
+                _refuse_error_page(resp, what)
+                body = await _read_body(resp, what)
+            if not body:
+                raise RetryableError(f"{what}: the archive sent an empty file")
+            return body
+
+        return await self.policy.call(fetch, what=what)
+
+    # ---- download --------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def stream_series(self, uid: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The series' ZIP as chunks, as they arrive; nothing is buffered.
+
+        Opening (up to the ZIP signature) is retried by the policy. Any failure after
+        that raises RetryableError: a ZIP stream can only restart from the beginning.
+        """
+        if self.source.api == "v4":
+            endpoint = "getImage"
+            params: Mapping[str, str | None] = {"SeriesInstanceUID": uid, "IncludeMD5": "Yes"}
+        else:
+            endpoint, params = "getImageWithMD5Hash", {"SeriesInstanceUID": uid}
+        what = f"{endpoint} SeriesInstanceUID={uid}"
+
+        async def open_zip() -> tuple[aiohttp.ClientResponse, bytes]:
+            resp = await self._send(endpoint, params, what)
+            try:
+                head = await _zip_head(resp, what)
+            except BaseException:
+                resp.close()
+                raise
+            return resp, head
+
+        resp, head = await self.policy.call(open_zip, what=what)
+        log.debug("client.stream_opened", series_uid=uid, source=self.source.name)
+        stream = _ZipStream(resp, head, self.transfer.chunk_size, what)
+        chunks = stream.chunks()
+        try:
+            yield chunks
+        finally:
+            await chunks.aclose()
+            stream.finish()
+
+    # ---- HTTP plumbing ---------------------------------------------------------------
+
+    async def _query(
+        self, endpoint: str, params: Mapping[str, str | None], what: str
+    ) -> list[records.Record]:
+        async def fetch() -> list[records.Record]:
+            async with self._open(endpoint, params, what) as resp:
+                body = await _read_body(resp, what)
+            return records.json_records(body, what)
+
+        return await self.policy.call(fetch, what=what)
+
+    @asynccontextmanager
+    async def _open(
+        self, endpoint: str, params: Mapping[str, str | None], what: str
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        resp = await self._send(endpoint, params, what)
+        try:
+            yield resp
+        finally:
+            resp.release()
+
+    async def _send(
+        self, endpoint: str, params: Mapping[str, str | None], what: str
+    ) -> aiohttp.ClientResponse:
+        """GET with the bearer token; a 401 renews the token once and replays.
+
+        Returns a response with a 2xx status, which the caller must release.
+        """
+        http = self._require_session()
+        url = self._api_root + endpoint
+        query = {k: v for k, v in params.items() if v is not None}
+        replayed = False
+        while True:
+            headers: dict[str, str] = {}
+            token: str | None = None
+            if self._auth is not None:
+                token = await self._auth.token()
+                headers["Authorization"] = f"Bearer {token}"
+            try:
+                resp = await http.get(url, params=query, headers=headers)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise error_for_exception(exc, what) from exc
+            if 200 <= resp.status < 300:
+                return resp
+            snippet = await _snippet(resp)
+            resp.release()
+            if resp.status == 401 and self._auth is not None and token is not None:
+                if not replayed:
+                    replayed = True
+                    await self._auth.rejected(token)
+                    continue
+                # A token issued a moment ago was refused: a revocation race or a server
+                # hiccup. Worth another try; the policy bounds how many.
+                raise RetryableError(f"{what}: HTTP 401 for a freshly issued token")
+            raise error_for_status(resp.status, resp.headers, what, snippet)
+
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise RuntimeError("NbiaClient is not open: use 'async with NbiaClient(...)'")
+        return self._http
+
+
+class _ZipStream:
+    """Iterates a ZIP response; maps every mid-stream failure to RetryableError."""
+
+    def __init__(
+        self, resp: aiohttp.ClientResponse, head: bytes, chunk_size: int, what: str
+    ) -> None:
+        self._resp = resp
+        self._head = head
+        self._chunk_size = chunk_size
+        self._what = what
+        self._received = 0
+        self._complete = False
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        self._received = len(self._head)
+        yield self._head
+        try:
+            async for chunk in self._resp.content.iter_chunked(self._chunk_size):
+                self._received += len(chunk)
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            reason = "stalled" if isinstance(exc, TimeoutError) else type(exc).__name__
+            raise RetryableError(
+                f"{self._what}: the stream broke after {self._received} bytes ({reason}: {exc})"
+            ) from exc
+        self._complete = True
+
+    def finish(self) -> None:
+        # A fully read response returns its connection to the pool; an abandoned one
+        # must be closed, or the pool would have to drain gigabytes first.
+        if self._complete:
+            self._resp.release()
+        else:
+            self._resp.close()
+
+
+async def _zip_head(resp: aiohttp.ClientResponse, what: str) -> bytes:
+    """The first bytes of the body, checked to be a ZIP (servers send errors with 200)."""
+    _refuse_error_page(resp, what)
+    head = b""
+    try:
+        while len(head) < len(ZIP_MAGIC):
+            chunk = await resp.content.readany()
+            if not chunk:
+                break
+            head += chunk
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise error_for_exception(exc, what) from exc
+    if not head.startswith(ZIP_MAGIC):
+        shown = _printable(head[:_SNIPPET]) if head else "an empty body"
+        raise RetryableError(f"{what}: expected a ZIP archive, got {shown}")
+    return head
+
+
+def _refuse_error_page(resp: aiohttp.ClientResponse, what: str) -> None:
+    content_type = resp.headers.get("Content-Type", "").lower()
+    if content_type.startswith(_NOT_ZIP_TYPES):
+        raise RetryableError(
+            f"{what}: expected data, the archive sent {content_type.split(';')[0]} instead"
+        )
+
+
+async def _read_body(resp: aiohttp.ClientResponse, what: str) -> bytes:
+    try:
+        return await resp.read()
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise error_for_exception(exc, what) from exc
+
+
+async def _snippet(resp: aiohttp.ClientResponse) -> str:
+    """The start of an error body for the message (e.g. 'Invalid query parameter')."""
+    try:
+        body = await resp.content.read(4096)
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return ""
+    return _printable(body[:_SNIPPET])
+
+
+def _printable(data: bytes) -> str:
+    text = data.decode("utf-8", errors="replace")
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+def _describe(endpoint: str, params: Mapping[str, str | None]) -> str:
+    shown = " ".join(f"{k}={v}" for k, v in params.items() if v is not None)
+    return f"{endpoint} {shown}" if shown else endpoint

@@ -1,0 +1,153 @@
+"""One retry policy for every request, and the rules that sort failures into retryable or not.
+
+Backoff is exponential with *full* jitter (a random delay in [0, ceiling]): many workers
+failing together against one archive must not come back together. A server's Retry-After
+is a floor, never shortened by jitter. The transfer pool uses the same ``delay()`` to put
+a series' next try in the catalog, so a restart resumes the same schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random as _random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import TypeVar
+
+import aiohttp
+import structlog
+
+from nbia_sync.config import TransferSettings
+from nbia_sync.errors import ArchiveError, PermanentError, RetryableError
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# 2**62 * any sane base delay is past every max_delay; larger exponents overflow floats.
+_MAX_EXPONENT = 62
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    base_delay: float
+    max_delay: float
+    attempts: int
+    # Injectable for tests: how to wait, and a source of uniform numbers in [0, 1).
+    sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep, repr=False)
+    rand: Callable[[], float] = field(default=_random.random, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("delays must not be negative")
+
+    @classmethod
+    def from_settings(
+        cls,
+        transfer: TransferSettings,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = _random.random,
+    ) -> RetryPolicy:
+        return cls(
+            base_delay=transfer.retry_base_delay,
+            max_delay=transfer.retry_max_delay,
+            attempts=transfer.request_attempts,
+            sleep=sleep,
+            rand=rand,
+        )
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number ``attempt`` (0 = the first retry).
+
+        Full jitter: uniform in [0, min(max_delay, base_delay * 2**attempt)], but never less
+        than the server's Retry-After.
+        """
+        exponent = min(max(attempt, 0), _MAX_EXPONENT)
+        ceiling = min(self.max_delay, self.base_delay * (2.0**exponent))
+        wait = self.rand() * ceiling
+        if retry_after is not None and retry_after > wait:
+            wait = retry_after
+        return wait
+
+    async def call(self, fn: Callable[[], Awaitable[T]], *, what: str) -> T:
+        """Run ``fn`` until it succeeds, fails permanently, or the attempts are spent.
+
+        Raw aiohttp/socket errors that escape ``fn`` are treated as retryable; the last
+        RetryableError is re-raised when the attempts run out.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except RetryableError as exc:
+                error: RetryableError = exc
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                error = error_for_exception(exc, what)
+            attempt += 1
+            if attempt >= self.attempts:
+                log.warning("retry.gave_up", what=what, attempts=attempt, error=str(error))
+                raise error
+            wait = self.delay(attempt - 1, error.retry_after)
+            log.info(
+                "retry.scheduled",
+                what=what,
+                attempt=attempt,
+                of=self.attempts,
+                delay=round(wait, 3),
+                error=str(error),
+            )
+            await self.sleep(wait)
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP-date. None if absent/bad."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        return max(seconds, 0.0) if seconds == seconds else None  # NaN is not a delay
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = now if now is not None else datetime.now(UTC)
+    return max((when - current).total_seconds(), 0.0)
+
+
+def error_for_status(
+    status: int, headers: Mapping[str, str], what: str, body: str = ""
+) -> ArchiveError:
+    """The error an HTTP status means. 5xx, 429 and 408 are worth another try; other 4xx not.
+
+    NBIA answers "no access to this collection" and "Invalid query parameter" with 400, so
+    400 must stay permanent: retrying would only hammer the archive.
+    """
+    detail = f": {body}" if body else ""
+    if status == 429 or status >= 500 or status == 408:
+        retry_after = parse_retry_after(headers.get("Retry-After"))
+        return RetryableError(f"{what}: HTTP {status}{detail}", retry_after=retry_after)
+    return PermanentError(f"{what}: HTTP {status}{detail}")
+
+
+def error_for_exception(exc: BaseException, what: str) -> RetryableError:
+    """Connection errors, resets and timeouts: retryable, with a message that says which."""
+    if isinstance(exc, TimeoutError):
+        reason = "timed out"
+    else:
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    error = RetryableError(f"{what}: {reason}")
+    error.__cause__ = exc
+    return error

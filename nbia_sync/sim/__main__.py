@@ -1,0 +1,3 @@
+from nbia_sync.sim.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""Series downloads: the ZIP the archive streams, and the faults a stream can suffer.
+
+The archive builds each ZIP on the fly: getImageWithMD5Hash names files 00000001.dcm, ...
+and appends md5hashes.csv last; getImage (v4) puts LICENSE first, names files 1-001.dcm with
+NewFileNames=Yes, and adds md5hashes.csv only with IncludeMD5=Yes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from nbia_sync.sim.archive import LICENSE_NAME, LICENSE_URI, SimInstance, SimSeries
+from nbia_sync.sim.counters import SimCounters
+from nbia_sync.sim.faults import SimFaults, StreamFault
+from nbia_sync.sim.zipstream import Compression, ZipStreamWriter
+
+_MAX_PIECE = 1 << 20
+_HOSTILE_NAMES = ("../../evil.dcm", "/etc/evil.dcm")
+
+
+class StreamCut(Exception):
+    """Raised by the pipe when a reset/stall fault reaches its point in the stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    name: str
+    instance: SimInstance
+    corrupt: bool
+
+
+def _yes(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("yes", "true", "y", "1")
+
+
+def _corrupted(instance: SimInstance) -> Iterator[bytes]:
+    """The instance's bytes with the last one flipped (pixel data, so it still parses)."""
+    position = instance.size - 1
+    offset = 0
+    for chunk in instance.iter_bytes():
+        end = offset + len(chunk)
+        if offset <= position < end:
+            altered = bytearray(chunk)
+            altered[position - offset] ^= 0xFF
+            chunk = bytes(altered)
+        offset = end
+        yield chunk
+
+
+def _crc_of_corrupted(instance: SimInstance) -> int:
+    crc = 0
+    for chunk in _corrupted(instance):
+        crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+class Pipe:
+    """The response body: counts bytes, paces to the bandwidth cap, cuts at a fault point."""
+
+    def __init__(
+        self,
+        response: web.StreamResponse,
+        counters: SimCounters,
+        faults: SimFaults,
+        cut_at: int | None,
+    ) -> None:
+        self._response = response
+        self._counters = counters
+        self._faults = faults
+        self._cut_at = cut_at
+        self.sent = 0
+        self._pace_start = time.monotonic()
+        self._pace_sent = 0
+        self._pace_rate: int | None = None
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            rate = self._faults.bandwidth
+            size = _MAX_PIECE if not rate else max(1024, min(256 * 1024, rate // 20))
+            piece = view[:size]
+            if self._cut_at is not None and self.sent + len(piece) >= self._cut_at:
+                await self._send(piece[: self._cut_at - self.sent])
+                raise StreamCut
+            await self._send(piece)
+            view = view[len(piece) :]
+
+    async def _send(self, piece: memoryview) -> None:
+        if not piece:
+            return
+        await self._response.write(bytes(piece))
+        self.sent += len(piece)
+        self._counters.bytes_sent += len(piece)
+        await self._pace(len(piece))
+
+    async def _pace(self, sent: int) -> None:
+        rate = self._faults.bandwidth
+        if rate != self._pace_rate:  # the cap changed while streaming: start over
+            self._pace_rate, self._pace_start, self._pace_sent = rate, time.monotonic(), 0
+        if not rate:
+            return
+        self._pace_sent += sent
+        ahead = self._pace_sent / rate - (time.monotonic() - self._pace_start)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
+@dataclass
+class SeriesZip:
+    """One download of one series, with at most one fault."""
+
+    series: SimSeries
+    endpoint: str  # getImageWithMD5Hash or getImage
+    params: dict[str, str]
+    fault: StreamFault
+    compression: Compression
+
+    def plan(self) -> list[_Planned]:
+        instances = self.series.instances
+        if self.endpoint == "getImage":
+            if _yes(self.params.get("NewFileNames")):
+                names = [f"1-{n:03d}.dcm" for n in range(1, len(instances) + 1)]
+            else:
+                names = [f"{i.sop_uid}.dcm" for i in instances]
+        else:
+            names = [f"{n:08d}.dcm" for n in range(1, len(instances) + 1)]
+        if self.fault == "hostile" and names:
+            names[0] = random.Random(self.series.uid).choice(_HOSTILE_NAMES)
+        if self.fault == "truncate":
+            # Closed early as when a file is missing on the server: half the files.
+            instances = instances[: len(instances) // 2]
+        bad = len(instances) // 2 if self.fault == "corrupt" else -1
+        return [
+            _Planned(name, inst, n == bad)
+            for n, (name, inst) in enumerate(zip(names, instances, strict=False))
+        ]
+
+    @property
+    def with_md5(self) -> bool:
+        if self.fault == "truncate":
+            return False
+        return self.endpoint != "getImage" or _yes(self.params.get("IncludeMD5"))
+
+    def cut_at(self) -> int | None:
+        if self.fault not in ("reset", "stall"):
+            return None
+        return max(1, self.series.file_size // 2)
+
+    async def write(self, writer: ZipStreamWriter) -> None:
+        """Every entry, then md5hashes.csv when asked for, then the central directory."""
+        if self.endpoint == "getImage":
+            await writer.write_bytes("LICENSE", f"{LICENSE_NAME}\n{LICENSE_URI}\n".encode())
+        rows: list[str] = []
+        for planned in self.plan():
+            inst = planned.instance
+            md5, crc = (
+                inst.digests() if inst.digests_cached else await asyncio.to_thread(inst.digests)
+            )
+            if planned.corrupt:
+                # The server's copy is damaged: its CRC matches the bad bytes, its MD5
+                # (from the database) does not. Deflate mode computes the CRC as it goes.
+                if writer.compression == "stored":
+                    crc = await asyncio.to_thread(_crc_of_corrupted, inst)
+                chunks = _corrupted(inst)
+            else:
+                chunks = inst.iter_bytes()
+            await writer.write_entry(planned.name, chunks, size=inst.size, crc=crc)
+            rows.append(f"{planned.name},{md5}")
+        if self.with_md5:
+            random.Random(self.series.uid).shuffle(rows)  # "in no particular order"
+            await writer.write_bytes(
+                "md5hashes.csv", "\n".join(["Filename,MD5Hash", *rows, ""]).encode()
+            )
+        await writer.finish()
+
+
+def zip_date_time(series: SimSeries) -> tuple[int, int, int, int, int, int]:
+    when = series.date_released
+    return (max(1980, when.year), when.month, when.day, when.hour, when.minute, when.second)

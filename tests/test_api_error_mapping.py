@@ -1,0 +1,94 @@
+"""How the client maps HTTP answers to errors, with aioresponses (no socket at all).
+
+The simulator covers real wire behaviour; these are the small units of classification.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp import ClientResponse
+from aioresponses import aioresponses
+
+from nbia_sync.api.client import NbiaClient
+from nbia_sync.api.retry import RetryPolicy
+from nbia_sync.config import SourceSettings, TransferSettings
+from nbia_sync.errors import PermanentError, RetryableError
+
+pytestmark = pytest.mark.asyncio
+
+ROOT = "http://archive.test/nbia-api/"
+API = ROOT + "services/v4/"
+
+
+class _Response(ClientResponse):
+    """aioresponses 0.7.9 predates aiohttp 3.14's required ``stream_writer`` argument
+    (pnuckowski/aioresponses#289); supply a finished writer so responses can be built."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("stream_writer", types.SimpleNamespace(output_size=0))
+        super().__init__(*args, **kwargs)
+
+
+@pytest_asyncio.fixture
+async def client() -> AsyncIterator[NbiaClient]:
+    async def no_sleep(_: float) -> None:
+        return None
+
+    policy = RetryPolicy(base_delay=0.0, max_delay=0.0, attempts=1, sleep=no_sleep)
+    source = SourceSettings(name="t", url=ROOT, api="v4")
+    async with NbiaClient(source, TransferSettings(), policy=policy) as c:
+        yield c
+
+
+async def test_server_error_is_retryable(client: NbiaClient) -> None:
+    with aioresponses() as m:
+        m.get(API + "getCollectionValues", status=503, body="down", response_class=_Response)
+        with pytest.raises(RetryableError):
+            await client.collections()
+
+
+async def test_429_carries_retry_after(client: NbiaClient) -> None:
+    with aioresponses() as m:
+        m.get(API + "getCollectionValues", status=429, headers={"Retry-After": "7"},
+              response_class=_Response)
+        with pytest.raises(RetryableError) as caught:
+            await client.collections()
+    assert caught.value.retry_after == 7
+
+
+async def test_400_no_access_is_permanent(client: NbiaClient) -> None:
+    with aioresponses() as m:
+        m.get(API + "getCollectionValues", status=400, body="Invalid query parameter",
+              response_class=_Response)
+        with pytest.raises(PermanentError):
+            await client.collections()
+
+
+async def test_empty_body_is_an_empty_result(client: NbiaClient) -> None:
+    with aioresponses() as m:
+        m.get(API + "getCollectionValues", status=200, body="", response_class=_Response)
+        assert await client.collections() == []
+
+
+async def test_malformed_json_is_retryable(client: NbiaClient) -> None:
+    with aioresponses() as m:
+        m.get(API + "getCollectionValues", status=200, body="[{\"Collection\": ",
+              response_class=_Response)
+        with pytest.raises(RetryableError):
+            await client.collections()
+
+
+async def test_html_where_a_zip_was_expected_is_retryable(client: NbiaClient) -> None:
+    with aioresponses() as m:
+        m.get(API + "getImage?SeriesInstanceUID=1.2.3&IncludeMD5=Yes", status=200,
+              body="<html>Internal error</html>", content_type="text/html",
+              response_class=_Response)
+        with pytest.raises(RetryableError, match="(?i)zip|html"):
+            async with client.stream_series("1.2.3") as chunks:
+                async for _ in chunks:
+                    pass
