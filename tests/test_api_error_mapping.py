@@ -88,7 +88,7 @@ async def test_html_where_a_zip_was_expected_is_retryable(client: NbiaClient) ->
         m.get(API + "getImage?SeriesInstanceUID=1.2.3&IncludeMD5=Yes", status=200,
               body="<html>Internal error</html>", content_type="text/html",
               response_class=_Response)
-        with pytest.raises(RetryableError, match="(?i)zip|html"):
+        with pytest.raises(RetryableError, match=r"(?i)zip|html"):
             async with client.stream_series("1.2.3") as chunks:
                 async for _ in chunks:
                     pass
