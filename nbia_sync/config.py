@@ -63,6 +63,10 @@ class ScheduleSettings(_Section):
     # getUpdatedSeries is asked from (watermark - overlap): release dates are days,
     # and the archive's clock is not ours.
     overlap_days: int = Field(default=2, ge=0)
+    # Safety net for what increments miss (e.g. a series re-released with an old date):
+    # re-list every configured collection in full when the last full listing is older.
+    # 0 disables the periodic re-listing (the first pass is always a full listing).
+    full_listing_days: float = Field(default=7.0, ge=0)
 
 
 class LoggingSettings(_Section):

@@ -14,17 +14,20 @@ Times are stored as timezone-aware UTC. Series state machine:
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Dialect,
     Enum,
     ForeignKey,
     Index,
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -42,7 +45,35 @@ class SeriesState(enum.StrEnum):
     FAILED = "failed"  # gave up: permanent error or attempts exhausted
 
 
-UTC_DATETIME = DateTime(timezone=True)
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every dialect.
+
+    PostgreSQL stores timestamptz; SQLite has no zone, so values are stored as naive UTC
+    (which also keeps its text comparisons in time order) and read back as aware UTC.
+    Naive datetimes are refused: a silent local-time guess is how leases go wrong.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the catalog; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+UTC_DATETIME = UTCDateTime()
 
 
 class Source(Base):
@@ -144,11 +175,13 @@ class Series(Base):
 
 class Instance(Base):
     __tablename__ = "instances"
-    __table_args__ = (UniqueConstraint("series_id", "sop_uid"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"))
-    sop_uid: Mapped[str] = mapped_column(String(128))
+    # No surrogate key: the archive holds hundreds of millions of instances, and rows are
+    # replaced on every re-download, so a counter would only grow; (series, SOP) is the key.
+    series_id: Mapped[int] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    )
+    sop_uid: Mapped[str] = mapped_column(String(128), primary_key=True)
     md5: Mapped[str] = mapped_column(String(32))
     size: Mapped[int] = mapped_column(BigInteger)
     path: Mapped[str] = mapped_column(Text)  # relative to the mirror root

@@ -1,0 +1,28 @@
+"""The catalog: the single source of truth for what the mirror holds and must fetch."""
+
+from nbia_sync.catalog.models import SeriesState
+from nbia_sync.catalog.queue import LeaseLostError, PlacementGuard
+from nbia_sync.catalog.records import (
+    Claim,
+    FailureInfo,
+    InstanceRecord,
+    RunCounts,
+    RunInfo,
+    UpsertResult,
+    WorkerInfo,
+)
+from nbia_sync.catalog.repository import Catalog
+
+__all__ = [
+    "Catalog",
+    "Claim",
+    "FailureInfo",
+    "InstanceRecord",
+    "LeaseLostError",
+    "PlacementGuard",
+    "RunCounts",
+    "RunInfo",
+    "SeriesState",
+    "UpsertResult",
+    "WorkerInfo",
+]

@@ -1,0 +1,194 @@
+"""Engines and transactions for the catalog, the same code on SQLite and PostgreSQL.
+
+SQLite rules (see docs/architecture.md): WAL so readers never block the writer,
+busy_timeout so a writer in another process is waited for, and write transactions
+opened with BEGIN IMMEDIATE — a deferred BEGIN that reads then writes fails with
+SQLITE_BUSY at once instead of waiting. The sqlite3 driver's own BEGIN is disabled
+(SQLAlchemy's documented recipe for pysqlite/aiosqlite) so that ours is the only one.
+Within one process, writes are funnelled through one asyncio lock, so concurrent tasks
+queue on the lock rather than on the file lock.
+
+PostgreSQL: plain READ COMMITTED transactions; row locks and SKIP LOCKED do the rest,
+and serialization failures / deadlocks are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from nbia_sync.errors import CatalogError
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# Execution option marking a connection whose next BEGIN must take the write lock.
+_WRITE_OPTION = "nbia_sync_write"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+# PostgreSQL: serialization_failure, deadlock_detected, lock_not_available.
+_PG_TRANSIENT = frozenset({"40001", "40P01", "55P03"})
+_SQLITE_TRANSIENT = ("database is locked", "database is busy", "database table is locked")
+RETRY_ATTEMPTS = 8
+
+
+def describe_url(url: URL) -> str:
+    """Where the catalog is, for messages: never the password."""
+    if url.get_backend_name() == "sqlite":
+        return f"SQLite file {url.database or ':memory:'}"
+    host = url.host or "localhost"
+    port = url.port or 5432
+    return f"{url.get_backend_name()} database {url.database or ''!r} at {host}:{port}"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure that the same transaction, run again, can get past."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if code in _PG_TRANSIENT:
+        return True
+    message = str(orig).lower()
+    return any(text in message for text in _SQLITE_TRANSIENT)
+
+
+def _retry_delay(attempt: int) -> float:
+    # Full jitter so colliding writers in several processes spread out.
+    return random.uniform(0, min(2.0, 0.02 * (2**attempt)))
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Disable the driver's implicit BEGIN: we emit our own in _on_begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            # WAL + NORMAL: durable against process crashes; a power loss may drop the
+            # last commits, which only means re-fetching a series. Avoids an fsync per commit.
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get(_WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An engine for a catalog URL; creates a SQLite file's parent directory."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise CatalogError("invalid catalog URL (expected sqlite+aiosqlite:// or "
+                           "postgresql+asyncpg://)") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.get_driver_name() != "aiosqlite":
+            raise CatalogError("SQLite catalogs need the async driver: sqlite+aiosqlite:///PATH")
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(parsed)
+        _configure_sqlite(engine)
+        return engine
+    if backend == "postgresql":
+        if parsed.get_driver_name() != "asyncpg":
+            raise CatalogError("PostgreSQL catalogs need the async driver: postgresql+asyncpg://")
+        # pre_ping: a fleet's long-lived pools survive server restarts.
+        return create_async_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    raise CatalogError(f"unsupported catalog database {backend!r}: use SQLite or PostgreSQL")
+
+
+class Database:
+    """One engine plus the transaction discipline every catalog operation goes through."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.url = engine.url
+        self.is_sqlite = engine.dialect.name == "sqlite"
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
+
+    @classmethod
+    async def connect(cls, url: str) -> Database:
+        """Create the engine and prove the database answers (CatalogError if not)."""
+        engine = create_engine(url)
+        db = cls(engine)
+        try:
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+        except (OSError, DBAPIError, TimeoutError) as exc:
+            await engine.dispose()
+            raise CatalogError(
+                f"cannot open the catalog ({describe_url(engine.url)}): {_reason(exc, engine.url)}"
+            ) from None
+        return db
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """One write transaction, committed when the block ends without an exception."""
+        lock = self._write_lock or contextlib.nullcontext()
+        async with lock, self.engine.connect() as conn:
+            conn = await conn.execution_options(**{_WRITE_OPTION: True})
+            async with conn.begin():
+                yield conn
+
+    async def run_write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run fn in a write transaction, again from the start after a transient failure.
+
+        fn must do database work only (no network I/O to the archive): it may run twice.
+        """
+        for attempt in range(RETRY_ATTEMPTS):
+            try:
+                async with self.write() as conn:
+                    return await fn(conn)
+            except DBAPIError as exc:
+                if not is_transient(exc) or attempt == RETRY_ATTEMPTS - 1:
+                    raise
+                log.debug("catalog.retry", attempt=attempt + 1, error=type(exc.orig).__name__)
+                await asyncio.sleep(_retry_delay(attempt))
+        raise AssertionError("unreachable")
+
+    async def run_read(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        for attempt in range(RETRY_ATTEMPTS):
+            try:
+                async with self.read() as conn:
+                    return await fn(conn)
+            except DBAPIError as exc:
+                if not is_transient(exc) or attempt == RETRY_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(_retry_delay(attempt))
+        raise AssertionError("unreachable")
+
+
+def _reason(exc: BaseException, url: URL) -> str:
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text = f"{type(cause).__name__}: {cause}".splitlines()[0]
+    # Drivers do not echo passwords, but be certain: the message may reach a log.
+    if url.password:
+        text = text.replace(str(url.password), "***")
+    return text[:300]

@@ -1,0 +1,196 @@
+"""Fleet bookkeeping: runs, live workers and named lease locks.
+
+Free functions over a Database so `Catalog` stays a thin façade; every function is one
+short transaction. Locks are rows with an expiry (not PostgreSQL advisory locks) so the
+same code works on SQLite and survives a holder that dies: its lease simply runs out.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import cast
+
+from sqlalchemy import Table, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from nbia_sync.catalog.db import Database
+from nbia_sync.catalog.models import Lock, Series, SeriesState, SyncRun, Worker
+from nbia_sync.catalog.records import RunCounts, RunInfo, WorkerInfo
+
+RUNS = cast(Table, SyncRun.__table__)
+WORKERS = cast(Table, Worker.__table__)
+LOCKS = cast(Table, Lock.__table__)
+SERIES = cast(Table, Series.__table__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---- runs -------------------------------------------------------------------------------
+
+
+async def start_run(db: Database, owner: str, command: str, run_id: str | None = None) -> str:
+    # The engine may choose the id itself: its owner name (host:pid:run_id) embeds it.
+    run_id = run_id or uuid.uuid4().hex
+
+    async def op(conn: AsyncConnection) -> None:
+        await conn.execute(
+            insert(RUNS).values(
+                run_id=run_id, owner=owner, command=command, started_at=utcnow(),
+                discovered=0, queued=0, done=0, failed=0, bytes=0,
+            )
+        )
+
+    await db.run_write(op)
+    return run_id
+
+
+async def finish_run(db: Database, run_id: str, outcome: str, counts: RunCounts) -> None:
+    async def op(conn: AsyncConnection) -> None:
+        await conn.execute(
+            update(RUNS)
+            .where(RUNS.c.run_id == run_id)
+            .values(
+                finished_at=utcnow(), outcome=outcome, discovered=counts.discovered,
+                queued=counts.queued, done=counts.done, failed=counts.failed, bytes=counts.bytes,
+            )
+        )
+
+    await db.run_write(op)
+
+
+async def last_run(db: Database) -> RunInfo | None:
+    async def op(conn: AsyncConnection) -> RunInfo | None:
+        row = (
+            await conn.execute(select(RUNS).order_by(RUNS.c.started_at.desc(), RUNS.c.id.desc()))
+        ).first()
+        if row is None:
+            return None
+        return RunInfo(
+            run_id=row.run_id, owner=row.owner, command=row.command, started_at=row.started_at,
+            finished_at=row.finished_at, outcome=row.outcome, discovered=row.discovered,
+            queued=row.queued, done=row.done, failed=row.failed, bytes=row.bytes,
+        )
+
+    return await db.run_read(op)
+
+
+# ---- workers ----------------------------------------------------------------------------
+
+
+async def register_worker(db: Database, owner: str, host: str, pid: int, run_id: str) -> None:
+    async def op(conn: AsyncConnection) -> None:
+        now = utcnow()
+        # A restarted process may reuse an owner name: replace, do not fail.
+        await conn.execute(delete(WORKERS).where(WORKERS.c.owner == owner))
+        await conn.execute(
+            insert(WORKERS).values(
+                owner=owner, host=host, pid=pid, run_id=run_id, started_at=now, heartbeat_at=now
+            )
+        )
+
+    await db.run_write(op)
+
+
+async def worker_heartbeat(db: Database, owner: str) -> bool:
+    """Returns False when the row is gone (someone cleaned us up as dead)."""
+
+    async def op(conn: AsyncConnection) -> bool:
+        result = await conn.execute(
+            update(WORKERS).where(WORKERS.c.owner == owner).values(heartbeat_at=utcnow())
+        )
+        return result.rowcount > 0
+
+    return await db.run_write(op)
+
+
+async def unregister_worker(db: Database, owner: str) -> None:
+    async def op(conn: AsyncConnection) -> None:
+        await conn.execute(delete(WORKERS).where(WORKERS.c.owner == owner))
+
+    await db.run_write(op)
+
+
+async def workers(db: Database) -> list[WorkerInfo]:
+    async def op(conn: AsyncConnection) -> list[WorkerInfo]:
+        counted = await conn.execute(
+            select(SERIES.c.lease_owner, func.count())
+            .where(SERIES.c.state == SeriesState.DOWNLOADING)
+            .group_by(SERIES.c.lease_owner)
+        )
+        in_flight = {str(lease_owner): int(n) for lease_owner, n in counted}
+        rows = (await conn.execute(select(WORKERS).order_by(WORKERS.c.started_at))).all()
+        now = utcnow()
+        return [
+            WorkerInfo(
+                owner=r.owner, host=r.host, pid=r.pid, run_id=r.run_id, started_at=r.started_at,
+                heartbeat_at=r.heartbeat_at,
+                heartbeat_age=max(0.0, (now - r.heartbeat_at).total_seconds()),
+                in_flight=in_flight.get(r.owner, 0),
+            )
+            for r in rows
+        ]
+
+    return await db.run_read(op)
+
+
+# ---- named locks ------------------------------------------------------------------------
+
+
+async def try_lock(db: Database, name: str, owner: str, ttl: float) -> bool:
+    """Take (or re-take) a named lease; True when `owner` holds it afterwards."""
+
+    async def op(conn: AsyncConnection) -> bool:
+        now = utcnow()
+        expires = now + timedelta(seconds=ttl)
+        taken = await conn.execute(
+            update(LOCKS)
+            .where(LOCKS.c.name == name, or_(LOCKS.c.owner == owner, LOCKS.c.expires_at < now))
+            .values(owner=owner, expires_at=expires)
+        )
+        if taken.rowcount > 0:
+            return True
+        # No row, or a live foreign one: insert-if-absent decides, race-free on both dialects.
+        ins = (sqlite.insert if db.is_sqlite else postgresql.insert)(LOCKS)
+        created = await conn.execute(
+            ins.values(name=name, owner=owner, expires_at=expires).on_conflict_do_nothing(
+                index_elements=["name"]
+            )
+        )
+        return created.rowcount > 0
+
+    return await db.run_write(op)
+
+
+async def renew_lock(db: Database, name: str, owner: str, ttl: float) -> bool:
+    async def op(conn: AsyncConnection) -> bool:
+        result = await conn.execute(
+            update(LOCKS)
+            .where(LOCKS.c.name == name, LOCKS.c.owner == owner)
+            .values(expires_at=utcnow() + timedelta(seconds=ttl))
+        )
+        return result.rowcount > 0
+
+    return await db.run_write(op)
+
+
+async def lock_holder(db: Database, name: str) -> str | None:
+    """Who holds the named lease now (None when free or expired)."""
+
+    async def op(conn: AsyncConnection) -> str | None:
+        owner = await conn.scalar(
+            select(LOCKS.c.owner).where(LOCKS.c.name == name, LOCKS.c.expires_at >= utcnow())
+        )
+        return None if owner is None else str(owner)
+
+    return await db.run_read(op)
+
+
+async def unlock(db: Database, name: str, owner: str) -> None:
+    async def op(conn: AsyncConnection) -> None:
+        await conn.execute(delete(LOCKS).where(LOCKS.c.name == name, LOCKS.c.owner == owner))
+
+    await db.run_write(op)

@@ -1,0 +1,80 @@
+"""Alembic, driven from code: upgrade the catalog to head when it is opened.
+
+Alembic has no async API, so the upgrade runs on an async connection through
+`run_sync`, the connection handed to env.py in `config.attributes`. The whole upgrade
+is one transaction that first takes a cross-process lock (PostgreSQL advisory xact
+lock; SQLite BEGIN IMMEDIATE), so several processes opening one catalog at once
+migrate it exactly once.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from nbia_sync.catalog.db import Database
+from nbia_sync.errors import CatalogError
+
+# Arbitrary constant: the advisory lock key that serialises migrations of one database.
+_PG_MIGRATION_LOCK = 0x4E424941  # "NBIA"
+
+
+def script_location() -> str:
+    """Where the alembic scripts are: the installed package, or the source tree."""
+    try:
+        return str(files("nbia_sync.migrations"))
+    except ModuleNotFoundError:
+        # Running from a checkout without installing: pyproject maps migrations/ to
+        # nbia_sync.migrations only in a built/installed package.
+        tree = Path(__file__).resolve().parents[2] / "migrations"
+        if (tree / "env.py").is_file():
+            return str(tree)
+        raise CatalogError("the catalog migrations are missing from this installation") from None
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", script_location())
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revisions(connection: Connection) -> tuple[str, ...]:
+    return tuple(MigrationContext.configure(connection).get_current_heads())
+
+
+def _upgrade_sync(connection: Connection) -> None:
+    cfg = alembic_config(connection)
+    script = ScriptDirectory.from_config(cfg)
+    known = {rev.revision for rev in script.walk_revisions()}
+    unknown = [rev for rev in current_revisions(connection) if rev not in known]
+    if unknown:
+        raise CatalogError(
+            f"the catalog is at schema revision {', '.join(unknown)}, which this version of "
+            "nbia-sync does not know (written by a newer nbia-sync?); upgrade nbia-sync"
+        )
+    command.upgrade(cfg, "head")
+
+
+async def upgrade(db: Database) -> None:
+    """Bring the catalog to the newest schema; safe with concurrent openers."""
+    async with db.write() as conn:
+        if not db.is_sqlite:
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK}
+            )
+        await conn.run_sync(_upgrade_sync)

@@ -1,0 +1,94 @@
+"""Plain records the catalog hands out: no SQLAlchemy objects escape the catalog."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from nbia_sync.catalog.models import SeriesState
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertResult:
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+
+    def __add__(self, other: UpsertResult) -> UpsertResult:
+        return UpsertResult(
+            self.new + other.new, self.changed + other.changed, self.unchanged + other.unchanged
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A series leased to one worker; `generation` pins the remote version it fetches."""
+
+    series_id: int
+    source_id: int
+    source_name: str
+    series_uid: str
+    study_uid: str
+    collection: str
+    patient_id: str
+    modality: str | None
+    image_count: int | None
+    file_size: int | None
+    generation: int
+    attempts: int
+    placed_path: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    sop_uid: str
+    md5: str
+    size: int
+    path: str  # relative to the mirror root
+
+
+@dataclass(frozen=True, slots=True)
+class FailureInfo:
+    series_uid: str
+    source_name: str
+    collection: str
+    state: SeriesState
+    attempts: int
+    last_error: str | None
+    next_try_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    run_id: str
+    owner: str
+    command: str
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str | None
+    discovered: int
+    queued: int
+    done: int
+    failed: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunCounts:
+    discovered: int = 0
+    queued: int = 0
+    done: int = 0
+    failed: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    owner: str
+    host: str
+    pid: int
+    run_id: str
+    started_at: datetime
+    heartbeat_at: datetime
+    heartbeat_age: float  # seconds since the last heartbeat
+    in_flight: int  # series this worker holds a lease on

@@ -1,0 +1,201 @@
+"""The work queue: claims, leases, placement, failure and release."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from catalog_fixtures import make_series, make_source
+
+from nbia_sync.catalog import Catalog, Claim, InstanceRecord, LeaseLostError, SeriesState
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _queue(catalog: Catalog, n: int, source: str = "main") -> int:
+    sid = await catalog.ensure_source(make_source(source))
+    await catalog.upsert_series(sid, [make_series(f"{source}-{i:04d}") for i in range(n)])
+    return sid
+
+
+async def _claim_one(catalog: Catalog, owner: str = "w", lease: float = 60) -> Claim:
+    [claim] = await catalog.claim(owner, limit=1, lease_seconds=lease)
+    return claim
+
+
+async def test_claim_leases_series_with_their_details(catalog: Catalog) -> None:
+    sid = await _queue(catalog, 3)
+    claims = await catalog.claim("w", limit=2, lease_seconds=60)
+    assert len(claims) == 2
+    first = claims[0]
+    assert (first.source_id, first.source_name, first.collection) == (sid, "main", "COLL")
+    assert (first.generation, first.attempts, first.image_count) == (1, 0, 10)
+    counts = await catalog.state_counts()
+    assert counts[SeriesState.DOWNLOADING][0] == 2 and counts[SeriesState.WANTED][0] == 1
+
+
+async def test_concurrent_claimers_never_share_a_series(catalog: Catalog) -> None:
+    await _queue(catalog, 150)
+
+    async def claimer(owner: str) -> list[str]:
+        got: list[str] = []
+        while claims := await catalog.claim(owner, limit=3, lease_seconds=60):
+            got.extend(c.series_uid for c in claims)
+        return got
+
+    results = await asyncio.gather(*(claimer(f"w{i}") for i in range(8)))
+    claimed = [uid for got in results for uid in got]
+    assert len(claimed) == 150 and len(set(claimed)) == 150
+
+
+async def test_claim_is_limited_to_the_given_sources(catalog: Catalog) -> None:
+    await _queue(catalog, 2, "a")
+    b = await _queue(catalog, 2, "b")
+    claims = await catalog.claim("w", limit=10, lease_seconds=60, source_ids=[b])
+    assert {c.source_name for c in claims} == {"b"} and len(claims) == 2
+
+
+async def test_expired_lease_is_reclaimed_and_counts_an_attempt(catalog: Catalog) -> None:
+    await _queue(catalog, 1)
+    lost = await _claim_one(catalog, "dead", lease=0.05)
+    assert await catalog.claim("other", limit=1, lease_seconds=60) == []
+    await asyncio.sleep(0.1)
+    taken = await _claim_one(catalog, "other")
+    assert (taken.series_id, taken.attempts) == (lost.series_id, 1)
+
+
+async def test_heartbeat_keeps_the_lease(catalog: Catalog) -> None:
+    await _queue(catalog, 1)
+    claim = await _claim_one(catalog, "w", lease=0.2)
+    assert await catalog.heartbeat("w", [claim.series_id], 60) == {claim.series_id}
+    await asyncio.sleep(0.3)
+    assert await catalog.claim("other", limit=1, lease_seconds=60) == []
+    assert await catalog.heartbeat("other", [claim.series_id], 60) == set()
+
+
+async def test_placing_marks_done_and_replaces_instances(catalog: Catalog) -> None:
+    await _queue(catalog, 1)
+    claim = await _claim_one(catalog)
+    old = [InstanceRecord("1", "a" * 32, 3, "p/1.dcm"), InstanceRecord("2", "b" * 32, 4, "p/2.dcm")]
+    async with catalog.placing(claim, "w") as guard:
+        guard.done(old, "p", 7)
+    await catalog.upsert_series(claim.source_id, [make_series(claim.series_uid, image_count=1)])
+    again = await _claim_one(catalog)
+    new = [InstanceRecord("3", "c" * 32, 9, "p/3.dcm")]
+    async with catalog.placing(again, "w") as guard:
+        guard.done(new, "p", 9)
+    assert [item async for item in catalog.iter_done_instances()] == [(claim.series_uid, new)]
+    assert (await catalog.state_counts())[SeriesState.DONE] == (1, 9)
+    assert await catalog.next_ready_at() is None
+
+
+async def test_placing_block_that_raises_changes_nothing(catalog: Catalog) -> None:
+    await _queue(catalog, 1)
+    claim = await _claim_one(catalog)
+    with pytest.raises(OSError):
+        async with catalog.placing(claim, "w") as guard:
+            guard.done([InstanceRecord("1", "a" * 32, 3, "p/1.dcm")], "p", 3)
+            raise OSError("rename failed")
+    assert (await catalog.state_counts())[SeriesState.DOWNLOADING][0] == 1
+    assert [item async for item in catalog.iter_done_instances()] == []
+    assert await catalog.heartbeat("w", [claim.series_id], 60) == {claim.series_id}
+
+
+async def test_placing_rejects_a_lost_lease(catalog: Catalog) -> None:
+    await _queue(catalog, 1)
+    claim = await _claim_one(catalog, "slow", lease=0.05)
+    await asyncio.sleep(0.1)
+    await _claim_one(catalog, "other")
+    with pytest.raises(LeaseLostError):
+        async with catalog.placing(claim, "slow") as guard:
+            guard.done([], "p", 0)
+    assert (await catalog.state_counts())[SeriesState.DOWNLOADING][0] == 1
+
+
+async def test_placing_without_done_is_an_error(catalog: Catalog) -> None:
+    await _queue(catalog, 1)
+    claim = await _claim_one(catalog)
+    with pytest.raises(Exception, match=r"guard\.done"):
+        async with catalog.placing(claim, "w"):
+            pass
+    assert (await catalog.state_counts())[SeriesState.DONE][0] == 0
+
+
+async def test_retryable_failure_backs_off_then_is_claimable(catalog: Catalog) -> None:
+    await _queue(catalog, 1)
+    claim = await _claim_one(catalog)
+    state = await catalog.fail(
+        claim, "w", error="timeout", retryable=True, max_attempts=3, delay=0.2
+    )
+    assert state is SeriesState.PENDING
+    ready_at = await catalog.next_ready_at()
+    assert ready_at is not None and ready_at > datetime.now(UTC)
+    assert await catalog.claim("w", limit=1, lease_seconds=60) == []
+    await asyncio.sleep(0.25)
+    retry = await _claim_one(catalog)
+    assert retry.attempts == 1
+
+
+async def test_failure_with_attempts_exhausted_is_final(catalog: Catalog) -> None:
+    await _queue(catalog, 1)
+    for expected in (SeriesState.PENDING, SeriesState.FAILED):
+        claim = await _claim_one(catalog)
+        state = await catalog.fail(
+            claim, "w", error="bad zip", retryable=True, max_attempts=2, delay=0
+        )
+        assert state is expected
+    assert await catalog.claim("w", limit=1, lease_seconds=60) == []
+    assert await catalog.next_ready_at() is None
+    [failure] = await catalog.failures(10)
+    assert (failure.state, failure.attempts, failure.last_error) == (
+        SeriesState.FAILED, 2, "bad zip",
+    )
+
+
+async def test_permanent_failure_is_final_at_once(catalog: Catalog) -> None:
+    await _queue(catalog, 1)
+    claim = await _claim_one(catalog)
+    state = await catalog.fail(claim, "w", error="400", retryable=False, max_attempts=9, delay=0)
+    assert state is SeriesState.FAILED
+
+
+async def test_fail_after_losing_the_lease_is_a_no_op(catalog: Catalog) -> None:
+    await _queue(catalog, 1)
+    claim = await _claim_one(catalog, "slow", lease=0.05)
+    await asyncio.sleep(0.1)
+    await _claim_one(catalog, "other")
+    state = await catalog.fail(claim, "slow", error="x", retryable=True, max_attempts=5, delay=0)
+    assert state is SeriesState.DOWNLOADING
+    assert await catalog.failures(10) == []
+
+
+async def test_retry_failed_requeues_with_fresh_attempts(catalog: Catalog) -> None:
+    await _queue(catalog, 2)
+    for _ in range(2):
+        claim = await _claim_one(catalog)
+        await catalog.fail(claim, "w", error="x", retryable=False, max_attempts=1, delay=0)
+    assert await catalog.retry_failed() == 2
+    assert all(c.attempts == 0 for c in await catalog.claim("w", limit=5, lease_seconds=60))
+
+
+async def test_release_gives_back_without_an_attempt(catalog: Catalog) -> None:
+    await _queue(catalog, 3)
+    first = await _claim_one(catalog)
+    assert await catalog.release(first, "w")
+    assert not await catalog.release(first, "w")
+    await catalog.claim("w", limit=3, lease_seconds=60)
+    assert await catalog.release_leases("w") == 3
+    claims = await catalog.claim("x", limit=5, lease_seconds=60)
+    assert len(claims) == 3 and all(c.attempts == 0 for c in claims)
+
+
+async def test_next_ready_at_reports_foreign_lease_expiry(catalog: Catalog) -> None:
+    assert await catalog.next_ready_at() is None
+    await _queue(catalog, 1)
+    now = datetime.now(UTC)
+    ready = await catalog.next_ready_at()
+    assert ready is not None and abs(ready - now) < timedelta(seconds=5)
+    await _claim_one(catalog, "other", lease=120)
+    ready = await catalog.next_ready_at()
+    assert ready is not None and ready > now + timedelta(seconds=100)

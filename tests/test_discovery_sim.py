@@ -1,0 +1,181 @@
+"""Discovery against the NBIA simulator: full listing, increments, filters, manifests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from nbia_sync.api.client import NbiaClient
+from nbia_sync.api.models import SeriesInfo
+from nbia_sync.api.retry import RetryPolicy
+from nbia_sync.catalog import Catalog, InstanceRecord, SeriesState
+from nbia_sync.config import ScheduleSettings, SourceSettings, TransferSettings
+from nbia_sync.discovery import DiscoveryReport, add_manifest, discover
+from nbia_sync.errors import RetryableError
+from nbia_sync.sim import SimArchive, SimServer
+
+pytestmark = pytest.mark.asyncio
+
+SCHEDULE = ScheduleSettings(overlap_days=2, full_listing_days=0)
+
+
+def _source(sim: SimServer, **kw: Any) -> SourceSettings:
+    return SourceSettings(name="sim", url=sim.url, api="v2", **kw)
+
+
+@pytest_asyncio.fixture
+async def client(sim: SimServer) -> AsyncIterator[NbiaClient]:
+    policy = RetryPolicy(0.01, 0.05, 3)
+    async with NbiaClient(_source(sim), TransferSettings(), policy=policy) as c:
+        yield c
+
+
+async def _pass(
+    catalog: Catalog, client: NbiaClient, source: SourceSettings,
+    schedule: ScheduleSettings = SCHEDULE,
+) -> DiscoveryReport:
+    sid = await catalog.ensure_source(source)
+    return await discover(catalog, client, source, sid, schedule)
+
+
+async def _drain(catalog: Catalog) -> list[str]:
+    """Claim and complete everything queued; the series UIDs in the queue."""
+    uids = []
+    for claim in await catalog.claim("t", limit=10_000, lease_seconds=60):
+        async with catalog.placing(claim, "t") as guard:
+            guard.done([InstanceRecord("1", "0" * 32, 1, "p")], "p", 1)
+        uids.append(claim.series_uid)
+    return sorted(uids)
+
+
+async def test_first_pass_lists_every_series(
+    catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
+) -> None:
+    report = await _pass(catalog, client, _source(sim))
+    assert report == DiscoveryReport(new=len(sim_archive.series), full=True)
+    assert await _drain(catalog) == sorted(sim_archive.series)
+    sid = await catalog.ensure_source(_source(sim))
+    newest = max(s.date_released for s in sim_archive.series.values()).replace(tzinfo=UTC)
+    assert await catalog.get_watermark(sid) == newest
+
+
+async def test_pass_without_change_queues_nothing(
+    catalog: Catalog, client: NbiaClient, sim: SimServer
+) -> None:
+    await _pass(catalog, client, _source(sim))
+    await _drain(catalog)
+    report = await _pass(catalog, client, _source(sim))
+    assert (report.full, report.queued) == (False, 0)
+    assert await _drain(catalog) == []
+
+
+async def test_increment_queues_exactly_new_patient_and_updated_series(
+    catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
+) -> None:
+    await _pass(catalog, client, _source(sim))
+    await _drain(catalog)
+    added = sim_archive.add_patient("SIM-CT", series=2)
+    updated = sim_archive.update_series(sorted(sim_archive.series)[0])
+    report = await _pass(catalog, client, _source(sim))
+    assert (report.full, report.new, report.changed) == (False, 2, 1)
+    assert await _drain(catalog) == sorted([s.uid for s in added] + [updated.uid])
+
+
+async def test_new_patient_released_with_an_old_date_is_found(
+    catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
+) -> None:
+    """getUpdatedSeries misses it; NewPatientsInCollection (on/after the date) does not."""
+    await _pass(catalog, client, _source(sim))
+    await _drain(catalog)
+    sid = await catalog.ensure_source(_source(sim))
+    watermark = await catalog.get_watermark(sid)
+    assert watermark is not None
+    on_the_boundary = (watermark - timedelta(days=SCHEDULE.overlap_days)).replace(tzinfo=None)
+    added = sim_archive.add_patient("SIM-MR", series=1, released=on_the_boundary)
+    report = await _pass(catalog, client, _source(sim))
+    assert report.new == 1
+    assert await _drain(catalog) == [added[0].uid]
+
+
+async def test_new_collection_is_listed_in_full(
+    catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
+) -> None:
+    await _pass(catalog, client, _source(sim))
+    await _drain(catalog)
+    old = datetime(2019, 1, 1)  # released long before the watermark
+    added = sim_archive.add_patient("SIM-NEW", series=2, released=old)
+    report = await _pass(catalog, client, _source(sim))
+    assert report.new == 2
+    assert await _drain(catalog) == sorted(s.uid for s in added)
+
+
+async def test_filters_restrict_collections_and_modalities(
+    catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
+) -> None:
+    source = _source(sim, collections=["sim-ct"], modalities=["ct"])
+    await _pass(catalog, client, source)
+    expected = sorted(s.uid for s in sim_archive.in_collection("SIM-CT") if s.modality == "CT")
+    assert expected and await _drain(catalog) == expected
+    sim_archive.add_patient("SIM-MR", series=1)
+    report = await _pass(catalog, client, source)
+    assert report.queued == 0
+
+
+async def test_patient_filter_lists_only_those_patients(
+    catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
+) -> None:
+    wanted = sim_archive.patients[0]
+    source = _source(sim, collections=[wanted.collection], patients=[wanted.patient_id])
+    await _pass(catalog, client, source)
+    expected = sorted(
+        s.uid for s in sim_archive.series.values() if s.patient_id == wanted.patient_id
+    )
+    assert await _drain(catalog) == expected
+
+
+async def test_periodic_full_listing_when_due(
+    catalog: Catalog, client: NbiaClient, sim: SimServer
+) -> None:
+    await _pass(catalog, client, _source(sim))
+    always_due = ScheduleSettings(full_listing_days=1e-9)
+    report = await _pass(catalog, client, _source(sim), always_due)
+    assert report.full and report.queued == 0
+
+
+class _FailingUpdates:
+    """A client whose getUpdatedSeries fails: the pass dies after some work is stored."""
+
+    def __init__(self, inner: NbiaClient) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def updated_series(self, since: date) -> list[SeriesInfo]:
+        raise RetryableError("getUpdatedSeries: 503")
+
+
+async def test_watermark_stays_when_the_pass_fails(
+    catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
+) -> None:
+    await _pass(catalog, client, _source(sim))
+    sid = await catalog.ensure_source(_source(sim))
+    before = await catalog.get_watermark(sid)
+    sim_archive.add_patient("SIM-NEW", series=1)  # a new collection: stored before the failure
+    with pytest.raises(RetryableError):
+        await discover(catalog, _FailingUpdates(client), _source(sim), sid, SCHEDULE)
+    assert await catalog.get_watermark(sid) == before
+
+
+async def test_manifest_queues_known_series_and_reports_unknown(
+    catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
+) -> None:
+    sid = await catalog.ensure_source(_source(sim))
+    known = sorted(sim_archive.series)[:2]
+    report = await add_manifest(catalog, client, sid, [*known, "1.2.3.999", known[0]])
+    assert (report.new, report.unknown) == (2, ("1.2.3.999",))
+    assert (await catalog.state_counts())[SeriesState.WANTED][0] == 2
