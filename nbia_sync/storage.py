@@ -1,0 +1,249 @@
+"""The mirror on disk: layout, safe path parts, staging, and atomic placement of a series.
+
+Layout::
+
+    <root>/<Collection>/<PatientID>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    <root>/.nbia-sync/staging/<owner>/<SeriesInstanceUID>/   files being downloaded
+    <root>/.nbia-sync/trash/                                 old copies being deleted
+
+Staging lives under the root so that placing a series is a rename on one file system:
+a file under the mirror tree is either absent or complete, never half-written.
+Every blocking file-system call runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import anyio
+import structlog
+
+from nbia_sync.errors import DiskSpaceError
+
+log = structlog.get_logger(__name__)
+
+STATE_DIR = ".nbia-sync"
+_MAX_PART_BYTES = 255  # NAME_MAX on every common file system
+_HASHED_PREFIX_BYTES = 200
+
+
+def _escape(ch: str) -> str:
+    if 0xD800 <= ord(ch) <= 0xDFFF:  # a lone surrogate has no UTF-8 form
+        return f"%u{ord(ch):04X}"
+    return "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
+
+
+def safe_part(text: str) -> str:
+    """Turn any string into one path component, deterministically and without collisions.
+
+    Percent-escapes what a file system or a path join could misread ('/', '\\', NUL and
+    other control characters, '%' itself, a leading '.'), so different inputs never share
+    a directory; UIDs and ordinary names pass unchanged. Over 255 bytes, a readable prefix
+    plus a hash of the whole (the '%h' marker cannot come out of the escaping).
+    """
+    if not text:
+        return "%"  # cannot come out of escaping either: every '%' there is followed by hex
+    out = []
+    for i, ch in enumerate(text):
+        code = ord(ch)
+        if (
+            ch in "/\\%"
+            or code < 0x20
+            or 0x7F <= code < 0xA0
+            or 0xD800 <= code <= 0xDFFF
+            or (i == 0 and ch == ".")
+        ):
+            out.append(_escape(ch))
+        else:
+            out.append(ch)
+    part = "".join(out)
+    if len(part.encode("utf-8")) <= _MAX_PART_BYTES:
+        return part
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    prefix = part.encode("utf-8")[:_HASHED_PREFIX_BYTES].decode("utf-8", "ignore")
+    # Do not cut an escape in half: '%4' + '%h…' would read as a different escape.
+    cut = prefix.rfind("%")
+    if cut >= len(prefix) - 2:
+        prefix = prefix[:cut]
+    return f"{prefix}%h{digest}"
+
+
+def _fsync_path(path: Path, *, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_dir_files(directory: Path) -> None:
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            _fsync_path(Path(entry.path))
+    _fsync_path(directory, directory=True)
+
+
+def _makedirs_synced(path: Path) -> None:
+    """mkdir -p, fsyncing each parent that got a new entry, so the dirs survive a crash."""
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another worker made it first
+            d.mkdir()
+        _fsync_path(d.parent, directory=True)
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Mirror:
+    """The mirror tree under ``root`` and its bookkeeping area ``root/.nbia-sync``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state_dir = root / STATE_DIR
+        self.staging_root = self.state_dir / "staging"
+        self.trash_root = self.state_dir / "trash"
+        # Bytes promised to downloads in progress in this process (see reserve()).
+        self._reserved = 0
+        self._space_lock = anyio.Lock()
+
+    # -- layout -------------------------------------------------------------------
+
+    def series_dir(
+        self, collection: str, patient_id: str, study_uid: str, series_uid: str
+    ) -> Path:
+        parts = (collection, patient_id, study_uid, series_uid)
+        return self.root.joinpath(*(safe_part(p) for p in parts))
+
+    def relative(self, path: Path) -> str:
+        """A path under the root as stored in the catalog: relative, '/'-separated."""
+        return path.relative_to(self.root).as_posix()
+
+    def staging_dir(self, owner: str, series_uid: str) -> Path:
+        return self.staging_root / safe_part(owner) / safe_part(series_uid)
+
+    # -- placement ----------------------------------------------------------------
+
+    async def sync_staged(self, staged_dir: Path) -> None:
+        """fsync every staged file and the staging directory.
+
+        Data first, then the names: after a crash a placed name never points at unwritten
+        blocks. Separate from the renames so a caller can do the slow part before it
+        takes the catalog's write lock.
+        """
+        await anyio.to_thread.run_sync(_sync_dir_files, staged_dir)
+
+    async def place_series(
+        self, staged_dir: Path, final_dir: Path, *, fsync_files: bool = True
+    ) -> None:
+        """Move a fully staged series into the mirror, replacing any older copy.
+
+        ``fsync_files=False`` only after :meth:`sync_staged` on the same directory.
+        """
+        await anyio.to_thread.run_sync(self._place_series_sync, staged_dir, final_dir, fsync_files)
+
+    async def remove_series(self, series_dir: Path) -> None:
+        """Take a placed series out of the tree (one rename), then delete it."""
+        await anyio.to_thread.run_sync(self._remove_series_sync, series_dir)
+
+    def _remove_series_sync(self, series_dir: Path) -> None:
+        if not series_dir.is_dir():
+            return
+        self.trash_root.mkdir(parents=True, exist_ok=True)
+        old = self.trash_root / f"{series_dir.name}.{uuid.uuid4().hex}"
+        os.rename(series_dir, old)
+        _fsync_path(series_dir.parent, directory=True)
+        _rmtree(old)
+
+    def _place_series_sync(self, staged_dir: Path, final_dir: Path, fsync_files: bool) -> None:
+        if fsync_files:
+            _sync_dir_files(staged_dir)
+        parent = final_dir.parent
+        _makedirs_synced(parent)
+        old: Path | None = None
+        if final_dir.exists():
+            # An updated series: the old copy leaves the tree whole (one rename) and is
+            # deleted only once the new one is in, so no stale file survives and no
+            # mixture of old and new files is ever visible.
+            self.trash_root.mkdir(parents=True, exist_ok=True)
+            old = self.trash_root / f"{final_dir.name}.{uuid.uuid4().hex}"
+            os.rename(final_dir, old)
+        os.rename(staged_dir, final_dir)
+        _fsync_path(parent, directory=True)
+        if old is not None:
+            _fsync_path(self.trash_root, directory=True)
+            _rmtree(old)
+        log.debug("series_placed", path=self.relative(final_dir), replaced=old is not None)
+
+    async def remove_staging(self, staged_dir: Path) -> None:
+        """Delete one series' staging; safe to call under cancellation."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_rmtree, staged_dir)
+
+    async def clean_staging(self, keep_owners: Iterable[str]) -> list[str]:
+        """Remove the staging of owners not in ``keep_owners`` (dead processes) and the
+        trash; returns the owner directories removed."""
+        keep = {safe_part(o) for o in keep_owners}
+        return await anyio.to_thread.run_sync(self._clean_sync, keep)
+
+    def _clean_sync(self, keep: set[str]) -> list[str]:
+        removed: list[str] = []
+        if self.staging_root.is_dir():
+            for entry in os.scandir(self.staging_root):
+                if entry.name not in keep:
+                    _rmtree(Path(entry.path))
+                    removed.append(entry.name)
+        _rmtree(self.trash_root)
+        if removed:
+            log.info("stale_staging_removed", owners=len(removed))
+        return removed
+
+    # -- space --------------------------------------------------------------------
+
+    async def free_bytes(self) -> int:
+        def stat() -> int:
+            probe = self.root if self.root.exists() else self.root.parent
+            st = os.statvfs(probe)
+            return st.f_bavail * st.f_frsize
+
+        return await anyio.to_thread.run_sync(stat)
+
+    async def ensure_space(self, expected_bytes: int | None, min_free_bytes: int) -> None:
+        """Raise DiskSpaceError unless ``expected_bytes`` fit with ``min_free_bytes`` to
+        spare, counting what downloads already running in this process will still write."""
+        free = await self.free_bytes()
+        need = (expected_bytes or 0) + self._reserved + min_free_bytes
+        if free < need:
+            raise DiskSpaceError(
+                f"not enough free space under {self.root}: {free} bytes free, need "
+                f"{expected_bytes or 0} for the series + {self._reserved} for downloads "
+                f"in progress + {min_free_bytes} (mirror.min_free_bytes)"
+            )
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, expected_bytes: int | None, min_free_bytes: int) -> AsyncIterator[None]:
+        """ensure_space, then hold ``expected_bytes`` as promised until the block exits."""
+        amount = expected_bytes or 0
+        async with self._space_lock:
+            await self.ensure_space(amount, min_free_bytes)
+            self._reserved += amount
+        try:
+            yield
+        finally:
+            self._reserved -= amount
+
+
+def disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -1,0 +1,345 @@
+"""One series: stream the archive's ZIP into staging, hashing while writing, then check it.
+
+One pass over the bytes: each chunk from the socket is parsed, inflated, MD5-hashed and
+written once, in a worker thread (zlib, MD5, CRC and writes are CPU and disk work that
+must not stall the event loop on a 2-core machine). Memory stays flat: one chunk at a
+time, whatever the series size.
+
+A series is accepted only when the server's hash list (md5hashes.csv) is there (its absence
+is the server's silent truncation), every file is listed and matches its MD5, no listed
+file is missing, the count matches the catalog's ImageCount, and every file is DICOM of
+this series with a distinct SOPInstanceUID. Staged files are then named
+``<SOPInstanceUID>.dcm``. On any failure the series' staging is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import anyio
+import pydicom
+import structlog
+
+from nbia_sync.errors import DiskSpaceError, IntegrityError, RetryableError
+from nbia_sync.progress import ProgressSink
+from nbia_sync.storage import disk_full, safe_part
+from nbia_sync.transfer.archive import EntryData, EntryEnd, EntryStart, ZipEvent, ZipStreamReader
+
+log = structlog.get_logger(__name__)
+
+HASH_LIST = "md5hashes.csv"
+LICENSE = "LICENSE"  # v4 getImage puts the collection's licence first
+_MAX_HASH_LIST = 16 << 20
+_SPOOL_NAME = ".archive.zip"
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_DICOM_TAGS = ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"]
+
+
+class SeriesStreamer(Protocol):
+    """What fetch_series needs from the client (NbiaClient satisfies it)."""
+
+    def stream_series(self, uid: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
+
+
+class SeriesRef(Protocol):
+    """What fetch_series needs from a claim (catalog.records.Claim satisfies it)."""
+
+    @property
+    def series_uid(self) -> str: ...
+    @property
+    def study_uid(self) -> str: ...
+    @property
+    def image_count(self) -> int | None: ...
+
+
+class RateLimiter(Protocol):
+    async def acquire(self, n: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StagedFile:
+    sop_uid: str
+    md5: str
+    size: int
+    path: Path  # in staging, named <SOPInstanceUID>.dcm
+    entry_name: str  # the name in the archive's ZIP
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedSeries:
+    series_uid: str
+    staging_dir: Path
+    files: list[StagedFile]
+    bytes_downloaded: int  # bytes off the wire (the ZIP)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the files, as they will sit in the mirror."""
+        return sum(f.size for f in self.files)
+
+
+@dataclass(slots=True)
+class _Entry:
+    name: str
+    part: Path
+    md5: str = ""
+    size: int = 0
+    sop_uid: str = ""
+    uids: tuple[str, str] = ("", "")  # (series, study) as the file says
+
+
+@dataclass(slots=True)
+class _SeriesWriter:
+    """The thread side of one download: consumes ZIP events, writes and hashes files.
+
+    Called from one worker thread at a time (never concurrently), in order.
+    """
+
+    staging: Path
+    series_uid: str
+    study_uid: str
+    image_count: int | None
+    check_dicom: bool
+    reader: ZipStreamReader = field(init=False)
+    entries: list[_Entry] = field(default_factory=list)
+    hash_list: bytearray | None = None
+    _names: set[str] = field(default_factory=set)
+    _out: BinaryIO | None = None
+    _md5: hashlib._Hash | None = None
+    _sink: str = "skip"  # where the current entry's bytes go: file | hashes | skip
+
+    def __post_init__(self) -> None:
+        self.reader = ZipStreamReader(self.staging / _SPOOL_NAME)
+
+    def feed(self, chunk: bytes) -> None:
+        with _disk_errors(self.staging):
+            for event in self.reader.feed(chunk):
+                self._handle(event)
+
+    def finish(self) -> list[StagedFile]:
+        with _disk_errors(self.staging):
+            for event in self.reader.finish():
+                self._handle(event)
+        self.reader.close()
+        (self.staging / _SPOOL_NAME).unlink(missing_ok=True)
+        return self._verify()
+
+    def abort(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        self.reader.close()
+
+    # -- events -------------------------------------------------------------------
+
+    def _handle(self, event: ZipEvent) -> None:
+        if isinstance(event, EntryData):
+            if self._sink == "file":
+                assert self._out is not None and self._md5 is not None
+                self._md5.update(event.data)
+                self._out.write(event.data)
+            elif self._sink == "hashes":
+                assert self.hash_list is not None
+                self.hash_list += event.data
+                if len(self.hash_list) > _MAX_HASH_LIST:
+                    raise IntegrityError(f"{HASH_LIST} is implausibly large")
+        elif isinstance(event, EntryStart):
+            self._start(event.entry.name, is_dir=event.entry.is_dir)
+        elif isinstance(event, EntryEnd):
+            self._end(event.size)
+
+    def _start(self, name: str, *, is_dir: bool) -> None:
+        if name in self._names:
+            raise IntegrityError(f"the archive has entry {name!r} twice")
+        self._names.add(name)
+        if is_dir or name == LICENSE:
+            self._sink = "skip"
+        elif name == HASH_LIST:
+            self._sink = "hashes"
+            self.hash_list = bytearray()
+        else:
+            # Staged under a counter, never under the archive's name: the name only
+            # has to match the hash list.
+            entry = _Entry(name=name, part=self.staging / f"{len(self.entries):08d}.part")
+            self.entries.append(entry)
+            self._out = entry.part.open("xb")
+            self._md5 = hashlib.md5(usedforsecurity=False)
+            self._sink = "file"
+
+    def _end(self, size: int) -> None:
+        if self._sink != "file":
+            self._sink = "skip"
+            return
+        assert self._out is not None and self._md5 is not None
+        self._out.close()
+        self._out = None
+        entry = self.entries[-1]
+        entry.md5 = self._md5.hexdigest()
+        entry.size = size
+        self._sink = "skip"
+        # Parsed now, while the file is still in the page cache.
+        self._read_dicom(entry)
+
+    def _read_dicom(self, entry: _Entry) -> None:
+        try:
+            ds = pydicom.dcmread(entry.part, stop_before_pixels=True, specific_tags=_DICOM_TAGS)
+            sop = str(ds.SOPInstanceUID)
+            entry.uids = (str(ds.get("SeriesInstanceUID", "")), str(ds.get("StudyInstanceUID", "")))
+        except Exception as exc:  # pydicom raises many types on garbage
+            raise IntegrityError(
+                f"series {self.series_uid}: entry {entry.name!r} is not a readable DICOM file "
+                f"({type(exc).__name__})"
+            ) from None
+        if not sop:
+            raise IntegrityError(f"series {self.series_uid}: {entry.name!r} has no SOPInstanceUID")
+        entry.sop_uid = sop
+
+    # -- acceptance ---------------------------------------------------------------
+
+    def _verify(self) -> list[StagedFile]:
+        uid = self.series_uid
+        if self.hash_list is None:
+            raise IntegrityError(
+                f"series {uid}: no {HASH_LIST} in the archive (the server cut it short: "
+                f"{len(self.entries)} files received)"
+            )
+        listed = _parse_hash_list(bytes(self.hash_list), uid)
+        for e in self.entries:
+            want = listed.get(e.name)
+            if want is None:
+                raise IntegrityError(f"series {uid}: {e.name!r} is not in {HASH_LIST}")
+            if want != e.md5:
+                raise IntegrityError(f"series {uid}: MD5 mismatch for {e.name!r}")
+        missing = sorted(set(listed) - {e.name for e in self.entries})
+        if missing:
+            raise IntegrityError(
+                f"series {uid}: {len(missing)} listed files missing, e.g. {missing[0]!r}")
+        if self.image_count is not None and len(self.entries) != self.image_count:
+            raise IntegrityError(
+                f"series {uid}: {len(self.entries)} files, the archive lists "
+                f"ImageCount {self.image_count}"
+            )
+        if self.check_dicom:
+            for e in self.entries:
+                if e.uids[0] != uid:
+                    raise IntegrityError(
+                        f"series {uid}: {e.name!r} belongs to series {e.uids[0]!r}")
+                if self.study_uid and e.uids[1] != self.study_uid:
+                    raise IntegrityError(
+                        f"series {uid}: {e.name!r} belongs to study {e.uids[1]!r}")
+        names: dict[str, _Entry] = {}
+        for e in self.entries:
+            # A SOP UID comes from inside the file: never trust it as a path.
+            fname = (e.sop_uid if _UID.match(e.sop_uid) else safe_part(e.sop_uid)) + ".dcm"
+            if fname in names:
+                raise IntegrityError(f"series {uid}: SOPInstanceUID {e.sop_uid} appears twice")
+            names[fname] = e
+        staged = []
+        for fname, e in names.items():
+            final = self.staging / fname
+            os.rename(e.part, final)
+            staged.append(StagedFile(e.sop_uid, e.md5, e.size, final, e.name))
+        return staged
+
+
+def _parse_hash_list(data: bytes, uid: str) -> dict[str, str]:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise IntegrityError(f"series {uid}: {HASH_LIST} is not text") from None
+    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    if not rows or [c.strip().lower() for c in rows[0]] != ["filename", "md5hash"]:
+        raise IntegrityError(f"series {uid}: {HASH_LIST} lacks its Filename,MD5Hash header")
+    listed: dict[str, str] = {}
+    for row in rows[1:]:
+        if len(row) != 2 or not re.fullmatch(r"[0-9a-fA-F]{32}", row[1].strip()):
+            raise IntegrityError(f"series {uid}: malformed row in {HASH_LIST}")
+        name, md5 = row[0].strip(), row[1].strip().lower()
+        if listed.setdefault(name, md5) != md5:
+            raise IntegrityError(f"series {uid}: {HASH_LIST} lists {name!r} twice")
+    return listed
+
+
+@contextlib.contextmanager
+def _disk_errors(staging: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if disk_full(exc):
+            raise DiskSpaceError(
+                f"disk full while writing to {staging} ({exc.strerror}); free space on the "
+                "mirror's file system or raise mirror.min_free_bytes"
+            ) from None
+        raise
+
+
+def _fresh_dir(path: Path) -> None:
+    # A previous attempt of ours may have crashed here.
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+async def fetch_series(
+    client: SeriesStreamer,
+    claim: SeriesRef,
+    staging_dir: Path,
+    *,
+    chunk_size: int,
+    progress: ProgressSink,
+    limiter: RateLimiter | None = None,
+    check_dicom: bool = True,
+) -> FetchedSeries:
+    """Download one series into ``staging_dir`` and verify it; see the module doc.
+
+    ``chunk_size``: small network chunks are gathered up to this many bytes before a hop
+    to the worker thread. Raises IntegrityError/RetryableError (retry later),
+    HostileArchiveError/PermanentError (give up), DiskSpaceError (stop everything).
+    """
+    await anyio.to_thread.run_sync(_fresh_dir, staging_dir)
+    writer = _SeriesWriter(
+        staging_dir, claim.series_uid, claim.study_uid, claim.image_count, check_dicom)
+    received = 0
+    try:
+        async with client.stream_series(claim.series_uid) as chunks:
+            pending: list[bytes] = []
+            pending_size = 0
+            try:
+                async for chunk in chunks:
+                    if limiter is not None:
+                        await limiter.acquire(len(chunk))
+                    received += len(chunk)
+                    progress.bytes_received(len(chunk))
+                    pending.append(chunk)
+                    pending_size += len(chunk)
+                    if pending_size >= chunk_size:
+                        await anyio.to_thread.run_sync(writer.feed, _join(pending))
+                        pending, pending_size = [], 0
+            except (ConnectionError, TimeoutError) as exc:
+                # The client maps its own failures; this is only a safety net.
+                raise RetryableError(
+                    f"series {claim.series_uid}: download interrupted ({type(exc).__name__})"
+                ) from None
+            if pending:
+                await anyio.to_thread.run_sync(writer.feed, _join(pending))
+        files = await anyio.to_thread.run_sync(writer.finish)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(writer.abort)
+            await anyio.to_thread.run_sync(shutil.rmtree, staging_dir, True)
+        raise
+    return FetchedSeries(claim.series_uid, staging_dir, files, received)
+
+
+def _join(chunks: list[bytes]) -> bytes:
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -1,0 +1,200 @@
+"""The mirror layout, safe path parts, atomic placement and the disk-space guard."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import pytest
+
+from nbia_sync.errors import DiskSpaceError
+from nbia_sync.storage import Mirror, safe_part
+
+pytestmark = pytest.mark.asyncio
+
+UID = "1.3.6.1.4.1.14519.5.2.1.7009.9004.123456789012345678901234567890"
+
+
+# -- safe_part -------------------------------------------------------------------------
+
+
+async def test_uids_and_ordinary_names_pass_unchanged() -> None:
+    for text in (UID, "TCGA-BRCA", "NSCLC Radiogenomics", "LIDC-IDRI-0001", "Ünïcode"):
+        assert safe_part(text) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["a/b", "a\\b", "a\x00b", "a\nb", "a\x7fb", ".", "..", ".hidden", "", "%2F"]
+)
+async def test_unsafe_text_becomes_one_plain_component(text: str) -> None:
+    part = safe_part(text)
+    assert part not in ("", ".", "..")
+    assert not part.startswith(".")
+    assert not any(c in part for c in "/\\\x00") and all(ord(c) >= 0x20 for c in part)
+    assert safe_part(text) == part  # deterministic
+
+
+async def test_distinct_inputs_never_share_a_component() -> None:
+    inputs = ["a/b", "a%2Fb", "a_b", "a%b", ".x", "%2Ex", "x", "", "%", "..", "%2E%2E"]
+    parts = [safe_part(t) for t in inputs]
+    assert len(set(parts)) == len(inputs)
+
+
+async def test_long_names_fit_255_bytes_and_stay_distinct() -> None:
+    a, b = "é" * 300 + "a", "é" * 300 + "b"
+    pa, pb = safe_part(a), safe_part(b)
+    assert len(pa.encode()) <= 255 and len(pb.encode()) <= 255
+    assert pa != pb
+    assert safe_part(a) == pa
+
+
+async def test_long_name_cut_never_splits_an_escape() -> None:
+    part = safe_part("/" * 100)
+    prefix = part.split("%h")[0]
+    assert prefix == "%2F" * (len(prefix) // 3)
+
+
+# -- layout ----------------------------------------------------------------------------
+
+
+async def test_series_dir_follows_the_layout(tmp_path: Path) -> None:
+    m = Mirror(tmp_path)
+    d = m.series_dir("TCGA-BRCA", "TCGA/01", "1.2.3", "1.2.3.4")
+    assert d == tmp_path / "TCGA-BRCA" / "TCGA%2F01" / "1.2.3" / "1.2.3.4"
+    assert m.relative(d / "5.dcm") == "TCGA-BRCA/TCGA%2F01/1.2.3/1.2.3.4/5.dcm"
+
+
+async def test_staging_is_under_the_root_per_owner(tmp_path: Path) -> None:
+    m = Mirror(tmp_path)
+    assert m.staging_dir("host:12:run/1", "1.2.3") == (
+        tmp_path / ".nbia-sync" / "staging" / "host:12:run%2F1" / "1.2.3")
+
+
+# -- placement -------------------------------------------------------------------------
+
+
+def stage(dir_: Path, files: dict[str, bytes]) -> Path:
+    dir_.mkdir(parents=True)
+    for name, data in files.items():
+        (dir_ / name).write_bytes(data)
+    return dir_
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and ".nbia-sync" not in p.parts
+    }
+
+
+async def test_place_series_moves_staging_into_the_tree(tmp_path: Path) -> None:
+    m = Mirror(tmp_path)
+    staged = stage(m.staging_dir("me", "1.2"), {"1.dcm": b"one", "2.dcm": b"two"})
+    final = m.series_dir("C", "P", "1.1", "1.2")
+    await m.place_series(staged, final)
+    assert tree(tmp_path) == {"C/P/1.1/1.2/1.dcm": b"one", "C/P/1.1/1.2/2.dcm": b"two"}
+    assert not staged.exists()
+
+
+async def test_replacing_a_series_leaves_no_stale_file(tmp_path: Path) -> None:
+    m = Mirror(tmp_path)
+    final = m.series_dir("C", "P", "1.1", "1.2")
+    await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"o", "2.dcm": b"o"}), final)
+    await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"new"}), final)
+    assert tree(tmp_path) == {"C/P/1.1/1.2/1.dcm": b"new"}
+    assert not any(m.trash_root.iterdir())
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, anyio
+    from pathlib import Path
+    from nbia_sync.storage import Mirror
+
+    root, kill_at = Path(sys.argv[1]), int(sys.argv[2])
+    calls = 0
+    real_rename = os.rename
+
+    def rename(src, dst):
+        global calls
+        calls += 1
+        if calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_rename(src, dst)
+
+    os.rename = rename
+    m = Mirror(root)
+    anyio.run(m.place_series, m.staging_dir("dead", "1.2"), m.series_dir("C", "P", "1.1", "1.2"))
+    """
+)
+
+OLD = {"1.dcm": b"old-1" * 1000, "2.dcm": b"old-2" * 1000}
+NEW = {"1.dcm": b"new-1" * 1000, "3.dcm": b"new-3" * 1000}
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3], ids=["before-any-rename", "old-moved-aside",
+                                                     "after-placing"])
+async def test_placement_killed_midway_never_shows_a_mixed_or_partial_series(
+    tmp_path: Path, kill_at: int
+) -> None:
+    m = Mirror(tmp_path)
+    final = m.series_dir("C", "P", "1.1", "1.2")
+    await m.place_series(stage(m.staging_dir("old", "1.2"), OLD), final)
+    staged = stage(m.staging_dir("dead", "1.2"), NEW)
+    proc = await anyio.run_process(
+        [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), str(kill_at)], check=False)
+    placed = {k.rsplit("/", 1)[1]: v for k, v in tree(tmp_path).items()}
+    if kill_at == 3:
+        assert proc.returncode == 0  # only two renames: it ran to the end
+        assert placed == NEW
+    else:
+        assert proc.returncode == -9
+        # The tree holds the old series whole or nothing; the new one waits in staging.
+        assert placed in (OLD, {})
+        assert {p.name: p.read_bytes() for p in staged.iterdir()} == NEW
+    removed = await m.clean_staging(keep_owners=["alive"])
+    assert "dead" in removed or kill_at == 3
+    assert not m.trash_root.exists()
+    assert not (m.staging_root / "dead").exists()
+
+
+async def test_clean_staging_keeps_live_owners(tmp_path: Path) -> None:
+    m = Mirror(tmp_path)
+    stage(m.staging_dir("host:1:a", "1.2"), {"x": b"x"})
+    stage(m.staging_dir("host:2:b", "1.2"), {"x": b"x"})
+    removed = await m.clean_staging(keep_owners=["host:1:a"])
+    assert removed == [safe_part("host:2:b")]
+    assert (m.staging_dir("host:1:a", "1.2") / "x").exists()
+
+
+# -- space ------------------------------------------------------------------------------
+
+
+async def test_free_bytes_matches_statvfs(tmp_path: Path) -> None:
+    st = os.statvfs(tmp_path)
+    free = await Mirror(tmp_path).free_bytes()
+    assert abs(free - st.f_bavail * st.f_frsize) < 64 << 20
+
+
+async def test_ensure_space_names_the_numbers(tmp_path: Path) -> None:
+    m = Mirror(tmp_path)
+    free = await m.free_bytes()
+    with pytest.raises(DiskSpaceError, match=r"bytes free.*1234 for the series"):
+        await m.ensure_space(1234, free)
+
+
+async def test_ensure_space_passes_when_it_fits(tmp_path: Path) -> None:
+    await Mirror(tmp_path).ensure_space(1024, 0)
+
+
+async def test_reservations_of_running_downloads_count(tmp_path: Path) -> None:
+    m = Mirror(tmp_path)
+    free = await m.free_bytes()
+    async with m.reserve(free // 2 + (64 << 20), 0):
+        with pytest.raises(DiskSpaceError):
+            await m.ensure_space(free // 2, 0)
+    await m.ensure_space(free // 2, 0)

@@ -1,0 +1,287 @@
+"""drain() end to end: simulator -> client -> pool -> mirror, with the real catalog."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from nbia_sync.api.client import NbiaClient
+from nbia_sync.api.models import SeriesInfo
+from nbia_sync.catalog import Catalog, SeriesState
+from nbia_sync.config import Settings, settings_from_dict
+from nbia_sync.errors import DiskSpaceError
+from nbia_sync.sim import SimArchive, SimFaults, SimServer
+from nbia_sync.sim.testing import running_sim
+from nbia_sync.storage import Mirror
+from nbia_sync.transfer.pool import DrainReport, drain
+
+pytestmark = pytest.mark.asyncio
+
+OWNER = "test-host:1:run"
+
+
+class Recorder:
+    def __init__(self, series: int = 8) -> None:
+        self.planned: tuple[int, int] | None = None
+        self.started: list[str] = []
+        self.any_started = anyio.Event()
+        self.all_started = anyio.Event()  # `series` downloads have begun
+        self._series = series
+        self.finished: list[tuple[str, bool]] = []
+        self.bytes = 0
+
+    def plan(self, series: int, total_bytes: int) -> None:
+        self.planned = (series, total_bytes)
+
+    def series_started(self, series_uid: str, expected_bytes: int | None) -> None:
+        self.started.append(series_uid)
+        self.any_started.set()
+        if len(self.started) >= self._series:
+            self.all_started.set()
+
+    def bytes_received(self, n: int) -> None:
+        self.bytes += n
+
+    def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
+        self.finished.append((series_uid, ok))
+
+
+def make_settings(root: Path, sim: SimServer, **transfer: Any) -> Settings:
+    base: dict[str, Any] = {"workers": 4, "retry_base_delay": 0.01, "retry_max_delay": 0.05,
+                            "read_timeout": 0.5, "connect_timeout": 2.0, "max_attempts": 30,
+                            "request_attempts": 3, "chunk_size": 16 << 10}
+    base.update(transfer)
+    return settings_from_dict({
+        "mirror": {"root": str(root), "min_free_bytes": 0},
+        "transfer": base,
+        "sources": [{"name": "sim", "url": sim.url, "api": "v2"}],
+    }, env={})
+
+
+async def queue_all(catalog: Catalog, settings: Settings, archive: SimArchive) -> None:
+    source_id = await catalog.ensure_source(settings.sources[0])
+    await catalog.upsert_series(source_id, [
+        SeriesInfo(series_uid=s.uid, study_uid=s.study_uid, collection=s.collection,
+                   patient_id=s.patient_id, modality=s.modality, image_count=s.image_count,
+                   file_size=s.file_size, date_released=s.date_released)
+        for s in archive.series.values()
+    ])
+
+
+@asynccontextmanager
+async def clients_for(settings: Settings) -> AsyncIterator[dict[str, NbiaClient]]:
+    async with NbiaClient(settings.sources[0], settings.transfer) as client:
+        yield {"sim": client}
+
+
+async def run_drain(settings: Settings, catalog: Catalog, progress: Any = None,
+                    stop: anyio.Event | None = None) -> DrainReport:
+    async with clients_for(settings) as clients:
+        return await drain(settings=settings, catalog=catalog, clients=clients,
+                           mirror=Mirror(settings.mirror.root), owner=OWNER,
+                           progress=progress or Recorder(), stop=stop)
+
+
+def mirror_state(root: Path, archive: SimArchive) -> dict[str, dict[str, str]]:
+    """{series: {sop: md5}} read back from disk, checking each path is where it belongs."""
+    found: dict[str, dict[str, str]] = {}
+    for p in root.rglob("*.dcm"):
+        rel = p.relative_to(root)
+        if rel.parts[0] == ".nbia-sync":
+            continue
+        collection, patient, study, series, name = rel.parts
+        s = archive.series[series]
+        assert (collection, patient, study) == (s.collection, s.patient_id, s.study_uid)
+        found.setdefault(series, {})[name.removesuffix(".dcm")] = hashlib.md5(
+            p.read_bytes()).hexdigest()
+    return found
+
+
+def evil_files(root: Path) -> list[Path]:
+    return list(root.rglob("evil*"))
+
+
+def staging_files(root: Path) -> list[Path]:
+    return [p for p in (root / ".nbia-sync" / "staging").rglob("*") if p.is_file()]
+
+
+async def downloading(catalog: Catalog) -> int:
+    return (await catalog.state_counts()).get(SeriesState.DOWNLOADING, (0, 0))[0]
+
+
+async def test_drain_fetches_every_series_and_reports_progress(
+        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "mirror", sim)
+    await queue_all(catalog, settings, sim_archive)
+    progress = Recorder()
+    report = await run_drain(settings, catalog, progress)
+    assert mirror_state(tmp_path / "mirror", sim_archive) == sim_archive.truth()
+    total = sum(s.file_size for s in sim_archive.series.values())
+    assert (report.done, report.failed, report.files, report.bytes) == (
+        8, 0, 24, total)
+    assert progress.planned == (8, total)
+    assert sorted(progress.started) == sorted(sim_archive.series)
+    assert all(ok for _, ok in progress.finished) and len(progress.finished) == 8
+    assert progress.bytes > total  # the ZIP wrapping on top of the files
+    assert staging_files(tmp_path / "mirror") == []
+
+
+async def test_retryable_failures_are_retried_after_backoff_until_done(
+        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "mirror", sim)
+    await queue_all(catalog, settings, sim_archive)
+    uid = next(iter(sim_archive.series))
+    sim.faults.script_series(uid, ["truncate", "corrupt", "reset"])
+    report = await run_drain(settings, catalog)
+    assert (report.done, report.retried, report.failed) == (8, 3, 0)
+    assert mirror_state(tmp_path / "mirror", sim_archive) == sim_archive.truth()
+
+
+async def test_hostile_series_fails_for_good_and_the_rest_completes(
+        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "mirror", sim)
+    await queue_all(catalog, settings, sim_archive)
+    uid = next(iter(sim_archive.series))
+    sim.faults.script_series(uid, ["hostile"])
+    report = await run_drain(settings, catalog)
+    assert (report.done, report.failed, report.retried) == (7, 1, 0)
+    truth = sim_archive.truth()
+    del truth[uid]
+    assert mirror_state(tmp_path / "mirror", sim_archive) == truth
+    assert evil_files(tmp_path) == []
+    failures = await catalog.failures()
+    assert [f.series_uid for f in failures] == [uid]
+
+
+async def test_disk_space_error_stops_the_drain_and_releases_claims(
+        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "mirror", sim)
+    settings = settings.model_copy(update={
+        "mirror": settings.mirror.model_copy(update={"min_free_bytes": 1 << 62})})
+    await queue_all(catalog, settings, sim_archive)
+    with pytest.raises(DiskSpaceError, match="bytes free"):
+        await run_drain(settings, catalog)
+    assert await downloading(catalog) == 0
+    counts = await catalog.state_counts()
+    assert counts.get(SeriesState.WANTED, (0, 0))[0] == 8
+
+
+async def test_stop_cancels_in_flight_downloads_and_releases_them(
+        catalog: Catalog, sim_archive: SimArchive, tmp_path: Path) -> None:
+    async with running_sim(sim_archive, SimFaults(bandwidth=20_000)) as sim:
+        settings = make_settings(tmp_path / "mirror", sim)
+        await queue_all(catalog, settings, sim_archive)
+        stop = anyio.Event()
+        progress = Recorder()
+        async with anyio.create_task_group() as tg:
+            async def stop_soon() -> None:
+                await progress.any_started.wait()
+                await anyio.sleep(0.1)
+                stop.set()
+
+            tg.start_soon(stop_soon)
+            with anyio.fail_after(10):
+                report = await run_drain(settings, catalog, progress, stop)
+    assert report.interrupted
+    assert report.done < 8
+    assert await downloading(catalog) == 0
+    assert staging_files(tmp_path / "mirror") == []
+    placed = mirror_state(tmp_path / "mirror", sim_archive)
+    assert len(placed) == report.done
+
+
+async def test_heartbeat_keeps_leases_of_slow_downloads(
+        catalog: Catalog, sim_archive: SimArchive, tmp_path: Path) -> None:
+    async with running_sim(sim_archive, SimFaults(bandwidth=10_000)) as sim:
+        settings = make_settings(tmp_path / "mirror", sim, workers=8, lease_seconds=0.3,
+                                 heartbeat_interval=0.1)
+        await queue_all(catalog, settings, sim_archive)
+        stolen: list[object] = []
+        progress = Recorder()
+
+        async def thief() -> None:
+            # Another process: would take any series whose lease ran out.
+            await progress.all_started.wait()
+            while not finished.is_set():
+                stolen.extend(await catalog.claim("thief", limit=8, lease_seconds=60))
+                with anyio.move_on_after(0.05):
+                    await finished.wait()
+
+        finished = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(thief)
+            report = await run_drain(settings, catalog, progress)
+            finished.set()  # not a cancel: a claim cut half way could wedge the catalog
+    assert stolen == []
+    assert (report.done, report.lease_lost) == (8, 0)
+    assert report.duration > 1.0  # downloads outlived their 0.3 s lease several times
+
+
+@pytest.mark.chaos
+async def test_every_fault_at_once_converges_on_the_truth_and_never_shows_a_wrong_file(
+        catalog: Catalog, tmp_path: Path) -> None:
+    archive = SimArchive.generate(collections=("SIM-CT", "SIM-MR", "SIM-PT"), patients=3,
+                                  series=2, images=3, image_size=8192)
+    faults = SimFaults(error_5xx=0.1, rate_429=0.1, retry_after=0.05, reset=0.1, truncate=0.1,
+                       corrupt=0.1, stall=0.05, stall_seconds=1.0, hostile=0.05,
+                       html_instead_of_zip=0.05, seed=7)
+    root = tmp_path / "mirror"
+    truth = archive.truth()
+    bad: list[str] = []
+
+    def scan() -> int:
+        seen = 0
+        # os.walk, not rglob: directories vanish mid-walk (renames) and walk shrugs that off.
+        for dirpath, dirnames, filenames in os.walk(root):
+            if ".nbia-sync" in dirnames:
+                dirnames.remove(".nbia-sync")
+            seen += check(Path(dirpath), filenames)
+        return seen
+
+    def check(dirpath: Path, filenames: list[str]) -> int:
+        seen = 0
+        for p in (dirpath / f for f in filenames):
+            try:
+                md5 = hashlib.md5(p.read_bytes()).hexdigest()
+            except FileNotFoundError:  # replaced between listing and reading
+                continue
+            seen += 1
+            if truth.get(p.parent.name, {}).get(p.stem) != md5:
+                bad.append(str(p))
+        return seen
+
+    seen_per_scan: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            seen_per_scan.append(await anyio.to_thread.run_sync(scan))
+            await anyio.sleep(0.005)
+
+    async with running_sim(archive, faults) as sim:
+        settings = make_settings(root, sim)
+        await queue_all(catalog, settings, archive)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            rounds = 0
+            with anyio.fail_after(60):
+                while True:
+                    rounds += 1
+                    report = await run_drain(settings, catalog)
+                    if not report.failed:
+                        break
+                    # Hostile downloads fail for good; the operator's retry-failed.
+                    await catalog.retry_failed()
+            tg.cancel_scope.cancel()
+        assert sum(sim.counters.downloads_started.values()) > len(truth)  # faults did hit
+    assert bad == []
+    assert any(0 < n < 54 for n in seen_per_scan)  # the watcher saw the tree mid-drain
+    assert mirror_state(root, archive) == truth
+    assert staging_files(root) == []
+    assert evil_files(tmp_path) == []
