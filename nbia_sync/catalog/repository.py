@@ -23,7 +23,7 @@ from nbia_sync.catalog import fleet, migrate, queue, upsert
 from nbia_sync.catalog.db import Database, describe_url
 from nbia_sync.catalog.models import Collection as CollectionRow
 from nbia_sync.catalog.models import Instance, Series, SeriesState, Source
-from nbia_sync.catalog.queue import PlacementGuard
+from nbia_sync.catalog.queue import BatchPlacement, PlacementGuard
 from nbia_sync.catalog.records import (
     Claim,
     FailureInfo,
@@ -196,6 +196,12 @@ class Catalog:
 
     def placing(self, claim: Claim, owner: str) -> AbstractAsyncContextManager[PlacementGuard]:
         return queue.placing(self._db, claim, owner)
+
+    def placing_many(
+        self, claims: Sequence[Claim], owner: str
+    ) -> AbstractAsyncContextManager[BatchPlacement]:
+        """`placing` for several series in one transaction (see queue.placing_many)."""
+        return queue.placing_many(self._db, claims, owner)
 
     async def fail(
         self,

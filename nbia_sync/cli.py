@@ -1,0 +1,436 @@
+"""The `nbia-sync` command line: parse, load the config, run one command, map to an exit code.
+
+Exit codes (scripts and containers rely on them):
+  0    done: every wanted series is mirrored and verified (verify: no problem found)
+  1    some series failed permanently or still wait for a retry (verify: problems listed)
+  2    usage or configuration error, unreachable source or catalog, refused credentials
+  70   unexpected internal error (a bug; run again with -v for the traceback)
+  130  interrupted by SIGINT, 143 by SIGTERM (sync); placed work is kept and resumes
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from nbia_sync import __version__
+from nbia_sync.config import Settings, SourceSettings, load_settings
+from nbia_sync.errors import CatalogError, NbiaSyncError
+from nbia_sync.log import configure_logging, level_from_flags
+from nbia_sync.status import human_bytes
+
+if TYPE_CHECKING:
+    from nbia_sync.catalog.repository import Catalog
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_SOFTWARE = 0, 1, 2, 70
+DEFAULT_CONFIG = "nbia-sync.toml"
+# After the first SIGINT/SIGTERM the pass gets this long to cancel its downloads and
+# give its leases back before it is cancelled outright (Docker's stop timeout is 10 s).
+STOP_GRACE = 8.0
+
+Command = Callable[[argparse.Namespace], int]
+Job = Callable[[anyio.Event], Coroutine[Any, Any, int]]
+
+
+# ---- argument parsing ----------------------------------------------------------------------
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Accepted before and after the command; after it, defaults must not override before.
+    default: Any = None if top else argparse.SUPPRESS
+    count_default: Any = 0 if top else argparse.SUPPRESS
+    parser.add_argument(
+        "-c", "--config", metavar="PATH", default=default,
+        help=f"configuration file (default: $NBIA_SYNC_CONFIG, else ./{DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--log-format", choices=("auto", "json", "console"), default=default,
+        help="log lines as JSON or readable text; auto: JSON unless stderr is a terminal "
+        "(default: logging.format from the config)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=count_default,
+        help="more log output (repeatable); also prints tracebacks of unexpected errors",
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="count", default=count_default,
+        help="less log output (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbia-sync",
+        description="Keep a local, verified mirror of The Cancer Imaging Archive (TCIA) in "
+        "step with the archive through the NBIA REST API.",
+        epilog="Exit codes: 0 ok; 1 some series failed (or verify found problems); 2 usage, "
+        "configuration, unreachable source or catalog; 70 internal error; 130/143 "
+        "interrupted by SIGINT/SIGTERM (placed work is kept and resumes next run).",
+    )
+    parser.add_argument("--version", action="version", version=f"nbia-sync {__version__}")
+    _global_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, handler: Command, summary: str, details: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=summary, description=f"{summary}. {details}")
+        _global_options(p, top=False)
+        p.set_defaults(handler=handler)
+        return p
+
+    command(
+        "sync", cmd_sync, "One pass: discover new and changed series, then download until "
+        "the queue is empty",
+        "Exit 0 when every wanted series is mirrored and verified, 1 when some failed "
+        "permanently (see `status`, `retry-failed`), 2 when a source or the catalog cannot "
+        "be used. Ctrl-C stops cleanly (exit 130); what was placed stays and the next run "
+        "resumes.",
+    )
+    command(
+        "daemon", cmd_daemon, "Sync every schedule.poll_interval seconds until stopped",
+        "Serves /healthz and /metrics (Prometheus) on daemon.listen_host:listen_port. "
+        "SIGTERM or SIGINT stops it cleanly (downloads cancelled, leases released) with "
+        "exit 0.",
+    )
+    p = command(
+        "status", cmd_status, "Show series per state, the last run, recent failures and "
+        "the fleet's processes", "Reads the catalog only; safe while other commands run.",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--failures", type=int, default=20, metavar="N",
+                   help="recent failures to show (default 20)")
+    p = command(
+        "verify", cmd_verify, "Re-hash every file in the mirror against the catalog",
+        "Lists each problem as missing, differs, extra (not in the catalog) or error. "
+        "Exit 0 when clean, 1 when any problem is found.",
+    )
+    p.add_argument("--threads", type=int, default=2, metavar="N",
+                   help="files hashed at once (default 2)")
+    p = command(
+        "add-manifest", cmd_add_manifest, "Add the series of a TCIA portal manifest "
+        "(.tcia) to the catalog", "Each series is looked up at the archive (getSeries) and "
+        "queued; the next `sync` downloads them. Exit 1 when the archive does not know some "
+        "of them (each is listed).",
+    )
+    p.add_argument("manifest", metavar="FILE.tcia", type=Path, help="the manifest file")
+    p.add_argument("--source", metavar="NAME",
+                   help="the configured source to use (default: the only one, or the one "
+                   "whose url matches the manifest's downloadServerUrl)")
+    command(
+        "retry-failed", cmd_retry_failed, "Put every failed series back in the queue",
+        "Their attempt counters restart; run `sync` afterwards.",
+    )
+    p = command(
+        "demo", cmd_demo, "Offline demo: start the built-in NBIA simulator and mirror it",
+        "Needs no configuration and no network. The mirror and its catalog go to DIR; "
+        "running it again shows that a finished mirror is left as it is.",
+    )
+    p.add_argument("--dir", type=Path, default=Path("demo"), metavar="DIR",
+                   help="where the demo mirror goes (default ./demo)")
+    p = sub.add_parser(
+        "simulate", help="Serve the built-in NBIA simulator (tests, benchmarks, demos)",
+        description="Serve a generated archive over the NBIA REST API on loopback until "
+        "SIGINT/SIGTERM; prints its root URL. Needs no configuration file.",
+    )
+    from nbia_sync.sim.cli import add_arguments as add_sim_arguments
+
+    add_sim_arguments(p)
+    p.set_defaults(handler=cmd_simulate)
+    return parser
+
+
+# ---- shared plumbing ----------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    line = " ".join(message.split())  # always one line
+    print(f"nbia-sync: error: {line}", file=sys.stderr, flush=True)
+    return code
+
+
+def config_path(args: argparse.Namespace, env: dict[str, str] | None = None) -> Path:
+    environ = os.environ if env is None else env
+    return Path(args.config or environ.get("NBIA_SYNC_CONFIG") or DEFAULT_CONFIG)
+
+
+def _setup(args: argparse.Namespace) -> Settings:
+    """Load the config (ConfigError on any problem) and configure logging from it + flags."""
+    settings = load_settings(config_path(args))
+    _configure_logging(args, settings.logging.level, settings.logging.format)
+    return settings
+
+
+def _configure_logging(args: argparse.Namespace, level: str, fmt: str) -> None:
+    configure_logging(level_from_flags(level, args.verbose, args.quiet), args.log_format or fmt)
+
+
+def run_job(job: Job, *, grace: float = STOP_GRACE) -> tuple[int | None, int | None]:
+    """Run `job(stop)` on a fresh event loop with SIGINT/SIGTERM wired to `stop`.
+
+    Returns (the job's exit code or None if it had to be cancelled, the signal received).
+    A second signal, or the grace period running out, cancels the job outright.
+    """
+    received: list[int] = []
+
+    async def wrapper() -> int | None:
+        loop = asyncio.get_running_loop()
+        stop = anyio.Event()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal(signum: int) -> None:
+            if received:
+                task.cancel()
+                return
+            received.append(signum)
+            log.warning("stopping", signal=signal.Signals(signum).name)
+            stop.set()
+            loop.call_later(grace, task.cancel)
+
+        # Only the main thread may own signals (tests call main() from a worker thread).
+        wired = threading.current_thread() is threading.main_thread()
+        for signum in (signal.SIGINT, signal.SIGTERM) if wired else ():
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            return await job(stop)
+        except asyncio.CancelledError:
+            return None
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM) if wired else ():
+                loop.remove_signal_handler(signum)
+
+    code = asyncio.run(wrapper())
+    return code, (received[0] if received else None)
+
+
+async def _open_catalog(settings: Settings) -> Catalog:
+    from nbia_sync.catalog.repository import Catalog
+
+    return await Catalog.open(settings.catalog_url)
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    settings = _setup(args)
+    # Imported after the config loaded: a config error must not depend on them.
+    from nbia_sync.display import terminal_progress
+    from nbia_sync.engine import ERROR, OK, run_pass
+
+    async def job(stop: anyio.Event) -> int:
+        catalog = await _open_catalog(settings)
+        try:
+            with terminal_progress() as progress:
+                report = await run_pass(settings, catalog, progress=progress, stop=stop)
+        finally:
+            await catalog.close()
+        if report.outcome == ERROR:
+            return _fail(report.error or "the pass could not run")
+        print(
+            f"sync {report.outcome}: {report.done} series placed ({human_bytes(report.bytes)}), "
+            f"{report.failed} failed, {report.remaining} waiting; run {report.run_id}",
+            flush=True,
+        )
+        return EXIT_OK if report.outcome == OK else EXIT_FAILURES
+
+    code, signum = run_job(job)
+    if signum is not None:
+        return 128 + signum
+    return EXIT_FAILURES if code is None else code
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    settings = _setup(args)
+    # Imported after the config loaded: a config error must not depend on them.
+    from nbia_sync.daemon import run_daemon
+
+    async def job(stop: anyio.Event) -> int:
+        catalog = await _open_catalog(settings)
+        try:
+            return await run_daemon(settings, catalog, stop=stop)
+        finally:
+            await catalog.close()
+
+    code, signum = run_job(job)
+    # A signal is how a daemon is meant to end: clean stop, exit 0.
+    return EXIT_OK if signum is not None else (code if code is not None else EXIT_FAILURES)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _setup(args)
+    # Imported after the config loaded: a config error must not depend on them.
+    from nbia_sync.status import collect_status, render_status
+
+    async def job(_stop: anyio.Event) -> int:
+        catalog = await _open_catalog(settings)
+        try:
+            status = await collect_status(settings, catalog, failures=args.failures)
+        finally:
+            await catalog.close()
+        if args.json:
+            json.dump(status, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            render_status(status, sys.stdout)
+        return EXIT_OK
+
+    code, _ = run_job(job)
+    return EXIT_FAILURES if code is None else code
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    settings = _setup(args)
+    # Imported after the config loaded: a config error must not depend on them.
+    from nbia_sync.verify import verify_mirror
+
+    async def job(_stop: anyio.Event) -> int:
+        catalog = await _open_catalog(settings)
+        try:
+            report = await verify_mirror(
+                catalog, settings.mirror.root, threads=max(1, args.threads),
+                on_problem=lambda p: print(p, flush=True),
+            )
+        finally:
+            await catalog.close()
+        print(
+            f"verify: {report.matched} of {report.checked} files match "
+            f"({human_bytes(report.bytes)}); {report.count('missing')} missing, "
+            f"{report.count('differs')} differ, {report.count('extra')} extra, "
+            f"{report.count('error')} errors",
+            file=sys.stderr, flush=True,
+        )
+        return EXIT_OK if report.ok else EXIT_FAILURES
+
+    code, _ = run_job(job)
+    return EXIT_FAILURES if code is None else code
+
+
+def cmd_add_manifest(args: argparse.Namespace) -> int:
+    settings = _setup(args)
+    from nbia_sync.api.client import NbiaClient
+    from nbia_sync.api.manifest import parse_manifest
+    from nbia_sync.discovery import add_manifest
+    from nbia_sync.engine import describe_source_failure
+    from nbia_sync.errors import ArchiveError, ConfigError
+
+    try:
+        text = args.manifest.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read manifest {args.manifest}: {exc.strerror}") from None
+    manifest = parse_manifest(text, name=str(args.manifest))
+    source = pick_source(settings, args.source, manifest.download_server_url)
+
+    async def job(_stop: anyio.Event) -> int:
+        catalog = await _open_catalog(settings)
+        try:
+            source_id = await catalog.ensure_source(source)
+            try:
+                async with NbiaClient(source, settings.transfer) as client:
+                    report = await add_manifest(catalog, client, source_id, manifest.series_uids)
+            except (ArchiveError, OSError, TimeoutError) as exc:
+                return _fail(describe_source_failure(source, exc))
+        finally:
+            await catalog.close()
+        print(
+            f"add-manifest: {len(manifest.series_uids)} series in {args.manifest}: "
+            f"{report.new} new, {report.changed} changed, {report.unchanged} already known, "
+            f"{len(report.unknown)} unknown to the archive; run `nbia-sync sync`",
+            flush=True,
+        )
+        for uid in report.unknown:
+            print(f"unknown: {uid}", flush=True)
+        # A manifest naming series the archive does not have is only partly satisfied.
+        return EXIT_FAILURES if report.unknown else EXIT_OK
+
+    code, _ = run_job(job)
+    return EXIT_FAILURES if code is None else code
+
+
+def pick_source(
+    settings: Settings, name: str | None, manifest_url: str | None
+) -> SourceSettings:
+    """--source NAME, else the only source, else the one serving the manifest's URL."""
+    from nbia_sync.errors import ConfigError
+
+    if name:
+        return settings.source(name)
+    if len(settings.sources) == 1:
+        return settings.sources[0]
+    if manifest_url:
+        matches = [s for s in settings.sources if manifest_url.startswith(s.url)]
+        if len(matches) == 1:
+            return matches[0]
+    names = ", ".join(s.name for s in settings.sources)
+    raise ConfigError(f"several sources are configured ({names}): choose one with --source")
+
+
+def cmd_retry_failed(args: argparse.Namespace) -> int:
+    settings = _setup(args)
+
+    async def job(_stop: anyio.Event) -> int:
+        catalog = await _open_catalog(settings)
+        try:
+            count = await catalog.retry_failed()
+        finally:
+            await catalog.close()
+        print(f"retry-failed: {count} series queued again; run `nbia-sync sync`")
+        return EXIT_OK
+
+    code, _ = run_job(job)
+    return EXIT_FAILURES if code is None else code
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from nbia_sync.sim.cli import serve
+
+    _configure_logging(args, "info", "auto")
+    return asyncio.run(serve(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nbia_sync.demo import run_demo
+
+    _configure_logging(args, "warning", "auto")
+    code, signum = run_job(lambda stop: run_demo(args.dir, stop=stop, out=sys.stdout))
+    if signum is not None:
+        return 128 + signum
+    return EXIT_FAILURES if code is None else code
+
+
+# ---- entry point ----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.handler(args))
+    except (NbiaSyncError, CatalogError) as exc:
+        # Config, catalog, credentials, unreachable source: one line, no traceback.
+        return _fail(str(exc) or type(exc).__name__)
+    except Exception as exc:
+        if args.verbose:
+            traceback.print_exc()
+        return _fail(f"unexpected {type(exc).__name__}: {exc} (run with -v for details)",
+                     EXIT_SOFTWARE)
+

@@ -1,0 +1,98 @@
+"""Live progress on a terminal (series, files, bytes, rate, ETA); nothing elsewhere.
+
+Non-terminal runs (cron, containers, CI) rely on the JSON logs instead: a redrawn
+progress bar in a log file is noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from nbia_sync.progress import NullProgress, ProgressSink
+
+
+class TerminalProgress:
+    """A ProgressSink drawing one rich progress line; use as a context manager."""
+
+    def __init__(self, console: Console) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task: TaskID = self._progress.add_task("waiting for the queue", total=None)
+        self.series_total = 0
+        self.series_done = 0
+        self.series_failed = 0
+        self.files = 0
+        self.bytes = 0
+
+    def __enter__(self) -> TerminalProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def _describe(self) -> None:
+        text = f"series {self.series_done}/{self.series_total}  files {self.files}"
+        if self.series_failed:
+            text += f"  [red]failed attempts {self.series_failed}[/red]"
+        self._progress.update(self._task, description=text)
+
+    def plan(self, series: int, total_bytes: int) -> None:
+        self.series_total = series
+        # Unknown sizes (0) leave the bar indeterminate rather than promising an ETA.
+        self._progress.update(self._task, total=total_bytes or None, completed=self.bytes)
+        self._describe()
+
+    def series_started(self, series_uid: str, expected_bytes: int | None) -> None:
+        pass
+
+    def bytes_received(self, n: int) -> None:
+        self.bytes += n
+        self._progress.advance(self._task, n)
+
+    def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
+        if ok:
+            self.series_done += 1
+            self.files += files
+        else:
+            self.series_failed += 1
+        self._describe()
+
+
+@contextlib.contextmanager
+def terminal_progress(stream: TextIO | None = None) -> Iterator[ProgressSink]:
+    """A live display when `stream` (default stderr) is a terminal, else a sink that is silent."""
+    out = sys.stderr if stream is None else stream
+    if not _is_tty(out):
+        yield NullProgress()
+        return
+    with TerminalProgress(Console(file=out)) as display:
+        yield display
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

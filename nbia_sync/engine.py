@@ -1,0 +1,329 @@
+"""One sync pass: discover each source (under the fleet's lock), then drain the queue.
+
+The pass owns the bookkeeping around the work: the run row, the worker row and its
+heartbeat, one client per source, the discovery locks, and the clean-up that must happen
+however the pass ends (leases released, worker unregistered, run row closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import aiohttp
+import anyio
+import structlog
+
+from nbia_sync.api.client import NbiaClient
+from nbia_sync.catalog.models import SeriesState
+from nbia_sync.catalog.records import RunCounts
+from nbia_sync.catalog.repository import Catalog
+from nbia_sync.config import Settings, SourceSettings
+from nbia_sync.discovery import discover
+from nbia_sync.errors import ArchiveError, DiskSpaceError, NbiaSyncError
+from nbia_sync.progress import ProgressSink
+from nbia_sync.storage import Mirror
+from nbia_sync.transfer.pool import drain
+
+log = structlog.get_logger(__name__)
+
+# How often a process waiting for a peer's discovery looks at the lock again (seconds).
+_DISCOVERY_WAIT_POLL = 0.25
+
+# Outcomes written to the run row and mapped to exit codes by the CLI.
+OK = "ok"  # every wanted series is in the mirror
+FAILURES = "failures"  # some series failed permanently (or ran out of attempts)
+INCOMPLETE = "incomplete"  # some series still wait for a retry later
+ERROR = "error"  # the pass could not run: source unreachable, bad credentials
+INTERRUPTED = "interrupted"  # stopped by a signal; placed work is kept
+
+
+class SourceError(NbiaSyncError):
+    """A source could not be used at all this pass (unreachable, credentials refused)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PassReport:
+    run_id: str
+    owner: str
+    command: str
+    outcome: str
+    started_at: datetime
+    duration: float  # seconds
+    discovered: int = 0  # series new or changed at the archive
+    done: int = 0  # series placed by this pass
+    files: int = 0  # files placed by this pass
+    failed: int = 0  # series in state failed after the pass (whole catalog)
+    remaining: int = 0  # series still wanted or pending after the pass
+    bytes: int = 0  # bytes placed by this pass
+    discovery_skipped: tuple[str, ...] = ()  # sources another process was discovering
+    error: str | None = None  # what stopped the pass, for outcome "error"
+    state_counts: Mapping[SeriesState, tuple[int, int]] = field(default_factory=dict)
+
+
+def make_owner(run_id: str | None = None, host: str | None = None, pid: int | None = None) -> str:
+    """The fleet-wide identity of one pass of one process: host:pid:run_id.
+
+    The same string names the worker row, the leases and the staging directory, so a
+    stale one can be traced to its host, process and run.
+    """
+    run_id = run_id or uuid.uuid4().hex
+    return f"{host or socket.gethostname()}:{os.getpid() if pid is None else pid}:{run_id}"
+
+
+def run_id_of(owner: str) -> str:
+    return owner.rsplit(":", 1)[-1]
+
+
+def discovery_lock(source: SourceSettings) -> str:
+    return f"discovery:{source.name}"
+
+
+def describe_source_failure(source: SourceSettings, exc: BaseException) -> str:
+    """One line naming the source and the problem; never a token (messages carry none)."""
+    detail = str(exc) or type(exc).__name__
+    return f"source {source.name!r} ({source.url}): {detail}"
+
+
+async def run_pass(
+    settings: Settings,
+    catalog: Catalog,
+    *,
+    owner: str | None = None,
+    progress: ProgressSink,
+    stop: anyio.Event,
+    command: str = "sync",
+    on_heartbeat: Callable[[], None] | None = None,
+) -> PassReport:
+    """Discover then drain. `stop` set (a signal) ends the pass early as "interrupted".
+
+    `owner` is normally left None (a fresh host:pid:run_id); `on_heartbeat` is called
+    after every successful worker heartbeat (the daemon's liveness signal).
+    """
+    host, pid = socket.gethostname(), os.getpid()
+    owner = owner or make_owner(host=host, pid=pid)
+    run_id = await catalog.start_run(owner, command, run_id_of(owner))
+    started_at, t0 = datetime.now(UTC), time.monotonic()
+    held_locks: set[str] = set()
+    log.info("pass_started", run_id=run_id, owner=owner, command=command)
+    await catalog.register_worker(owner, host, pid, run_id)
+    heartbeat = asyncio.create_task(
+        _heartbeat(settings, catalog, owner, held_locks, on_heartbeat), name="heartbeat"
+    )
+
+    outcome, error = ERROR, None
+    discovered = done = files = placed_bytes = 0
+    skipped: list[str] = []
+    counts: Mapping[SeriesState, tuple[int, int]] = {}
+    try:
+        mirror = Mirror(settings.mirror.root)
+        await mirror.clean_staging(await _live_owners(settings, catalog, owner))
+        async with contextlib.AsyncExitStack() as stack:
+            clients: dict[str, NbiaClient] = {}
+            for source in settings.sources:
+                clients[source.name] = await stack.enter_async_context(
+                    NbiaClient(source, settings.transfer)
+                )
+            for source in settings.sources:
+                if stop.is_set():
+                    break
+                found = await _discover_source(
+                    settings, catalog, clients[source.name], source, owner, held_locks, stop
+                )
+                if found is None:
+                    skipped.append(source.name)
+                else:
+                    discovered += found
+            if not stop.is_set():
+                report = await drain(
+                    settings=settings, catalog=catalog, clients=clients, mirror=mirror,
+                    owner=owner, progress=progress, stop=stop,
+                )
+                done, files, placed_bytes = report.done, report.files, report.bytes
+        counts = await catalog.state_counts()
+        outcome = _outcome(counts, interrupted=stop.is_set())
+    except (SourceError, DiskSpaceError) as exc:
+        # The pass cannot go on; what was placed stays, the rest waits for the next one.
+        error = str(exc)
+        log.error("pass_failed", run_id=run_id, error=error, kind=type(exc).__name__)
+    except asyncio.CancelledError:
+        outcome = INTERRUPTED
+        raise
+    finally:
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
+        # Shielded: a cancelled pass must still give its work back to the fleet.
+        await asyncio.shield(
+            _close_pass(catalog, run_id, owner, held_locks, outcome, counts,
+                        RunCounts(discovered=discovered, queued=_queued(counts), done=done,
+                                  failed=_count(counts, SeriesState.FAILED), bytes=placed_bytes))
+        )
+    duration = time.monotonic() - t0
+    log.info("pass_finished", run_id=run_id, outcome=outcome, discovered=discovered, done=done,
+             bytes=placed_bytes, failed=_count(counts, SeriesState.FAILED),
+             seconds=round(duration, 3))
+    return PassReport(
+        run_id=run_id, owner=owner, command=command, outcome=outcome, started_at=started_at,
+        duration=duration, discovered=discovered, done=done, files=files,
+        failed=_count(counts, SeriesState.FAILED), remaining=_queued(counts), bytes=placed_bytes,
+        discovery_skipped=tuple(skipped), error=error, state_counts=counts,
+    )
+
+
+async def _discover_source(
+    settings: Settings,
+    catalog: Catalog,
+    client: NbiaClient,
+    source: SourceSettings,
+    owner: str,
+    held_locks: set[str],
+    stop: anyio.Event,
+) -> int | None:
+    """Series found (new or changed), or None when discovery was left to another process.
+
+    A fleet discovers each source once: a process that finds the lock held by a live
+    peer waits for that discovery to commit (so its drain sees the series) instead of
+    draining an empty queue, and a discovery already committed while the fleet's current
+    passes run (and less than a poll interval ago) is not repeated. A lock left by a dead
+    holder is skipped as before: its lease runs out and the next pass discovers.
+    """
+    lock = discovery_lock(source)
+    source_id = await catalog.ensure_source(source)
+    while True:
+        if await _discovered_by_fleet(settings, catalog, source_id):
+            log.info("discovery_skipped", source=source.name,
+                     reason="discovered by another process of this fleet")
+            return None
+        if await catalog.try_lock(lock, owner, _lock_ttl(settings)):
+            break
+        holder = await catalog.lock_holder(lock)
+        if holder is not None and not await _is_live(settings, catalog, holder):
+            log.info("discovery_skipped", source=source.name,
+                     reason="another process holds the lock")
+            return None
+        if stop.is_set():
+            return None
+        log.debug("discovery_waiting", source=source.name, holder=holder)
+        with anyio.move_on_after(_DISCOVERY_WAIT_POLL):
+            await stop.wait()
+    held_locks.add(lock)
+    try:
+        if await _discovered_by_fleet(settings, catalog, source_id):
+            # Committed between our check and our lock: do not repeat it.
+            log.info("discovery_skipped", source=source.name,
+                     reason="discovered by another process of this fleet")
+            return None
+        report = await discover(catalog, client, source, source_id, settings.schedule)
+    except (ArchiveError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise SourceError(describe_source_failure(source, exc)) from exc
+    finally:
+        held_locks.discard(lock)
+        await asyncio.shield(catalog.unlock(lock, owner))
+    return report.queued
+
+
+async def _is_live(settings: Settings, catalog: Catalog, owner: str) -> bool:
+    limit = stale_after(settings)
+    return any(w.owner == owner and w.heartbeat_age < limit for w in await catalog.workers())
+
+
+async def _discovered_by_fleet(settings: Settings, catalog: Catalog, source_id: int) -> bool:
+    """A discovery of the source committed while every live pass of the fleet (ours
+    included) was running, and within the poll interval: as fresh as one we would run.
+
+    Processes started together share one discovery even when some start late; a process
+    that runs after the others have finished (a later sync, the daemon's next pass)
+    discovers for itself.
+    """
+    last = await catalog.last_discovery_at(source_id)
+    if last is None:
+        return False
+    if (datetime.now(UTC) - last).total_seconds() >= settings.schedule.poll_interval:
+        return False
+    limit = stale_after(settings)
+    starts = [w.started_at for w in await catalog.workers() if w.heartbeat_age < limit]
+    return bool(starts) and last >= min(starts)
+
+
+async def _heartbeat(
+    settings: Settings,
+    catalog: Catalog,
+    owner: str,
+    held_locks: set[str],
+    on_heartbeat: Callable[[], None] | None,
+) -> None:
+    """Keep the worker row (and any discovery lock) alive; the pool renews series leases."""
+    while True:
+        await asyncio.sleep(settings.transfer.heartbeat_interval)
+        try:
+            alive = await catalog.worker_heartbeat(owner)
+            for lock in list(held_locks):
+                await catalog.renew_lock(lock, owner, _lock_ttl(settings))
+        except Exception as exc:  # a catalog hiccup must not kill the pass; the next beat retries
+            log.warning("heartbeat_failed", error=str(exc))
+            continue
+        if not alive:
+            log.warning("worker_row_missing", owner=owner)
+        if on_heartbeat is not None:
+            on_heartbeat()
+
+
+def stale_after(settings: Settings) -> float:
+    """Seconds without a heartbeat after which a worker counts as dead: by then its
+    leases have run out too, so its series are back in the queue."""
+    return max(settings.transfer.lease_seconds, 3 * settings.transfer.heartbeat_interval)
+
+
+async def _live_owners(settings: Settings, catalog: Catalog, own: str) -> set[str]:
+    """Owners whose staging must be kept: ours and every worker with a fresh heartbeat."""
+    limit = stale_after(settings)
+    return {own} | {w.owner for w in await catalog.workers() if w.heartbeat_age < limit}
+
+
+async def _close_pass(
+    catalog: Catalog,
+    run_id: str,
+    owner: str,
+    held_locks: set[str],
+    outcome: str,
+    counts: Mapping[SeriesState, tuple[int, int]],
+    run_counts: RunCounts,
+) -> None:
+    for lock in list(held_locks):
+        await catalog.unlock(lock, owner)
+    await catalog.release_leases(owner)
+    await catalog.finish_run(run_id, outcome, run_counts)
+    await catalog.unregister_worker(owner)
+
+
+def _lock_ttl(settings: Settings) -> float:
+    # Long enough to survive missed heartbeats, short enough that a crashed holder's
+    # lock frees itself soon.
+    return stale_after(settings)
+
+
+def _count(counts: Mapping[SeriesState, tuple[int, int]], state: SeriesState) -> int:
+    return counts.get(state, (0, 0))[0]
+
+
+def _queued(counts: Mapping[SeriesState, tuple[int, int]]) -> int:
+    return _count(counts, SeriesState.WANTED) + _count(counts, SeriesState.PENDING)
+
+
+def _outcome(counts: Mapping[SeriesState, tuple[int, int]], *, interrupted: bool) -> str:
+    if interrupted:
+        return INTERRUPTED
+    if _count(counts, SeriesState.FAILED):
+        return FAILURES
+    # Series other processes are downloading are theirs to finish; ours is done.
+    if _queued(counts):
+        return INCOMPLETE
+    return OK

@@ -1,0 +1,136 @@
+"""Prometheus metrics for the daemon: a private registry and a ProgressSink that feeds it.
+
+A private CollectorRegistry (not prometheus_client's global one) keeps tests and several
+daemons in one process from colliding, and keeps the library's process/GC collectors off
+unless we ask for them.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import exposition as _exposition
+
+from nbia_sync.catalog.models import SeriesState
+
+CONTENT_TYPE = str(_exposition.CONTENT_TYPE_LATEST)
+
+# An error label must have few values: keep the exception class name the pool reports
+# ("IntegrityError: md5 mismatch ..."), otherwise "other".
+_ERROR_KIND = re.compile(r"^([A-Za-z_][A-Za-z0-9_]{0,60})(?::|$)")
+
+
+def error_kind(error: str | None) -> str:
+    if not error:
+        return "unknown"
+    match = _ERROR_KIND.match(error.strip())
+    return match.group(1) if match else "other"
+
+
+class Metrics:
+    """Every metric nbia-sync exports, on its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.series = Gauge(
+            "nbia_sync_series", "Series in the catalog by state", ["state"], registry=r
+        )
+        self.series_bytes = Gauge(
+            "nbia_sync_series_bytes",
+            "Bytes of the series in the catalog by state (placed bytes, else expected)",
+            ["state"],
+            registry=r,
+        )
+        self.bytes_downloaded = Counter(
+            "nbia_sync_downloaded_bytes", "Bytes received from the archive", registry=r
+        )
+        self.files_downloaded = Counter(
+            "nbia_sync_downloaded_files", "Files placed in the mirror", registry=r
+        )
+        self.series_downloaded = Counter(
+            "nbia_sync_downloaded_series", "Series placed in the mirror", registry=r
+        )
+        self.errors = Counter(
+            "nbia_sync_errors", "Failed series attempts by error kind", ["kind"], registry=r
+        )
+        self.retries = Counter(
+            "nbia_sync_retries", "Series attempts started after a failed attempt", registry=r
+        )
+        self.in_flight = Gauge(
+            "nbia_sync_series_in_flight", "Series being downloaded now", registry=r
+        )
+        self.passes = Counter(
+            "nbia_sync_passes", "Sync passes finished by outcome", ["outcome"], registry=r
+        )
+        self.pass_duration = Histogram(
+            "nbia_sync_pass_duration_seconds",
+            "Wall time of a sync pass",
+            buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600),
+            registry=r,
+        )
+        self.last_pass = Gauge(
+            "nbia_sync_last_pass_timestamp_seconds", "When the last pass finished", registry=r
+        )
+        self.last_success = Gauge(
+            "nbia_sync_last_success_timestamp_seconds",
+            "When the last pass finished with outcome ok",
+            registry=r,
+        )
+        for state in SeriesState:
+            self.series.labels(state.value).set(0)
+            self.series_bytes.labels(state.value).set(0)
+
+    def set_state_counts(self, counts: Mapping[SeriesState, tuple[int, int]]) -> None:
+        for state in SeriesState:
+            count, nbytes = counts.get(state, (0, 0))
+            self.series.labels(state.value).set(count)
+            self.series_bytes.labels(state.value).set(nbytes)
+
+    def pass_finished(self, outcome: str, duration: float, *, now: float | None = None) -> None:
+        finished = time.time() if now is None else now
+        self.passes.labels(outcome).inc()
+        self.pass_duration.observe(duration)
+        self.last_pass.set(finished)
+        if outcome == "ok":
+            self.last_success.set(finished)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return bytes(generate_latest(self.registry))
+
+
+class MetricsProgress:
+    """A ProgressSink that counts into Metrics (cheap: called for every chunk)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+        # Series whose last attempt failed in this process: starting one again is a retry.
+        self._failed: set[str] = set()
+        self._running: set[str] = set()
+
+    def plan(self, series: int, total_bytes: int) -> None:
+        pass
+
+    def series_started(self, series_uid: str, expected_bytes: int | None) -> None:
+        if series_uid in self._failed:
+            self._m.retries.inc()
+        self._running.add(series_uid)
+        self._m.in_flight.set(len(self._running))
+
+    def bytes_received(self, n: int) -> None:
+        self._m.bytes_downloaded.inc(n)
+
+    def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
+        self._running.discard(series_uid)
+        self._m.in_flight.set(len(self._running))
+        if ok:
+            self._failed.discard(series_uid)
+            self._m.series_downloaded.inc()
+            self._m.files_downloaded.inc(files)
+        else:
+            self._failed.add(series_uid)
+            self._m.errors.labels(error_kind(error)).inc()

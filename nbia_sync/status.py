@@ -1,0 +1,109 @@
+"""`nbia-sync status`: what the catalog says, as a JSON-ready dict and as text."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Protocol, TextIO
+
+from nbia_sync.catalog.models import SeriesState
+from nbia_sync.catalog.records import FailureInfo, RunInfo, WorkerInfo
+from nbia_sync.config import Settings
+
+
+class StatusSource(Protocol):
+    @property
+    def description(self) -> str: ...
+    async def state_counts(self) -> dict[SeriesState, tuple[int, int]]: ...
+    async def last_run(self) -> RunInfo | None: ...
+    async def failures(self, limit: int = 50) -> list[FailureInfo]: ...
+    async def workers(self) -> list[WorkerInfo]: ...
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+async def collect_status(
+    settings: Settings, catalog: StatusSource, *, failures: int
+) -> dict[str, Any]:
+    """The status as plain JSON types (the `status --json` document)."""
+    # Imported here: the engine pulls in the HTTP client and the pool, which the CLI's
+    # start-up (and `--help`) does not need.
+    from nbia_sync.engine import stale_after
+
+    counts = await catalog.state_counts()
+    run = await catalog.last_run()
+    limit = stale_after(settings)
+    return {
+        "catalog": catalog.description,
+        "mirror": str(settings.mirror.root),
+        "series": {
+            state.value: dict(zip(("count", "bytes"), counts.get(state, (0, 0)), strict=True))
+            for state in SeriesState
+        },
+        "last_run": None if run is None else {
+            "run_id": run.run_id, "owner": run.owner, "command": run.command,
+            "started_at": _iso(run.started_at), "finished_at": _iso(run.finished_at),
+            "outcome": run.outcome, "discovered": run.discovered, "queued": run.queued,
+            "done": run.done, "failed": run.failed, "bytes": run.bytes,
+        },
+        "failures": [
+            {
+                "series_uid": f.series_uid, "source": f.source_name, "collection": f.collection,
+                "state": f.state.value, "attempts": f.attempts, "last_error": f.last_error,
+                "next_try_at": _iso(f.next_try_at),
+            }
+            for f in await catalog.failures(limit=failures)
+        ],
+        "workers": [
+            {
+                "owner": w.owner, "host": w.host, "pid": w.pid, "run_id": w.run_id,
+                "started_at": _iso(w.started_at), "heartbeat_at": _iso(w.heartbeat_at),
+                "heartbeat_age": round(w.heartbeat_age, 1), "in_flight": w.in_flight,
+                # Stale: no heartbeat for as long as a lease lasts: the process is gone.
+                "alive": w.heartbeat_age < limit,
+            }
+            for w in await catalog.workers()
+        ],
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def render_status(status: dict[str, Any], out: TextIO) -> None:
+    w = out.write
+    w(f"catalog: {status['catalog']}\nmirror:  {status['mirror']}\n\n")
+    w(f"{'state':<12}{'series':>10}{'bytes':>14}\n")
+    for state, row in status["series"].items():
+        w(f"{state:<12}{row['count']:>10}{human_bytes(row['bytes']):>14}\n")
+    run = status["last_run"]
+    w("\nlast run: ")
+    if run is None:
+        w("none yet\n")
+    else:
+        w(
+            f"{run['command']} {run['run_id']} started {run['started_at']}, "
+            f"{'finished ' + run['finished_at'] if run['finished_at'] else 'not finished'}, "
+            f"outcome {run['outcome'] or 'running'}: {run['done']} placed, {run['failed']} failed, "
+            f"{human_bytes(run['bytes'])}\n"
+        )
+    if status["failures"]:
+        w("\nrecent failures (newest first):\n")
+        for f in status["failures"]:
+            w(
+                f"  {f['state']:<8} {f['source']}/{f['collection']} {f['series_uid']} "
+                f"(attempts {f['attempts']}): {f['last_error'] or '-'}\n"
+            )
+    w("\nprocesses:\n" if status["workers"] else "\nprocesses: none running\n")
+    for wk in status["workers"]:
+        state = "alive" if wk["alive"] else "STALE"
+        w(
+            f"  {wk['owner']}  {state}  heartbeat {wk['heartbeat_age']:.0f}s ago, "
+            f"{wk['in_flight']} series in flight\n"
+        )

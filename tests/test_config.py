@@ -1,0 +1,158 @@
+"""Settings loading: typos and wrong types are named errors, env overrides, defaults."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from nbia_sync.config import (
+    DEFAULT_TCIA_URL,
+    GUEST_USER,
+    Settings,
+    load_settings,
+    settings_from_dict,
+)
+from nbia_sync.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+
+
+def minimal(**extra: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {"mirror": {"root": "/tmp/m"}, "sources": [{"name": "tcia"}]}
+    raw.update(extra)
+    return raw
+
+
+def test_minimal_config_gets_documented_defaults() -> None:
+    s = settings_from_dict(minimal(), env={})
+    src = s.sources[0]
+    assert (src.url, src.api, src.username) == (DEFAULT_TCIA_URL, "v2", GUEST_USER)
+    assert src.password.get_secret_value() == ""
+    assert s.transfer.workers == 8
+    assert s.daemon.listen_host == "127.0.0.1"
+    assert s.logging.format == "auto"
+    assert s.catalog_url.startswith("sqlite+aiosqlite:///")
+    assert s.catalog_url.endswith("/tmp/m/.nbia-sync/catalog.sqlite")
+
+
+def test_misspelt_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"transfer\.wokers: unknown key"):
+        settings_from_dict(minimal(transfer={"wokers": 4}), env={})
+
+
+def test_misspelt_key_in_a_source_names_its_index() -> None:
+    raw = minimal(sources=[{"name": "a"}, {"name": "b", "colections": ["X"]}])
+    with pytest.raises(ConfigError, match=r"sources\[1\]\.colections: unknown key"):
+        settings_from_dict(raw, env={})
+
+
+def test_wrong_type_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"transfer\.workers: "):
+        settings_from_dict(minimal(transfer={"workers": "many"}), env={})
+
+
+def test_out_of_range_value_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"transfer\.workers"):
+        settings_from_dict(minimal(transfer={"workers": 0}), env={})
+
+
+def test_missing_mirror_root_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"mirror: required key is missing"):
+        settings_from_dict({"sources": [{"name": "tcia"}]}, env={})
+
+
+def test_duplicate_source_names_are_refused() -> None:
+    raw = minimal(sources=[{"name": "x"}, {"name": "x"}])
+    with pytest.raises(ConfigError, match="repeated: x"):
+        settings_from_dict(raw, env={})
+
+
+def test_source_url_gets_a_trailing_slash() -> None:
+    raw = minimal(sources=[{"name": "s", "url": "http://127.0.0.1:1/nbia-api"}])
+    assert settings_from_dict(raw, env={}).sources[0].url == "http://127.0.0.1:1/nbia-api/"
+
+
+def test_env_overrides_source_credentials() -> None:
+    raw = minimal(sources=[{"name": "nlst-v4", "username": "file-user", "password": "file"}])
+    env = {
+        "NBIA_SYNC_SOURCE_NLST_V4_USERNAME": "env-user",
+        "NBIA_SYNC_SOURCE_NLST_V4_PASSWORD": "s3cret",
+    }
+    src = settings_from_dict(raw, env=env).sources[0]
+    assert src.username == "env-user"
+    assert src.password.get_secret_value() == "s3cret"
+
+
+def test_env_overrides_catalog_url() -> None:
+    env = {"NBIA_SYNC_CATALOG_URL": "postgresql+asyncpg://u:p@127.0.0.1/test"}
+    assert settings_from_dict(minimal(), env=env).catalog_url == env["NBIA_SYNC_CATALOG_URL"]
+
+
+def test_password_does_not_show_in_repr() -> None:
+    raw = minimal(sources=[{"name": "s", "password": "hunter2"}])
+    assert "hunter2" not in repr(settings_from_dict(raw, env={}))
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(tmp_path / "absent.toml", env={})
+
+
+def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[mirror\nroot = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(path, env={})
+
+
+def test_example_config_validates() -> None:
+    settings = load_settings(EXAMPLE, env={})
+    assert settings.sources[0].api == "v2"
+    assert settings.sources[0].username == GUEST_USER
+    assert settings.sources[0].url == DEFAULT_TCIA_URL
+
+
+def test_example_config_mentions_every_setting() -> None:
+    """Each key of each section appears (set or commented out) in its section of the example."""
+    text = EXAMPLE.read_text()
+    sections = re.split(r"^\[+([a-z]+)\]+\s*$", text, flags=re.MULTILINE)
+    # re.split gives [preamble, name1, body1, name2, body2, ...]; sources repeat.
+    bodies: dict[str, str] = {}
+    for name, body in zip(sections[1::2], sections[2::2], strict=True):
+        bodies[name] = bodies.get(name, "") + body
+    missing = []
+    for section, info in Settings.model_fields.items():
+        annotation = info.annotation
+        model = getattr(annotation, "__args__", (annotation,))[0]
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for key in model.model_fields:
+            if not re.search(rf"^#?\s*{key}\s*=", bodies.get(section, ""), flags=re.MULTILINE):
+                missing.append(f"{section}.{key}")
+    assert missing == []
+
+
+def test_example_config_defaults_match_the_code() -> None:
+    """Values written (uncommented) in the example are the code's defaults."""
+    raw = tomllib.loads(EXAMPLE.read_text())
+    defaults = settings_from_dict({"mirror": {"root": "./mirror"}, "sources": [{"name": "tcia"}]})
+    example = settings_from_dict(raw, env={})
+    assert example.model_dump(exclude={"sources"}) == defaults.model_dump(exclude={"sources"})
+    assert example.sources[0].model_dump() == defaults.sources[0].model_dump()
+
+
+def test_dockerfile_rewrites_lines_that_exist_in_the_example() -> None:
+    """The image derives its config from the example with sed: the lines must be there."""
+    dockerfile = (EXAMPLE.parent / "Dockerfile").read_text()
+    text = EXAMPLE.read_text()
+    rewritten = text
+    for old, new in re.findall(r"-e 's\|\^([^|]+)\|([^|]+)\|'", dockerfile):
+        assert re.search(f"^{re.escape(old)}", text, flags=re.MULTILINE), old
+        rewritten = re.sub(f"^{re.escape(old)}", new, rewritten, flags=re.MULTILINE)
+    settings = settings_from_dict(tomllib.loads(rewritten), env={})
+    assert str(settings.mirror.root) == "/data"
+    assert settings.daemon.listen_host == "0.0.0.0"
