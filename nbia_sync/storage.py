@@ -19,7 +19,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 import anyio
@@ -103,6 +103,22 @@ def _makedirs_synced(path: Path) -> None:
         _fsync_path(d.parent, directory=True)
 
 
+def _makedirs_unsynced(path: Path, created: set[Path]) -> None:
+    """mkdir -p; adds to ``created`` each directory made here (its parent then needs an
+    fsync before the new name can be relied on: see Mirror.place_many)."""
+    missing: list[Path] = []
+    probe = path
+    while not probe.is_dir():
+        missing.append(probe)
+        probe = probe.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:  # another worker made it first
+            continue
+        created.add(d)
+
+
 def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -153,6 +169,53 @@ class Mirror:
         ``fsync_files=False`` only after :meth:`sync_staged` on the same directory.
         """
         await anyio.to_thread.run_sync(self._place_series_sync, staged_dir, final_dir, fsync_files)
+
+    async def place_many(
+        self, moves: Sequence[tuple[Path, Path]]
+    ) -> list[Exception | None]:
+        """Move several fully staged series (each :meth:`sync_staged` already) into the
+        mirror in one worker-thread call; per move, None or the error that stopped it.
+
+        Crash consistency is the same as one :meth:`place_series` per move, with each
+        directory fsynced once instead of once per series. Every move is still a rename
+        of a whole directory (a series is absent, old or new, never mixed); the files'
+        data was fsynced before (sync_staged), so no name can point at unwritten blocks;
+        and every directory that got a new entry here (the parents of new directories and
+        of the placed series, the trash when an old copy was moved aside) is fsynced
+        before this returns, i.e. before the caller commits "done" for any of the moves.
+        A crash before those fsyncs may lose renames, but none is recorded as done yet:
+        the catalog still has the series leased and it is fetched again. Old copies are
+        deleted only after the fsyncs, as in place_series.
+        """
+        return await anyio.to_thread.run_sync(self._place_many_sync, list(moves))
+
+    def _place_many_sync(self, moves: list[tuple[Path, Path]]) -> list[Exception | None]:
+        errors: list[Exception | None] = []
+        created: set[Path] = set()
+        dirty: set[Path] = set()
+        olds: list[Path] = []
+        for staged_dir, final_dir in moves:
+            try:
+                _makedirs_unsynced(final_dir.parent, created)
+                dirty.add(final_dir.parent)
+                if final_dir.exists():
+                    # See _place_series_sync: the old copy leaves the tree whole.
+                    self.trash_root.mkdir(parents=True, exist_ok=True)
+                    old = self.trash_root / f"{final_dir.name}.{uuid.uuid4().hex}"
+                    os.rename(final_dir, old)
+                    olds.append(old)
+                    dirty.add(self.trash_root)
+                os.rename(staged_dir, final_dir)
+                errors.append(None)
+            except OSError as exc:
+                errors.append(exc)
+        dirty.update(d.parent for d in created)
+        # Any order will do: all of them are durable before the caller's commit.
+        for d in sorted(dirty):
+            _fsync_path(d, directory=True)
+        for old in olds:
+            _rmtree(old)
+        return errors
 
     async def remove_series(self, series_dir: Path) -> None:
         """Take a placed series out of the tree (one rename), then delete it."""

@@ -199,3 +199,69 @@ async def test_next_ready_at_reports_foreign_lease_expiry(catalog: Catalog) -> N
     await _claim_one(catalog, "other", lease=120)
     ready = await catalog.next_ready_at()
     assert ready is not None and ready > now + timedelta(seconds=100)
+
+
+async def test_placing_many_rejects_one_lost_lease_without_affecting_the_others(
+        catalog: Catalog) -> None:
+    sid = await _queue(catalog, 3)
+    claims = await catalog.claim("w", limit=2, lease_seconds=60)
+    slow = await _claim_one(catalog, "slow", lease=0.05)
+    await asyncio.sleep(0.1)
+    taken = await _claim_one(catalog, "other")  # the expired lease changes hands
+    assert taken.series_id == slow.series_id
+    kept, changed = claims
+    # The archive replaced one series while we fetched it: it must be re-queued.
+    await catalog.upsert_series(sid, [make_series(changed.series_uid, image_count=1)])
+    async with catalog.placing_many([kept, changed], "w") as batch:
+        assert [c.series_id for c in batch.held] == [kept.series_id]
+        batch.done(kept, [InstanceRecord("1.2", "a" * 32, 3, "p/1.2.dcm")], "p", 3)
+    async with catalog.placing_many([slow], "slow") as lost_batch:
+        assert lost_batch.held == []
+    assert set(batch.lost) == {changed.series_id}
+    assert "changed" in str(batch.lost[changed.series_id])
+    assert set(lost_batch.lost) == {slow.series_id}
+    counts = await catalog.state_counts()
+    assert counts[SeriesState.DONE][0] == 1
+    assert counts[SeriesState.WANTED][0] == 1  # the changed one, queued again
+    assert counts[SeriesState.DOWNLOADING][0] == 1  # "other" keeps the one it took
+    assert [(uid, [i.sop_uid for i in inst]) async for uid, inst in
+            catalog.iter_done_instances()] == [(kept.series_uid, ["1.2"])]
+
+
+async def test_placing_many_claims_the_next_series_in_the_same_commit(catalog: Catalog) -> None:
+    await _queue(catalog, 5)
+    first = await catalog.claim("w", limit=2, lease_seconds=60)
+    async with catalog.placing_many(first, "w", claim_next=2, lease_seconds=60) as batch:
+        for c in batch.held:
+            batch.done(c, [], f"p/{c.series_uid}", 0)
+        assert batch.claimed == []  # known only once committed
+    assert len(batch.claimed) == 2
+    assert not {c.series_id for c in batch.claimed} & {c.series_id for c in first}
+    counts = await catalog.state_counts()
+    assert (counts[SeriesState.DONE][0], counts[SeriesState.DOWNLOADING][0]) == (2, 2)
+    # Another claimer never gets what the placement claimed.
+    rest = await catalog.claim("other", limit=5, lease_seconds=60)
+    assert len(rest) == 1
+    assert rest[0].series_id not in {c.series_id for c in batch.claimed}
+
+
+async def test_placing_many_that_raises_records_and_claims_nothing(catalog: Catalog) -> None:
+    await _queue(catalog, 3)
+    first = await catalog.claim("w", limit=1, lease_seconds=60)
+    with pytest.raises(RuntimeError):
+        async with catalog.placing_many(first, "w", claim_next=2, lease_seconds=60) as batch:
+            batch.done(first[0], [], "p", 0)
+            raise RuntimeError("rename failed")
+    assert batch.claimed == []
+    counts = await catalog.state_counts()
+    assert (counts.get(SeriesState.DONE, (0, 0))[0], counts[SeriesState.DOWNLOADING][0],
+            counts[SeriesState.WANTED][0]) == (0, 1, 2)
+
+
+async def test_placing_many_refuses_done_for_a_series_it_does_not_hold(catalog: Catalog) -> None:
+    await _queue(catalog, 2)
+    mine, theirs = await catalog.claim("w", limit=2, lease_seconds=60)
+    with pytest.raises(Exception, match="not held"):
+        async with catalog.placing_many([mine], "w") as batch:
+            batch.done(theirs, [], "p", 0)
+    assert (await catalog.state_counts()).get(SeriesState.DONE, (0, 0))[0] == 0

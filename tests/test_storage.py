@@ -198,3 +198,39 @@ async def test_reservations_of_running_downloads_count(tmp_path: Path) -> None:
         with pytest.raises(DiskSpaceError):
             await m.ensure_space(free // 2, 0)
     await m.ensure_space(free // 2, 0)
+
+
+async def test_place_many_places_each_series_and_reports_failures_one_by_one(
+        tmp_path: Path) -> None:
+    m = Mirror(tmp_path)
+    old = m.series_dir("C", "P1", "1.1", "1.2")
+    await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"old"}), old)
+    moves = [
+        (stage(m.staging_dir("me", "1.2"), {"1.dcm": b"new"}), old),  # replaces
+        (m.staging_dir("me", "missing"), m.series_dir("C", "P2", "2.1", "2.2")),  # fails
+        (stage(m.staging_dir("me", "3.2"), {"3.dcm": b"three"}),
+         m.series_dir("C", "P3", "3.1", "3.2")),
+    ]
+    errors = await m.place_many(moves)
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], FileNotFoundError)
+    assert tree(tmp_path) == {"C/P1/1.1/1.2/1.dcm": b"new", "C/P3/3.1/3.2/3.dcm": b"three"}
+    assert not any(m.trash_root.iterdir())
+
+
+async def test_place_many_fsyncs_each_touched_directory_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nbia_sync.storage as storage
+
+    m = Mirror(tmp_path)
+    synced: list[Path] = []
+    monkeypatch.setattr(storage, "_fsync_path",
+                        lambda path, *, directory=False: synced.append(path))
+    moves = [(stage(m.staging_dir("me", f"{i}.2"), {"1.dcm": b"x"}),
+              m.series_dir("C", f"P{i}", f"{i}.1", f"{i}.2")) for i in range(3)]
+    assert await m.place_many(moves) == [None, None, None]
+    # The new names: C and C/P<i> in their parents, each series in its study directory.
+    expected = {tmp_path, tmp_path / "C"}
+    for i in range(3):
+        expected |= {tmp_path / "C" / f"P{i}", tmp_path / "C" / f"P{i}" / f"{i}.1"}
+    assert sorted(synced) == sorted(expected)

@@ -285,3 +285,47 @@ async def test_every_fault_at_once_converges_on_the_truth_and_never_shows_a_wron
     assert mirror_state(root, archive) == truth
     assert staging_files(root) == []
     assert evil_files(tmp_path) == []
+
+
+async def test_a_stop_releases_claims_no_worker_started(
+        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    from nbia_sync.transfer.pool import _Drain
+
+    settings = make_settings(tmp_path / "mirror", sim)
+    await queue_all(catalog, settings, sim_archive)
+    stop = anyio.Event()
+    stop.set()
+    async with clients_for(settings) as clients:
+        d = _Drain(settings, catalog, clients, Mirror(settings.mirror.root), OWNER, Recorder())
+        # As the claimer leaves them: prefetched for workers that never get to run.
+        d._prefetched.extend(await catalog.claim(OWNER, limit=5, lease_seconds=60))
+        report = await d.run(stop)
+    assert report.interrupted
+    assert not d._prefetched
+    assert await downloading(catalog) == 0
+    counts = await catalog.state_counts()
+    assert counts.get(SeriesState.WANTED, (0, 0))[0] + report.done == 8
+
+
+async def test_many_small_series_are_placed_in_group_commits(
+        catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbia_sync.transfer import pool
+
+    archive = SimArchive.generate(collections=("SIM-CT",), patients=24, studies=1, series=1,
+                                  images=1, image_size=2000, seed=5)
+    batches: list[int] = []
+    real = pool._Drain._place_batch
+
+    async def spy(self: Any, batch: list[Any]) -> None:
+        batches.append(len(batch))
+        await real(self, batch)
+
+    monkeypatch.setattr(pool._Drain, "_place_batch", spy)
+    async with running_sim(archive, SimFaults()) as sim:
+        settings = make_settings(tmp_path / "mirror", sim, workers=8)
+        await queue_all(catalog, settings, archive)
+        report = await run_drain(settings, catalog)
+    assert (report.done, report.failed, report.lease_lost) == (24, 0, 0)
+    assert sum(batches) == 24
+    assert await downloading(catalog) == 0
+    assert len(mirror_state(tmp_path / "mirror", archive)) == 24

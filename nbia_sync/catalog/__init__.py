@@ -1,7 +1,7 @@
 """The catalog: the single source of truth for what the mirror holds and must fetch."""
 
 from nbia_sync.catalog.models import SeriesState
-from nbia_sync.catalog.queue import LeaseLostError, PlacementGuard
+from nbia_sync.catalog.queue import BatchPlacement, LeaseLostError, PlacementGuard
 from nbia_sync.catalog.records import (
     Claim,
     FailureInfo,
@@ -14,6 +14,7 @@ from nbia_sync.catalog.records import (
 from nbia_sync.catalog.repository import Catalog
 
 __all__ = [
+    "BatchPlacement",
     "Catalog",
     "Claim",
     "FailureInfo",

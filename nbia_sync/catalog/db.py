@@ -124,6 +124,9 @@ class Database:
         self.url = engine.url
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        # Source id -> name, as read by claims: a source row is never renamed or deleted
+        # (sources are found by name; see Catalog.ensure_source), so this never goes stale.
+        self.source_names: dict[int, str] = {}
 
     @classmethod
     async def connect(cls, url: str) -> Database:

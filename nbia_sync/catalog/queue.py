@@ -13,7 +13,19 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, and_, case, delete, func, insert, select, update
+from sqlalchemy import (
+    Select,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.catalog.db import Database
@@ -54,6 +66,33 @@ class PlacementGuard:
         self.bytes = bytes
 
 
+class BatchPlacement:
+    """Handed to the caller of `placing_many`.
+
+    ``held``: the claims still ours at the same generation, their rows locked; the caller
+    places their files, then calls ``done()`` for each one placed. ``lost``: the others,
+    by series id, each with the LeaseLostError its worker should see (a changed series
+    is re-queued in the same transaction). A held claim without ``done()`` is left as it
+    was (still leased to the caller, e.g. to record a failure after its rename failed).
+    """
+
+    def __init__(self, held: list[Claim], lost: dict[int, LeaseLostError]) -> None:
+        self.held = held
+        self.lost = lost
+        self.placed: dict[int, tuple[Claim, PlacementGuard]] = {}
+        # New claims taken in the same transaction (``claim_next``), once it committed.
+        self.claimed: list[Claim] = []
+
+    def done(
+        self, claim: Claim, instances: Sequence[InstanceRecord], placed_path: str, bytes: int
+    ) -> None:
+        if all(c.series_id != claim.series_id for c in self.held):
+            raise CatalogError(f"series {claim.series_uid} is not held by this placement")
+        guard = PlacementGuard()
+        guard.done(instances, placed_path, bytes)
+        self.placed[claim.series_id] = (claim, guard)
+
+
 def _ready_queries(now: datetime) -> list[Select[Any]]:
     """Claimable series, one index-friendly query per kind (an OR defeats the index).
 
@@ -72,9 +111,16 @@ def _ready_queries(now: datetime) -> list[Select[Any]]:
     ]
 
 
-async def _source_names(conn: AsyncConnection, ids: Collection[int]) -> dict[int, str]:
-    rows = await conn.execute(select(SOURCES.c.id, SOURCES.c.name).where(SOURCES.c.id.in_(ids)))
-    return {int(i): str(n) for i, n in rows}
+async def _source_names(
+    conn: AsyncConnection, ids: Collection[int], cache: dict[int, str]
+) -> dict[int, str]:
+    """Names of sources, read once per process (a statement less per claim)."""
+    missing = [i for i in ids if i not in cache]
+    if missing:
+        rows = await conn.execute(
+            select(SOURCES.c.id, SOURCES.c.name).where(SOURCES.c.id.in_(missing)))
+        cache.update({int(i): str(n) for i, n in rows})
+    return cache
 
 
 async def claim(
@@ -89,13 +135,53 @@ async def claim(
         return []
 
     async def op(conn: AsyncConnection) -> list[Claim]:
-        now = utcnow()
+        return await _claim_in(conn, db, owner, limit, lease_seconds, source_ids)
+
+    return await db.run_write(op)
+
+
+async def _claim_in(
+    conn: AsyncConnection,
+    db: Database,
+    owner: str,
+    limit: int,
+    lease_seconds: float,
+    source_ids: Collection[int] | None,
+) -> list[Claim]:
+    """The claim, inside the caller's write transaction."""
+    now = utcnow()
+    queries = _ready_queries(now)
+    if source_ids is not None:
+        queries = [q.where(SERIES.c.source_id.in_(list(source_ids))) for q in queries]
+    leased = dict(
+        # Reclaiming an expired lease counts as an attempt: a series that kills its
+        # worker must not be retried forever.
+        attempts=SERIES.c.attempts
+        + case((SERIES.c.state == SeriesState.DOWNLOADING, 1), else_=0),
+        state=SeriesState.DOWNLOADING,
+        lease_owner=owner,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+        updated_at=now,
+    )
+    if conn.dialect.name == "sqlite":
+        # One statement instead of four (each is a round trip through the driver's
+        # thread): each kind of ready work stays its own index-friendly subquery, UNION
+        # ALL keeps their priority under the LIMIT, and BEGIN IMMEDIATE already
+        # serialises claimers (SQLite has no row locks to take).
+        parts = [select(q.limit(limit).subquery().c.id) for q in queries]
+        ready = union_all(*parts).limit(limit)
+        rows = (
+            await conn.execute(
+                update(SERIES).where(SERIES.c.id.in_(ready.scalar_subquery()))
+                .values(**leased).returning(*_CLAIM_COLUMNS)
+            )
+        ).all()
+        order = {int(r.id): i for i, r in enumerate(sorted(rows, key=lambda r: r.id))}
+    else:
         ids: list[int] = []
-        for query in _ready_queries(now):
-            if source_ids is not None:
-                query = query.where(SERIES.c.source_id.in_(list(source_ids)))
+        for query in queries:
             # SKIP LOCKED: concurrent claimers on PostgreSQL pass over each other's rows
-            # instead of queueing; SQLite ignores it (BEGIN IMMEDIATE serialises us).
+            # instead of queueing.
             query = query.limit(limit - len(ids)).with_for_update(skip_locked=True)
             ids.extend((await conn.execute(query)).scalars())
             if len(ids) >= limit:
@@ -104,25 +190,15 @@ async def claim(
             return []
         rows = (
             await conn.execute(
-                update(SERIES)
-                .where(SERIES.c.id.in_(ids))
-                .values(
-                    # Reclaiming an expired lease counts as an attempt: a series that
-                    # kills its worker must not be retried forever.
-                    attempts=SERIES.c.attempts
-                    + case((SERIES.c.state == SeriesState.DOWNLOADING, 1), else_=0),
-                    state=SeriesState.DOWNLOADING,
-                    lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    updated_at=now,
-                )
-                .returning(*_CLAIM_COLUMNS)
+                update(SERIES).where(SERIES.c.id.in_(ids))
+                .values(**leased).returning(*_CLAIM_COLUMNS)
             )
         ).all()
-        names = await _source_names(conn, {r.source_id for r in rows})
-        return sorted((_to_claim(r, names) for r in rows), key=lambda c: ids.index(c.series_id))
-
-    return await db.run_write(op)
+        order = {series_id: i for i, series_id in enumerate(ids)}
+    if not rows:
+        return []
+    names = await _source_names(conn, {r.source_id for r in rows}, db.source_names)
+    return sorted((_to_claim(r, names) for r in rows), key=lambda c: order[c.series_id])
 
 
 def _to_claim(row: Any, names: dict[int, str]) -> Claim:
@@ -208,6 +284,105 @@ async def placing(db: Database, claim: Claim, owner: str) -> AsyncIterator[Place
             await _complete(conn, claim, guard)
     if changed:
         raise LeaseLostError(f"series {claim.series_uid}: changed on the archive; re-queued")
+
+
+@contextlib.asynccontextmanager
+async def placing_many(
+    db: Database,
+    claims: Sequence[Claim],
+    owner: str,
+    *,
+    claim_next: int = 0,
+    lease_seconds: float = 0.0,
+    source_ids: Collection[int] | None = None,
+) -> AsyncIterator[BatchPlacement]:
+    """`placing` for several series in one transaction (a group commit).
+
+    One locking read checks every lease and generation; the caller renames the held
+    series into the mirror inside the block, and every ``done()`` is recorded with a few
+    multi-row statements before the one commit. A lost lease or a changed series affects
+    only that series (reported in ``lost``), never the others. If the block raises, the
+    whole transaction rolls back (re-queues included), as with `placing`.
+
+    ``claim_next``: also `claim` up to that many series (``lease_seconds``,
+    ``source_ids`` as there) in the same transaction, for the workers this placement
+    frees; they are in ``claimed`` after the block. Saves a transaction per batch.
+    """
+    async with db.write() as conn:
+        ids = sorted({c.series_id for c in claims})
+        generations: dict[int, int] = {}
+        if ids:
+            rows = await conn.execute(
+                select(SERIES.c.id, SERIES.c.generation)
+                .where(
+                    SERIES.c.id.in_(ids),
+                    SERIES.c.state == SeriesState.DOWNLOADING,
+                    SERIES.c.lease_owner == owner,
+                )
+                .order_by(SERIES.c.id)  # one lock order for every placer (PostgreSQL)
+                .with_for_update()
+            )
+            generations = {int(r.id): int(r.generation) for r in rows}
+        held: list[Claim] = []
+        lost: dict[int, LeaseLostError] = {}
+        changed: list[int] = []
+        for c in claims:
+            gen = generations.get(c.series_id)
+            if gen is None:
+                lost[c.series_id] = LeaseLostError(
+                    f"series {c.series_uid}: lease no longer held by this worker")
+            elif gen != c.generation:
+                changed.append(c.series_id)
+                lost[c.series_id] = LeaseLostError(
+                    f"series {c.series_uid}: changed on the archive; re-queued")
+            else:
+                held.append(c)
+        if changed:
+            await conn.execute(
+                update(SERIES)
+                .where(SERIES.c.id.in_(changed))
+                .values(state=SeriesState.WANTED, next_try_at=None, updated_at=utcnow(),
+                        **_UNLEASED)
+            )
+        batch = BatchPlacement(held, lost)
+        yield batch
+        if batch.placed:
+            await _complete_many(conn, list(batch.placed.values()))
+        claimed = (
+            await _claim_in(conn, db, owner, claim_next, lease_seconds, source_ids)
+            if claim_next > 0 else []
+        )
+    batch.claimed = claimed  # only now: a rolled-back claim must never be handed out
+
+
+async def _complete_many(
+    conn: AsyncConnection, placed: Sequence[tuple[Claim, PlacementGuard]]
+) -> None:
+    """Mark series done and replace their instances: three statements for any number."""
+    now = utcnow()
+    await conn.execute(
+        update(SERIES)
+        .where(SERIES.c.id == bindparam("b_id"))
+        .values(
+            state=SeriesState.DONE, downloads=SERIES.c.downloads + 1, last_error=None,
+            next_try_at=None, bytes=bindparam("b_bytes"), placed_path=bindparam("b_path"),
+            placed_at=now, updated_at=now, **_UNLEASED,
+        ),
+        [{"b_id": c.series_id, "b_bytes": g.bytes, "b_path": g.placed_path} for c, g in placed],
+    )
+    # Instances exist only for a series placed before (completion writes them together
+    # with placed_path, and only the lease holder completes): a first placement has none.
+    replaced = [c.series_id for c, _ in placed if c.placed_path is not None]
+    if replaced:
+        await conn.execute(delete(INSTANCES).where(INSTANCES.c.series_id.in_(replaced)))
+    rows = [
+        {"series_id": c.series_id, "sop_uid": i.sop_uid, "md5": i.md5, "size": i.size,
+         "path": i.path}
+        for c, g in placed
+        for i in g.instances or ()
+    ]
+    if rows:
+        await conn.execute(insert(INSTANCES), rows)
 
 
 async def _complete(conn: AsyncConnection, claim: Claim, guard: PlacementGuard) -> None:

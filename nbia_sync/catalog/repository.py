@@ -198,10 +198,20 @@ class Catalog:
         return queue.placing(self._db, claim, owner)
 
     def placing_many(
-        self, claims: Sequence[Claim], owner: str
+        self,
+        claims: Sequence[Claim],
+        owner: str,
+        *,
+        claim_next: int = 0,
+        lease_seconds: float = 0.0,
+        source_ids: Collection[int] | None = None,
     ) -> AbstractAsyncContextManager[BatchPlacement]:
-        """`placing` for several series in one transaction (see queue.placing_many)."""
-        return queue.placing_many(self._db, claims, owner)
+        """`placing` for several series in one transaction, optionally claiming the
+        next ones in it too (see queue.placing_many)."""
+        return queue.placing_many(
+            self._db, claims, owner, claim_next=claim_next, lease_seconds=lease_seconds,
+            source_ids=source_ids,
+        )
 
     async def fail(
         self,

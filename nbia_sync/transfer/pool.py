@@ -1,7 +1,7 @@
 """The worker pool: drain the catalog's queue into the mirror.
 
 N workers each loop: claim one series, reserve its disk space, fetch it into staging,
-then place it and mark it done in one catalog transaction (``catalog.placing``). The
+then place it and mark it done in one catalog transaction (``catalog.placing_many``). The
 catalog decides retries (attempts and next-try times live there, so a restart resumes the
 schedule); the pool only classifies failures by their exception class:
 
@@ -12,11 +12,26 @@ schedule); the pool only classifies failures by their exception class:
 
 The drain ends when nothing is claimable and nothing will be (``next_ready_at`` is None),
 so backoffs are waited out. A heartbeat keeps the leases of in-flight series alive.
+
+Catalog writes are batched, because for small series they, not the network, set the
+pace (bench/README.md): one SQLite writer serialises every transaction.
+
+* Claims: a worker that needs work and finds none prefetched takes the claim lock and
+  claims, in one transaction, a series for every worker then idle; the others pick
+  theirs from ``_prefetched`` (workers that queued on the lock meanwhile find theirs
+  there). Prefetched claims are heartbeated like running ones, dropped if their lease is
+  lost, and released when the drain stops or ends.
+* Completions (group commit): a worker with a verified, fsynced series queues it and
+  takes the place lock; whoever holds it places every queued series in one
+  ``placing_many`` transaction (ownership and generation re-checked per series under the
+  row locks, renames inside it, each directory fsynced once), then wakes their workers.
+  A lost lease or a failed rename affects only that series.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +59,9 @@ log = structlog.get_logger(__name__)
 # wall time); one short indexed read per idle worker per second is cheap.
 MAX_IDLE_POLL = 1.0
 MIN_IDLE_POLL = 0.05
+# Most series placed in one catalog transaction (bounds the time the write lock is held:
+# a few renames and directory fsyncs per series).
+MAX_PLACE_BATCH = 32
 
 
 @dataclass
@@ -56,6 +74,18 @@ class DrainReport:
     files: int = 0
     duration: float = 0.0
     interrupted: bool = False
+
+
+@dataclass(eq=False)
+class _Placement:
+    """A verified series waiting for the group commit; ``error`` once ``settled``."""
+
+    claim: Claim
+    fetched: FetchedSeries
+    final: Path
+    instances: list[InstanceRecord]
+    settled: bool = False
+    error: BaseException | None = None
 
 
 @dataclass(eq=False)
@@ -94,6 +124,14 @@ class _Drain:
         }
         self.source_ids: dict[str, int] = {}
         self.jobs: dict[int, _Job] = {}
+        # Claimed for workers that have not picked them up yet (see the module doc).
+        self._prefetched: deque[Claim] = deque()
+        self._claim_lock = anyio.Lock()
+        self._to_place: list[_Placement] = []
+        self._place_lock = anyio.Lock()
+        # The last claim found fewer series than asked for: placements stop claiming
+        # for their workers (a wasted query each) until a claim comes back full again.
+        self._queue_dry = False
         self.report = DrainReport()
         self.fatal: BaseException | None = None
         self._changed = anyio.Event()  # something finished: idle workers look again
@@ -116,6 +154,7 @@ class _Drain:
                 for _ in range(self.transfer.workers):
                     workers.start_soon(self._worker)
             tg.cancel_scope.cancel()  # the workers are done: end heartbeat and watcher
+        await self._release_prefetched()
         if self.report.interrupted or self.fatal is not None:
             with anyio.CancelScope(shield=True):
                 # Claims taken by a cancelled claim() call we never saw come back.
@@ -159,29 +198,64 @@ class _Drain:
                 continue
             await self._run_job(claim)
 
+    def _take_prefetched(self) -> Claim | None:
+        """A prefetched claim, preferring one whose source has a free connection slot."""
+        for claim in self._prefetched:
+            if self.slots[claim.source_name].value > 0:
+                self._prefetched.remove(claim)
+                return claim
+        return self._prefetched.popleft() if self._prefetched else None
+
     async def _claim(self) -> Claim | None:
-        free = [self.source_ids[name] for name, sem in self.slots.items() if sem.value > 0]
-        if not free:
-            return None
-        try:
-            # Every catalog call of the pool is shielded from cancellation: they are short,
-            # and a transaction cut half way can leave the driver's connection unusable
-            # (seen with aiosqlite), or a committed claim that we never saw.
-            with anyio.CancelScope(shield=True):
-                claims = await self.catalog.claim(
-                    self.owner, limit=1, lease_seconds=self.transfer.lease_seconds,
-                    source_ids=free,
-                )
-        except CatalogError as exc:
-            self._abort(exc)
-            return None
-        return claims[0] if claims else None
+        claim = self._take_prefetched()
+        if claim is not None:
+            return claim
+        async with self._claim_lock:
+            # Workers that queued here while another claimed find their series ready.
+            claim = self._take_prefetched()
+            if claim is not None or self._finished:
+                return claim
+            free = [self.source_ids[name] for name, sem in self.slots.items() if sem.value > 0]
+            if not free:
+                return None
+            # One series for every worker not running a job (this one included): they
+            # would each claim one right after us otherwise.
+            idle = max(1, self.transfer.workers - len(self.jobs))
+            try:
+                # Every catalog call of the pool is shielded from cancellation: they are
+                # short, and a transaction cut half way can leave the driver's connection
+                # unusable (seen with aiosqlite), or a committed claim that we never saw.
+                with anyio.CancelScope(shield=True):
+                    claims = await self.catalog.claim(
+                        self.owner, limit=idle, lease_seconds=self.transfer.lease_seconds,
+                        source_ids=free,
+                    )
+            except CatalogError as exc:
+                self._abort(exc)
+                return None
+            self._queue_dry = len(claims) < idle
+            self._prefetched.extend(claims)
+            if len(claims) > 1:
+                self._notify()  # idle workers waiting in _wait_for_work: work is here
+            return self._take_prefetched()
+
+    async def _release_prefetched(self) -> None:
+        """Give back claims no worker started (a stop, an abort, or a worker gone)."""
+        with anyio.CancelScope(shield=True):
+            while self._prefetched:
+                claim = self._prefetched.popleft()
+                try:
+                    await self.catalog.release(claim, self.owner)
+                except CatalogError as exc:
+                    log.warning("release_failed", series_uid=claim.series_uid, error=str(exc))
 
     async def _wait_for_work(self) -> bool:
         """Wait until more work may be claimable; False when the drain is over."""
         if self._finished:
             return False
         changed = self._changed
+        if self._prefetched:
+            return True
         if not self.jobs:
             try:
                 with anyio.CancelScope(shield=True):  # see _claim
@@ -220,12 +294,14 @@ class _Drain:
             async with self.mirror.reserve(claim.file_size, self.settings.mirror.min_free_bytes):
                 fetched: FetchedSeries | None = None
                 with job.scope:
+                    # sync=True: the files are fsynced (as Mirror.sync_staged) before
+                    # fetch_series returns, outside any catalog transaction.
                     fetched = await fetch_series(
                         self.clients[claim.source_name], claim, staging,
                         chunk_size=self.transfer.chunk_size, progress=self.progress,
                         limiter=self.limiter, check_dicom=self.settings.mirror.check_dicom,
+                        sync=True,
                     )
-                    await self.mirror.sync_staged(staging)
                 if fetched is None or job.lost:
                     raise LeaseLostError(f"series {claim.series_uid}: lease lost mid-download")
                 with anyio.CancelScope(shield=True):
@@ -273,12 +349,75 @@ class _Drain:
             InstanceRecord(f.sop_uid, f.md5, f.size, mirror.relative(final / f.path.name))
             for f in fetched.files
         ]
-        async with self.catalog.placing(claim, self.owner) as guard:
-            await mirror.place_series(fetched.staging_dir, final, fsync_files=False)
-            guard.done(instances, mirror.relative(final), fetched.size)
+        item = _Placement(claim, fetched, final, instances)
+        self._to_place.append(item)
+        # Group commit: whoever holds the lock places everything queued so far, ours
+        # included unless an earlier holder already did.
+        async with self._place_lock:
+            if not item.settled:
+                batch = self._to_place[:MAX_PLACE_BATCH]
+                del self._to_place[:MAX_PLACE_BATCH]
+                await self._place_batch(batch)
+        assert item.settled
+        if item.error is not None:
+            raise item.error
         if claim.placed_path and (mirror.root / claim.placed_path) != final:
             # The archive moved the series (new patient or study): drop the old copy.
             await mirror.remove_series(mirror.root / claim.placed_path)
+
+    async def _place_batch(self, batch: list[_Placement]) -> None:
+        """One transaction for ``batch``: each series re-checked under its row lock, the
+        held ones renamed into the mirror (place_many fsyncs each touched directory once,
+        before the commit), then all marked done in one commit."""
+        mirror = self.mirror
+        settled = False
+        # The workers of this batch are about to want work: claim theirs in the same
+        # transaction (one commit instead of two), unless the queue ran dry or we stop.
+        claim_next = 0
+        if not (self._queue_dry or self._finished or self.report.interrupted):
+            running = len(self.jobs) - len(batch)
+            claim_next = max(0, min(
+                len(batch), self.transfer.workers - running - len(self._prefetched)))
+        batch_sources = {p.claim.source_name for p in batch}
+        sources = [
+            self.source_ids[name] for name, sem in self.slots.items()
+            if sem.value > 0 or name in batch_sources
+        ]
+        try:
+            async with self.catalog.placing_many(
+                [p.claim for p in batch], self.owner, claim_next=claim_next,
+                lease_seconds=self.transfer.lease_seconds, source_ids=sources,
+            ) as held:
+                ours = {c.series_id for c in held.held}
+                todo = [p for p in batch if p.claim.series_id in ours]
+                errors = await mirror.place_many(
+                    [(p.fetched.staging_dir, p.final) for p in todo])
+                for p, err in zip(todo, errors, strict=True):
+                    if err is None:
+                        held.done(p.claim, p.instances, mirror.relative(p.final), p.fetched.size)
+                    else:
+                        p.error = err  # still leased to us: its worker records the failure
+            for p in batch:
+                lost = held.lost.get(p.claim.series_id)
+                if lost is not None:
+                    p.error = lost
+            settled = True
+            if claim_next:
+                self._queue_dry = len(held.claimed) < claim_next
+                self._prefetched.extend(held.claimed)
+                if held.claimed:
+                    self._notify()
+        except Exception as exc:
+            # Nothing of this transaction was committed: every series of it failed alike,
+            # as one `placing` each would have.
+            for p in batch:
+                p.error = exc
+            settled = True
+        finally:
+            for p in batch:
+                if not settled:  # only a BaseException gets here: report it as a failure
+                    p.error = CatalogError("placement interrupted; nothing recorded")
+                p.settled = True
 
     async def _failed(self, claim: Claim, exc: Exception) -> None:
         retryable = not isinstance(exc, PermanentError)
@@ -321,7 +460,7 @@ class _Drain:
     async def _heartbeat_loop(self) -> None:
         while True:
             await anyio.sleep(self.transfer.heartbeat_interval)
-            ids = list(self.jobs)
+            ids = list(self.jobs) + [c.series_id for c in self._prefetched]
             if not ids:
                 continue
             try:
@@ -331,7 +470,10 @@ class _Drain:
             except CatalogError as exc:
                 log.warning("heartbeat_failed", error=str(exc))
                 continue
-            for series_id in set(ids) - held:
+            lost = set(ids) - held
+            if lost:
+                self._prefetched = deque(c for c in self._prefetched if c.series_id not in lost)
+            for series_id in lost:
                 job = self.jobs.get(series_id)
                 if job is not None:
                     job.lost = True
