@@ -37,8 +37,9 @@ class MirrorSettings(_Section):
 
 
 class CatalogSettings(_Section):
-    # None: SQLite at <root>/.nbia-sync/catalog.sqlite
-    url: str | None = None
+    # None: SQLite at <root>/.nbia-sync/catalog.sqlite. A SecretStr: a PostgreSQL URL may
+    # embed the database password, which no repr of the settings may show.
+    url: SecretStr | None = None
 
 
 class TransferSettings(_Section):
@@ -101,6 +102,13 @@ class SourceSettings(_Section):
     def _url_is_http(cls, value: str) -> str:
         if not re.match(r"^https?://[^/]+", value):
             raise ValueError("must be an http:// or https:// URL")
+        if "@" in re.sub(r"^https?://", "", value).split("/", 1)[0]:
+            # user:password@host would reach error messages, logs and the catalog's
+            # sources table with the URL; NBIA logs in with username/password anyway.
+            raise ValueError(
+                "must not contain credentials (user:password@): use the source's "
+                "username and password keys"
+            )
         return value if value.endswith("/") else value + "/"
 
     @property
@@ -133,8 +141,8 @@ class Settings(_Section):
 
     @property
     def catalog_url(self) -> str:
-        if self.catalog.url:
-            return self.catalog.url
+        if self.catalog.url is not None and self.catalog.url.get_secret_value():
+            return self.catalog.url.get_secret_value()
         return f"sqlite+aiosqlite:///{(self.state_dir / 'catalog.sqlite').resolve()}"
 
     def source(self, name: str) -> SourceSettings:

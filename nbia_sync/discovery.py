@@ -212,6 +212,19 @@ def _as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _not_after(value: datetime | None, limit: datetime) -> datetime | None:
+    """``value``, but never later than ``limit`` (the start of this pass).
+
+    A release date in the future (a bogus value, or a dd/MM date read as MM/dd) must not
+    carry the watermark past today: every later increment would ask the archive from that
+    future day on and miss everything released until then. Moving it earlier only widens
+    the overlap, which costs a few unchanged rows.
+    """
+    if value is None:
+        return None
+    return min(_as_utc(value), limit)
+
+
 def _full_listing_due(
     watermark: datetime | None, last_full: datetime | None, schedule: ScheduleSettings
 ) -> bool:
@@ -243,7 +256,8 @@ async def discover(
     schedule: ScheduleSettings,
 ) -> DiscoveryReport:
     """One discovery pass for `source`; returns what it queued."""
-    watermark = await catalog.get_watermark(source_id)
+    started = datetime.now(UTC)
+    watermark = _not_after(await catalog.get_watermark(source_id), started)
     full = _full_listing_due(watermark, await catalog.last_full_listing_at(source_id), schedule)
     collections = await _collections(client, source)
     work = _Pass(catalog, client, source, source_id)
@@ -256,6 +270,7 @@ async def discover(
     newest = work.newest if watermark is None or work.newest is None else max(
         watermark, work.newest
     )
+    newest = _not_after(newest, started)
     await catalog.set_watermark(source_id, newest, full_listing=full)
     report = DiscoveryReport(
         new=work.result.new, changed=work.result.changed, unchanged=work.result.unchanged,

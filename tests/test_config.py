@@ -156,3 +156,19 @@ def test_dockerfile_rewrites_lines_that_exist_in_the_example() -> None:
     settings = settings_from_dict(tomllib.loads(rewritten), env={})
     assert str(settings.mirror.root) == "/data"
     assert settings.daemon.listen_host == "0.0.0.0"
+
+
+def test_credentials_in_a_source_url_are_refused_without_echoing_them() -> None:
+    """user:password@ in a source URL would be echoed in errors, logs and the catalog."""
+    raw = minimal(sources=[{"name": "tcia", "url": "https://bob:hunter2@archive.example/nbia-api/"}])
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.url: .*credentials") as info:
+        settings_from_dict(raw, env={})
+    assert "hunter2" not in str(info.value)
+
+
+def test_catalog_url_password_is_not_in_the_settings_repr() -> None:
+    env = {"NBIA_SYNC_CATALOG_URL": "postgresql+asyncpg://nbia:s3cretdb@db.example/nbia"}
+    settings = settings_from_dict(minimal(), env=env)
+    assert settings.catalog_url == env["NBIA_SYNC_CATALOG_URL"]
+    assert "s3cretdb" not in repr(settings)
+    assert "s3cretdb" not in str(settings)

@@ -146,6 +146,26 @@ async def test_periodic_full_listing_when_due(
     assert report.full and report.queued == 0
 
 
+async def test_future_release_date_does_not_push_the_watermark_past_today(
+    catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
+) -> None:
+    """A DateReleased in the future (bogus, or dd/MM read as MM/dd) must not make later
+    increments ask from that future day: what is released meanwhile would be missed."""
+    await _pass(catalog, client, _source(sim))
+    await _drain(catalog)
+    future = datetime.now() + timedelta(days=300)
+    bogus = sim_archive.add_patient("SIM-CT", series=1, released=future)
+    await _pass(catalog, client, _source(sim))
+    assert await _drain(catalog) == [bogus[0].uid]
+    sid = await catalog.ensure_source(_source(sim))
+    watermark = await catalog.get_watermark(sid)
+    assert watermark is not None and watermark <= datetime.now(UTC)
+    added = sim_archive.add_patient("SIM-MR", series=1)  # released today
+    report = await _pass(catalog, client, _source(sim))
+    assert report.new == 1
+    assert await _drain(catalog) == [added[0].uid]
+
+
 class _FailingUpdates:
     """A client whose getUpdatedSeries fails: the pass dies after some work is stored."""
 

@@ -26,6 +26,17 @@ async def test_fault_flags_reach_the_fault_knobs() -> None:
     assert (faults.reset, faults.bandwidth, faults.token_ttl) == (0.25, 1000, 60.0)
 
 
+async def test_every_simulate_option_is_explained_in_help() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    unexplained = [
+        action.option_strings[0]
+        for action in parser._actions
+        if action.option_strings and not action.help
+    ]
+    assert unexplained == []
+
+
 async def test_module_serves_until_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

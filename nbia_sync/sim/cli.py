@@ -35,9 +35,13 @@ _FAULT_FLAGS: tuple[tuple[str, type, str], ...] = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The simulator's flags, for `nbia-sync simulate` and `python -m nbia_sync.sim`."""
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the generated archive (UIDs, bytes)"
+    )
     parser.add_argument(
         "--collections", default="SIM-CT,SIM-MR", help="comma-separated collection names"
     )
@@ -57,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="an account allowed to log in (repeatable; default nbia_guest with no password)",
     )
     faults = parser.add_argument_group("faults")
-    faults.add_argument("--fault-seed", type=int, default=0)
+    faults.add_argument(
+        "--fault-seed", type=int, default=0, help="seed of the random fault draws"
+    )
     defaults = SimFaults()
     for name, kind, text in _FAULT_FLAGS:
         faults.add_argument(
