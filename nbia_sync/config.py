@@ -219,3 +219,10 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         return settings_from_dict(raw, env)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def stale_after(settings: Settings) -> float:
+    """Seconds without a heartbeat after which a worker counts as dead: by then its
+    leases have run out too, so its series are back in the queue. (Here, not in the
+    engine: `status` needs it without importing the HTTP client and the pool.)"""
+    return max(settings.transfer.lease_seconds, 3 * settings.transfer.heartbeat_interval)

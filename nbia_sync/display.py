@@ -9,26 +9,28 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from typing import TextIO
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from typing import TYPE_CHECKING, TextIO
 
 from nbia_sync.progress import NullProgress, ProgressSink
+
+if TYPE_CHECKING:  # rich is imported only when there is a terminal to draw on
+    from rich.console import Console
+    from rich.progress import TaskID
 
 
 class TerminalProgress:
     """A ProgressSink drawing one rich progress line; use as a context manager."""
 
     def __init__(self, console: Console) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -87,6 +89,8 @@ def terminal_progress(stream: TextIO | None = None) -> Iterator[ProgressSink]:
     if not _is_tty(out):
         yield NullProgress()
         return
+    from rich.console import Console
+
     with TerminalProgress(Console(file=out)) as display:
         yield display
 

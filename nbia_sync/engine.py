@@ -25,7 +25,7 @@ from nbia_sync.api.client import NbiaClient
 from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.records import RunCounts
 from nbia_sync.catalog.repository import Catalog
-from nbia_sync.config import Settings, SourceSettings
+from nbia_sync.config import Settings, SourceSettings, stale_after
 from nbia_sync.discovery import discover
 from nbia_sync.errors import ArchiveError, DiskSpaceError, NbiaSyncError
 from nbia_sync.progress import ProgressSink
@@ -274,12 +274,6 @@ async def _heartbeat(
             log.warning("worker_row_missing", owner=owner)
         if on_heartbeat is not None:
             on_heartbeat()
-
-
-def stale_after(settings: Settings) -> float:
-    """Seconds without a heartbeat after which a worker counts as dead: by then its
-    leases have run out too, so its series are back in the queue."""
-    return max(settings.transfer.lease_seconds, 3 * settings.transfer.heartbeat_interval)
 
 
 async def _live_owners(settings: Settings, catalog: Catalog, own: str) -> set[str]:

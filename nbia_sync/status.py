@@ -7,7 +7,7 @@ from typing import Any, Protocol, TextIO
 
 from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.records import FailureInfo, RunInfo, WorkerInfo
-from nbia_sync.config import Settings
+from nbia_sync.config import Settings, stale_after
 
 
 class StatusSource(Protocol):
@@ -27,10 +27,6 @@ async def collect_status(
     settings: Settings, catalog: StatusSource, *, failures: int
 ) -> dict[str, Any]:
     """The status as plain JSON types (the `status --json` document)."""
-    # Imported here: the engine pulls in the HTTP client and the pool, which the CLI's
-    # start-up (and `--help`) does not need.
-    from nbia_sync.engine import stale_after
-
     counts = await catalog.state_counts()
     run = await catalog.last_run()
     limit = stale_after(settings)

@@ -59,19 +59,52 @@ async def test_claim_is_limited_to_the_given_sources(catalog: Catalog) -> None:
 async def test_expired_lease_is_reclaimed_and_counts_an_attempt(catalog: Catalog) -> None:
     await _queue(catalog, 1)
     lost = await _claim_one(catalog, "dead", lease=0.05)
-    assert await catalog.claim("other", limit=1, lease_seconds=60) == []
     await asyncio.sleep(0.1)
     taken = await _claim_one(catalog, "other")
     assert (taken.series_id, taken.attempts) == (lost.series_id, 1)
 
 
-async def test_heartbeat_keeps_the_lease(catalog: Catalog) -> None:
+async def test_leased_series_is_not_claimable(catalog: Catalog) -> None:
     await _queue(catalog, 1)
-    claim = await _claim_one(catalog, "w", lease=0.2)
-    assert await catalog.heartbeat("w", [claim.series_id], 60) == {claim.series_id}
-    await asyncio.sleep(0.3)
+    await _claim_one(catalog, "w", lease=60)
     assert await catalog.claim("other", limit=1, lease_seconds=60) == []
-    assert await catalog.heartbeat("other", [claim.series_id], 60) == set()
+
+
+async def test_heartbeat_extends_the_lease(catalog: Catalog) -> None:
+    # No sleeps: the new expiry is read back, so a slow machine cannot change the outcome.
+    await _queue(catalog, 1)
+    claim = await _claim_one(catalog, "w", lease=60)
+    assert await catalog.heartbeat("w", [claim.series_id], 3600) == {claim.series_id}
+    expires = await catalog.next_ready_at()
+    assert expires is not None and expires > datetime.now(UTC) + timedelta(seconds=3000)
+
+
+async def test_heartbeat_of_a_lease_held_by_another_owner_extends_nothing(
+        catalog: Catalog) -> None:
+    await _queue(catalog, 1)
+    claim = await _claim_one(catalog, "w", lease=60)
+    assert await catalog.heartbeat("other", [claim.series_id], 3600) == set()
+    expires = await catalog.next_ready_at()
+    assert expires is not None and expires < datetime.now(UTC) + timedelta(seconds=120)
+
+
+async def test_heartbeat_does_not_wait_behind_a_placement_holding_row_locks(
+        catalog: Catalog) -> None:
+    # PostgreSQL: a group commit keeps its rows locked across renames and fsyncs; the
+    # heartbeat of the other in-flight series must not queue behind it (their leases
+    # would run out meanwhile). SQLite serialises writers by design, so not there.
+    if catalog.database.is_sqlite:
+        pytest.skip("SQLite has one writer at a time: no row locks to skip")
+    await _queue(catalog, 2)
+    placed, running = await catalog.claim("w", limit=2, lease_seconds=60)
+    async with catalog.placing_many([placed], "w") as batch:
+        held = await asyncio.wait_for(
+            catalog.heartbeat("w", [placed.series_id, running.series_id], 3600), timeout=10)
+        batch.done(placed, [], "p", 0)
+    # The locked row is still ours (its placement is finishing it): not reported lost.
+    assert held == {placed.series_id, running.series_id}
+    expires = await catalog.next_ready_at()  # only `running` is still leased
+    assert expires is not None and expires > datetime.now(UTC) + timedelta(seconds=3000)
 
 
 async def test_placing_marks_done_and_replaces_instances(catalog: Catalog) -> None:

@@ -13,8 +13,8 @@ from alembic.runtime.migration import MigrationContext
 from catalog_fixtures import fresh_pg_database
 from sqlalchemy.engine import Connection
 
-from nbia_sync.catalog import Catalog
-from nbia_sync.catalog.migrate import current_revisions, head_revision
+from nbia_sync.catalog import Catalog, migrate
+from nbia_sync.catalog.migrate import HEAD_REVISION, current_revisions, head_revision
 from nbia_sync.catalog.models import Base
 from nbia_sync.errors import CatalogError
 
@@ -55,6 +55,22 @@ async def test_reopen_at_head_is_a_no_op(empty_url: str) -> None:
             assert await conn.run_sync(current_revisions) == (head_revision(),)
     finally:
         await catalog.close()
+
+
+def test_head_revision_constant_is_alembics_head() -> None:
+    # The fast open path trusts HEAD_REVISION: a new migration must update it.
+    assert head_revision() == HEAD_REVISION
+
+
+async def test_reopen_at_head_does_not_run_alembic(
+        empty_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    await (await Catalog.open(empty_url)).close()
+
+    def no_alembic(_connection: Connection) -> None:
+        raise AssertionError("alembic ran for a catalog already at head")
+
+    monkeypatch.setattr(migrate, "_upgrade_sync", no_alembic)
+    await (await Catalog.open(empty_url)).close()
 
 
 async def test_concurrent_openers_migrate_once(empty_url: str) -> None:

@@ -134,8 +134,17 @@ class Database:
         engine = create_engine(url)
         db = cls(engine)
         try:
-            async with engine.connect() as conn:
-                await conn.exec_driver_sql("SELECT 1")
+            for attempt in range(RETRY_ATTEMPTS):
+                try:
+                    async with engine.connect() as conn:
+                        await conn.exec_driver_sql("SELECT 1")
+                    break
+                except DBAPIError as exc:
+                    # A new SQLite file switched to WAL by several openers at once: the
+                    # losers see "database is locked" without the busy handler.
+                    if not is_transient(exc) or attempt == RETRY_ATTEMPTS - 1:
+                        raise
+                    await asyncio.sleep(_retry_delay(attempt))
         except (OSError, DBAPIError, TimeoutError) as exc:
             await engine.dispose()
             raise CatalogError(

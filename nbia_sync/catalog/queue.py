@@ -222,21 +222,43 @@ def _owned(series_id: int, owner: str) -> Any:
 async def heartbeat(
     db: Database, owner: str, series_ids: Collection[int], lease_seconds: float
 ) -> set[int]:
+    """Extend our leases on ``series_ids``; the ids still ours (the others are lost).
+
+    Never waits for a row lock on PostgreSQL: a row another transaction holds (our own
+    group commit placing it, typically, which keeps its rows locked across renames and
+    directory fsyncs) is skipped, not queued behind; a heartbeat that waited there would
+    stop renewing every other in-flight lease for as long as the placement lasts. A
+    skipped row counts as held if its last committed state is ours: the lock holder is
+    finishing it, or it is re-checked on the next beat (and every placement re-checks
+    ownership under the row lock anyway). SQLite has no row locks: one writer at a time.
+    """
     if not series_ids:
         return set()
+    ids = list(series_ids)
+    mine = and_(
+        SERIES.c.id.in_(ids),
+        SERIES.c.state == SeriesState.DOWNLOADING,
+        SERIES.c.lease_owner == owner,
+    )
 
     async def op(conn: AsyncConnection) -> set[int]:
+        expires = utcnow() + timedelta(seconds=lease_seconds)
+        if conn.dialect.name == "sqlite":
+            result = await conn.execute(
+                update(SERIES).where(mine).values(lease_expires_at=expires)
+                .returning(SERIES.c.id))
+            return set(result.scalars())
+        free = select(SERIES.c.id).where(mine).with_for_update(skip_locked=True)
         result = await conn.execute(
-            update(SERIES)
-            .where(
-                SERIES.c.id.in_(list(series_ids)),
-                SERIES.c.state == SeriesState.DOWNLOADING,
-                SERIES.c.lease_owner == owner,
-            )
-            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
-            .returning(SERIES.c.id)
-        )
-        return set(result.scalars())
+            update(SERIES).where(SERIES.c.id.in_(free.scalar_subquery()))
+            .values(lease_expires_at=expires).returning(SERIES.c.id))
+        held = set(result.scalars())
+        if len(held) < len(ids):
+            # A plain read never waits on row locks: rows locked by someone else, as
+            # last committed.
+            held.update((await conn.execute(
+                select(SERIES.c.id).where(mine, SERIES.c.id.not_in(held)))).scalars())
+        return held
 
     return await db.run_write(op)
 

@@ -1,12 +1,29 @@
 """The NBIA simulator: a loopback server speaking the archive's REST API over synthetic data.
 
 Used by the integration tests, the benchmarks and `nbia-sync simulate`.
+
+The names below are imported on first use (PEP 562): `nbia-sync` imports
+`nbia_sync.sim.cli` for its parser on every start, and the archive generator and the
+server (pydicom, aiohttp.web) are needed only by `simulate` and `demo`.
 """
 
-from nbia_sync.sim.archive import SimArchive, SimInstance, SimPatient, SimSeries, SimStudy
-from nbia_sync.sim.counters import SimCounters
-from nbia_sync.sim.faults import STREAM_FAULTS, SimFaults, StreamFault
-from nbia_sync.sim.server import SimServer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nbia_sync.sim.archive import SimArchive, SimInstance, SimPatient, SimSeries, SimStudy
+    from nbia_sync.sim.counters import SimCounters
+    from nbia_sync.sim.faults import STREAM_FAULTS, SimFaults, StreamFault
+    from nbia_sync.sim.server import SimServer
+
+_MODULES = {
+    "SimArchive": "archive", "SimInstance": "archive", "SimPatient": "archive",
+    "SimSeries": "archive", "SimStudy": "archive", "SimCounters": "counters",
+    "STREAM_FAULTS": "faults", "SimFaults": "faults", "StreamFault": "faults",
+    "SimServer": "server",
+}
 
 __all__ = [
     "STREAM_FAULTS",
@@ -20,3 +37,12 @@ __all__ = [
     "SimStudy",
     "StreamFault",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"nbia_sync.sim.{module}"), name)
+    globals()[name] = value
+    return value

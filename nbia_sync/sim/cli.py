@@ -10,9 +10,9 @@ import sys
 
 import structlog
 
-from nbia_sync.sim.archive import SimArchive
+# Light: `nbia-sync` builds its parser with add_arguments on every start. The archive
+# generator and the server (pydicom, aiohttp.web) are imported by `serve` only.
 from nbia_sync.sim.faults import SimFaults
-from nbia_sync.sim.server import SimServer
 
 # Fault knobs exposed as flags: (flag name, SimFaults field, type, help)
 _FAULT_FLAGS: tuple[tuple[str, type, str], ...] = (
@@ -88,6 +88,9 @@ def _users(specs: list[str]) -> dict[str, str] | None:
 
 async def serve(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; prints the root URL on stdout. Returns an exit code."""
+    from nbia_sync.sim.archive import SimArchive
+    from nbia_sync.sim.server import SimServer
+
     archive = SimArchive.generate(
         seed=args.seed,
         collections=[c.strip() for c in args.collections.split(",") if c.strip()],

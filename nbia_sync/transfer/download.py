@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import anyio
-import pydicom
 import structlog
 
 from nbia_sync.errors import DiskSpaceError, IntegrityError, RetryableError
@@ -193,6 +192,8 @@ class _SeriesWriter:
 
     def _read_dicom(self, entry: _Entry) -> None:
         try:
+            import pydicom  # here, in the download thread: ~0.15 s off every start
+
             ds = pydicom.dcmread(entry.part, stop_before_pixels=True, specific_tags=_DICOM_TAGS)
             sop = str(ds.SOPInstanceUID)
             entry.uids = (str(ds.get("SeriesInstanceUID", "")), str(ds.get("StudyInstanceUID", "")))
