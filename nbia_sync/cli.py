@@ -27,7 +27,7 @@ import structlog
 
 from nbia_sync import __version__
 from nbia_sync.config import Settings, SourceSettings, load_settings
-from nbia_sync.errors import CatalogError, NbiaSyncError
+from nbia_sync.errors import CatalogError, NbiaSyncError, sole_error
 from nbia_sync.log import configure_logging, level_from_flags
 from nbia_sync.status import human_bytes
 
@@ -429,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Config, catalog, credentials, unreachable source: one line, no traceback.
         return _fail(str(exc) or type(exc).__name__)
     except Exception as exc:
+        cause = sole_error(exc)  # a task group's wrapper around one real error
+        if isinstance(cause, NbiaSyncError):
+            return _fail(str(cause) or type(cause).__name__)
         if args.verbose:
             traceback.print_exc()
         return _fail(f"unexpected {type(exc).__name__}: {exc} (run with -v for details)",

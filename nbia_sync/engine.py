@@ -27,7 +27,7 @@ from nbia_sync.catalog.records import RunCounts
 from nbia_sync.catalog.repository import Catalog
 from nbia_sync.config import Settings, SourceSettings, stale_after
 from nbia_sync.discovery import discover
-from nbia_sync.errors import ArchiveError, DiskSpaceError, NbiaSyncError
+from nbia_sync.errors import ArchiveError, AuthError, CatalogError, DiskSpaceError, NbiaSyncError
 from nbia_sync.progress import ProgressSink
 from nbia_sync.storage import Mirror
 from nbia_sync.transfer.pool import drain
@@ -142,14 +142,19 @@ async def run_pass(
                 else:
                     discovered += found
             if not stop.is_set():
-                report = await drain(
-                    settings=settings, catalog=catalog, clients=clients, mirror=mirror,
-                    owner=owner, progress=progress, stop=stop,
-                )
+                try:
+                    report = await drain(
+                        settings=settings, catalog=catalog, clients=clients, mirror=mirror,
+                        owner=owner, progress=progress, stop=stop,
+                    )
+                except AuthError as exc:
+                    # The token could not be renewed mid-drain (password revoked, login
+                    # outage): the claims went back, no series was failed for it.
+                    raise SourceError(str(exc)) from exc
                 done, files, placed_bytes = report.done, report.files, report.bytes
         counts = await catalog.state_counts()
         outcome = _outcome(counts, interrupted=stop.is_set())
-    except (SourceError, DiskSpaceError) as exc:
+    except (SourceError, DiskSpaceError, CatalogError) as exc:
         # The pass cannot go on; what was placed stays, the rest waits for the next one.
         error = str(exc)
         log.error("pass_failed", run_id=run_id, error=error, kind=type(exc).__name__)
@@ -161,11 +166,18 @@ async def run_pass(
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat
         # Shielded: a cancelled pass must still give its work back to the fleet.
-        await asyncio.shield(
-            _close_pass(catalog, run_id, owner, held_locks, outcome, counts,
-                        RunCounts(discovered=discovered, queued=_queued(counts), done=done,
-                                  failed=_count(counts, SeriesState.FAILED), bytes=placed_bytes))
-        )
+        try:
+            await asyncio.shield(
+                _close_pass(catalog, run_id, owner, held_locks, outcome, counts,
+                            RunCounts(discovered=discovered, queued=_queued(counts), done=done,
+                                      failed=_count(counts, SeriesState.FAILED),
+                                      bytes=placed_bytes))
+            )
+        except CatalogError as exc:
+            # Likely the error that stopped the pass again; leases and the worker row
+            # expire on their own. The pass ends as an error either way.
+            log.error("pass_close_failed", run_id=run_id, error=str(exc))
+            outcome, error = ERROR, error or str(exc)
     duration = time.monotonic() - t0
     log.info("pass_finished", run_id=run_id, outcome=outcome, discovered=discovered, done=done,
              bytes=placed_bytes, failed=_count(counts, SeriesState.FAILED),

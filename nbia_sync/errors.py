@@ -59,3 +59,14 @@ class HostileArchiveError(PermanentError):
 
 class DiskSpaceError(NbiaSyncError):
     """Not enough free space for a series; stops the pass rather than the series."""
+
+
+def sole_error(exc: BaseException) -> BaseException:
+    """The one real error inside (nested) exception groups, else ``exc`` itself.
+
+    A task group wraps even a single failure in an ExceptionGroup ("unhandled errors in
+    a TaskGroup"); the user must see that failure, not the wrapper.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

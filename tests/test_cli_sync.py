@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_fixtures import (
@@ -20,6 +21,7 @@ from cli_fixtures import (
     run_subprocess,
     write_config,
 )
+from sqlalchemy.exc import OperationalError
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("restore_logging")]
 
@@ -153,6 +155,63 @@ async def test_refused_credentials_exit_2(sim_mirror: SimMirror, tmp_path: Path)
     assert "source 'sim'" in done.stderr
     assert "wrong-pw" not in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [x for x in stderr.splitlines() if x.startswith("nbia-sync: error:")]
+
+
+async def test_catalog_error_mid_pass_exits_2_with_one_line(
+        sim_mirror: SimMirror, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from nbia_sync.catalog import queue
+
+    real, calls = queue._claim_in, 0
+
+    async def claim_in(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # the catalog's disk fills up after the first claim
+            raise OperationalError("UPDATE series", {}, Exception("database or disk is full"))
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "_claim_in", claim_in)
+    assert await run_main("-c", str(sim_mirror.config), "sync") == 2
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert "database or disk is full" in line and "catalog" in line
+    assert "TaskGroup" not in line and "unexpected" not in line
+    assert "Traceback" not in err
+
+
+async def test_credentials_revoked_mid_pass_exit_2_and_fail_no_series(
+        sim_mirror: SimMirror, capsys: pytest.CaptureFixture[str]) -> None:
+    sim = sim_mirror.server
+    sim.faults.bandwidth = 20_000
+
+    async def revoke_when_downloading() -> None:
+        while True:  # the simulator has no event for it: poll its counters
+            if sim.counters.downloads_started:
+                break
+            await asyncio.sleep(0.01)
+        sim.users.clear()  # the password no longer works: no token can be renewed
+        sim.revoke_all_tokens()
+
+    revoker = asyncio.create_task(revoke_when_downloading())
+    try:
+        code = await asyncio.wait_for(run_main("-c", str(sim_mirror.config), "sync"), 60)
+    finally:
+        revoker.cancel()
+    assert code == 2
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert "source 'sim'" in line and "credentials" in line
+    assert "Traceback" not in err
+    sim.users["nbia_guest"] = ""  # access restored: nothing was marked failed
+    status = await status_json(sim_mirror)
+    series = status["series"]
+    assert isinstance(series, dict)
+    assert series["failed"]["count"] == 0 and series["downloading"]["count"] == 0
 
 
 async def test_add_manifest_queues_only_its_series(sim_mirror: SimMirror, tmp_path: Path) -> None:

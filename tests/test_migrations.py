@@ -57,7 +57,7 @@ async def test_reopen_at_head_is_a_no_op(empty_url: str) -> None:
         await catalog.close()
 
 
-def test_head_revision_constant_is_alembics_head() -> None:
+async def test_head_revision_constant_is_alembics_head() -> None:
     # The fast open path trusts HEAD_REVISION: a new migration must update it.
     assert head_revision() == HEAD_REVISION
 

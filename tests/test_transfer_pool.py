@@ -11,12 +11,14 @@ from typing import Any
 
 import anyio
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.models import SeriesInfo
 from nbia_sync.catalog import Catalog, SeriesState
+from nbia_sync.catalog import queue as catalog_queue
 from nbia_sync.config import Settings, settings_from_dict
-from nbia_sync.errors import DiskSpaceError
+from nbia_sync.errors import AuthError, CatalogError, DiskSpaceError
 from nbia_sync.sim import SimArchive, SimFaults, SimServer
 from nbia_sync.sim.testing import running_sim
 from nbia_sync.storage import Mirror
@@ -329,3 +331,69 @@ async def test_many_small_series_are_placed_in_group_commits(
     assert sum(batches) == 24
     assert await downloading(catalog) == 0
     assert len(mirror_state(tmp_path / "mirror", archive)) == 24
+
+
+def fill_disk_after_first_claim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every claim after the first fails as a full SQLite disk does."""
+    real = catalog_queue._claim_in
+    calls = 0
+
+    async def claim_in(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise OperationalError("UPDATE series", {}, Exception("database or disk is full"))
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(catalog_queue, "_claim_in", claim_in)
+
+
+async def test_catalog_error_mid_drain_stops_it_and_releases_claims(
+        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = make_settings(tmp_path / "mirror", sim, workers=2)
+    await queue_all(catalog, settings, sim_archive)
+    fill_disk_after_first_claim(monkeypatch)
+    with anyio.fail_after(20), pytest.raises(CatalogError, match="disk is full") as info:
+        await run_drain(settings, catalog)
+    assert "catalog" in str(info.value)
+    assert await downloading(catalog) == 0
+    counts = await catalog.state_counts()
+    assert counts.get(SeriesState.FAILED, (0, 0))[0] == 0
+    assert staging_files(tmp_path / "mirror") == []
+
+
+async def test_refused_credentials_mid_drain_stop_it_without_failing_series(
+        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "mirror", sim, workers=4, read_timeout=5.0)
+    await queue_all(catalog, settings, sim_archive)
+    sim.faults.bandwidth = 20_000
+    progress = Recorder(series=4)
+
+    async def revoke_soon() -> None:
+        await progress.all_started.wait()
+        sim.users.clear()  # the password is revoked: the token cannot be renewed
+        sim.revoke_all_tokens()
+
+    raised: list[BaseException] = []
+
+    async def drain_it() -> None:
+        try:
+            await run_drain(settings, catalog, progress)
+        except Exception as exc:
+            raised.append(exc)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(revoke_soon)
+            await drain_it()
+    [exc] = raised
+    assert isinstance(exc, AuthError), repr(exc)
+    assert await downloading(catalog) == 0
+    counts = await catalog.state_counts()
+    assert counts.get(SeriesState.FAILED, (0, 0))[0] == 0
+    assert counts.get(SeriesState.PENDING, (0, 0))[0] == 0  # no attempt was counted
+    assert counts.get(SeriesState.WANTED, (0, 0))[0] + counts.get(
+        SeriesState.DONE, (0, 0))[0] == 8
+    assert await catalog.failures() == []
+    assert staging_files(tmp_path / "mirror") == []

@@ -180,7 +180,7 @@ class Database:
                     return await fn(conn)
             except DBAPIError as exc:
                 if not is_transient(exc) or attempt == RETRY_ATTEMPTS - 1:
-                    raise
+                    raise self.error(exc) from exc
                 log.debug("catalog.retry", attempt=attempt + 1, error=type(exc.orig).__name__)
                 await asyncio.sleep(_retry_delay(attempt))
         raise AssertionError("unreachable")
@@ -192,9 +192,23 @@ class Database:
                     return await fn(conn)
             except DBAPIError as exc:
                 if not is_transient(exc) or attempt == RETRY_ATTEMPTS - 1:
-                    raise
+                    raise self.error(exc) from exc
                 await asyncio.sleep(_retry_delay(attempt))
         raise AssertionError("unreachable")
+
+    def error(self, exc: DBAPIError) -> CatalogError:
+        """``exc`` as the CatalogError callers handle: where the catalog is, and why."""
+        return CatalogError(
+            f"catalog error ({describe_url(self.url)}): {_reason(exc, self.url)}")
+
+    @contextlib.asynccontextmanager
+    async def catalog_errors(self) -> AsyncIterator[None]:
+        """Raise a database error of the block as a CatalogError (for transactions that
+        are not run through run_write/run_read, such as the placements)."""
+        try:
+            yield
+        except DBAPIError as exc:
+            raise self.error(exc) from exc
 
 
 def _reason(exc: BaseException, url: URL) -> str:

@@ -289,7 +289,7 @@ async def placing(db: Database, claim: Claim, owner: str) -> AsyncIterator[Place
     renames only) but holds the SQLite write lock, so nothing slow belongs inside.
     """
     changed = False
-    async with db.write() as conn:
+    async with db.catalog_errors(), db.write() as conn:
         row = await _lock_owned_row(conn, claim, owner)
         if row is None:
             raise LeaseLostError(f"series {claim.series_uid}: lease no longer held by this worker")
@@ -330,7 +330,7 @@ async def placing_many(
     ``source_ids`` as there) in the same transaction, for the workers this placement
     frees; they are in ``claimed`` after the block. Saves a transaction per batch.
     """
-    async with db.write() as conn:
+    async with db.catalog_errors(), db.write() as conn:
         ids = sorted({c.series_id for c in claims})
         generations: dict[int, int] = {}
         if ids:

@@ -7,7 +7,8 @@ schedule); the pool only classifies failures by their exception class:
 
 * RetryableError (IntegrityError included): counted, retried after the policy's delay;
 * PermanentError (HostileArchiveError, no access): failed for good;
-* DiskSpaceError / CatalogError: the claim is released and the whole drain stops;
+* DiskSpaceError / CatalogError / AuthError (the credentials cannot be renewed): the
+  claim is released, no attempt is counted, and the whole drain stops;
 * LeaseLostError: someone else owns the series now; our copy is dropped.
 
 The drain ends when nothing is claimable and nothing will be (``next_ready_at`` is None),
@@ -44,7 +45,14 @@ from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.retry import RetryPolicy
 from nbia_sync.catalog import Catalog, Claim, InstanceRecord, LeaseLostError, SeriesState
 from nbia_sync.config import Settings
-from nbia_sync.errors import CatalogError, DiskSpaceError, PermanentError, RetryableError
+from nbia_sync.errors import (
+    AuthError,
+    CatalogError,
+    DiskSpaceError,
+    PermanentError,
+    RetryableError,
+    sole_error,
+)
 from nbia_sync.progress import ProgressSink
 from nbia_sync.storage import Mirror
 from nbia_sync.transfer._ratelimit import TokenBucket
@@ -145,20 +153,27 @@ class _Drain:
         for name in self.clients:
             self.source_ids[name] = await self.catalog.ensure_source(self.settings.source(name))
         await self._plan()
-        async with anyio.create_task_group() as tg:
-            self._scope = tg.cancel_scope
-            tg.start_soon(self._heartbeat_loop)
-            if stop is not None:
-                tg.start_soon(self._watch_stop, stop, tg.cancel_scope)
-            async with anyio.create_task_group() as workers:
-                for _ in range(self.transfer.workers):
-                    workers.start_soon(self._worker)
-            tg.cancel_scope.cancel()  # the workers are done: end heartbeat and watcher
+        try:
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
+                tg.start_soon(self._heartbeat_loop)
+                if stop is not None:
+                    tg.start_soon(self._watch_stop, stop, tg.cancel_scope)
+                async with anyio.create_task_group() as workers:
+                    for _ in range(self.transfer.workers):
+                        workers.start_soon(self._worker)
+                tg.cancel_scope.cancel()  # the workers are done: end heartbeat and watcher
+        except ExceptionGroup as group:
+            # A task group wraps even one error: raise that one (see errors.sole_error).
+            raise sole_error(group) from None
         await self._release_prefetched()
         if self.report.interrupted or self.fatal is not None:
             with anyio.CancelScope(shield=True):
                 # Claims taken by a cancelled claim() call we never saw come back.
-                await self.catalog.release_leases(self.owner)
+                try:
+                    await self.catalog.release_leases(self.owner)
+                except CatalogError as exc:  # the leases run out on their own
+                    log.warning("release_failed", owner=self.owner, error=str(exc))
         self.report.duration = time.monotonic() - started
         if self.fatal is not None:
             raise self.fatal
@@ -313,11 +328,10 @@ class _Drain:
             self.report.lease_lost += 1
             log.warning("series_lease_lost", series_uid=claim.series_uid, reason=str(exc))
             self._finish(claim, ok=False, files=0, error=str(exc))
-        except DiskSpaceError as exc:
-            await self._give_back(claim, staging)
-            self._finish(claim, ok=False, files=0, error=str(exc))
-            self._abort(exc)
-        except CatalogError as exc:
+        except (DiskSpaceError, CatalogError, AuthError) as exc:
+            # Not this series' fault, and no other series will do better: give it back
+            # (no attempt counted) and stop the drain. AuthError: the token could not be
+            # renewed (password revoked, login outage), so every later download fails too.
             await self._give_back(claim, staging)
             self._finish(claim, ok=False, files=0, error=str(exc))
             self._abort(exc)
@@ -491,6 +505,6 @@ async def drain(
     stop: anyio.Event | None = None,
 ) -> DrainReport:
     """Download every claimable series of the sources in ``clients`` until none is left
-    (waiting out backoffs), or until ``stop`` is set. Raises DiskSpaceError or
-    CatalogError when the pass cannot go on; the claims in flight are released first."""
+    (waiting out backoffs), or until ``stop`` is set. Raises DiskSpaceError, CatalogError
+    or AuthError when the pass cannot go on; the claims in flight are released first."""
     return await _Drain(settings, catalog, clients, mirror, owner, progress).run(stop)
