@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -22,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_fixtures import STATE, expected_files, mirror_files
 
 from nbia_sync.sim import SimArchive, SimFaults, SimServer
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 
 REPO = Path(__file__).resolve().parent.parent
-STATE = ".nbia-sync"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -89,26 +88,6 @@ async def run_cli(config: Path, *args: str, limit: float = 90.0) -> tuple[int, s
 
 def md5_of(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def expected_files(archive: SimArchive, root: Path) -> dict[Path, str]:
-    """Mirror path -> MD5 for every instance of the archive (the documented layout)."""
-    truth = archive.truth()
-    out: dict[Path, str] = {}
-    for uid, s in archive.series.items():
-        for sop, md5 in truth[uid].items():
-            out[root / s.collection / s.patient_id / s.study_uid / uid / f"{sop}.dcm"] = md5
-    return out
-
-
-def mirror_files(root: Path) -> set[Path]:
-    """Every file under the mirror root, bookkeeping excluded."""
-    found: set[Path] = set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        if Path(dirpath) == root and STATE in dirnames:
-            dirnames.remove(STATE)
-        found.update(Path(dirpath) / f for f in filenames)
-    return found
 
 
 def assert_mirror_equals(root: Path, expected: Mapping[Path, str]) -> None:
