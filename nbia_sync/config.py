@@ -226,3 +226,13 @@ def stale_after(settings: Settings) -> float:
     leases have run out too, so its series are back in the queue. (Here, not in the
     engine: `status` needs it without importing the HTTP client and the pool.)"""
     return max(settings.transfer.lease_seconds, 3 * settings.transfer.heartbeat_interval)
+
+
+def forget_workers_after(settings: Settings) -> float:
+    """Seconds without a heartbeat after which a worker's row is deleted (see
+    `prune_workers`): a process killed outright (kill -9, power loss) never removes its
+    own. A day keeps a dead process listed STALE in `status` long enough for an operator
+    to notice it, and is far past `stale_after` (minutes by default), so only rows that
+    every other check already treats as dead go; with very long leases it is 7 *
+    `stale_after` instead, for the same margin."""
+    return max(24 * 3600.0, 7 * stale_after(settings))

@@ -25,7 +25,7 @@ from nbia_sync.api.client import NbiaClient
 from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.records import RunCounts
 from nbia_sync.catalog.repository import Catalog
-from nbia_sync.config import Settings, SourceSettings, stale_after
+from nbia_sync.config import Settings, SourceSettings, forget_workers_after, stale_after
 from nbia_sync.discovery import discover
 from nbia_sync.errors import ArchiveError, AuthError, CatalogError, DiskSpaceError, NbiaSyncError
 from nbia_sync.progress import ProgressSink
@@ -123,6 +123,7 @@ async def run_pass(
     skipped: list[str] = []
     counts: Mapping[SeriesState, tuple[int, int]] = {}
     try:
+        await _forget_dead_workers(settings, catalog)
         mirror = Mirror(settings.mirror.root)
         await mirror.clean_staging(await _live_owners(settings, catalog, owner))
         async with contextlib.AsyncExitStack() as stack:
@@ -286,6 +287,19 @@ async def _heartbeat(
             log.warning("worker_row_missing", owner=owner)
         if on_heartbeat is not None:
             on_heartbeat()
+
+
+async def _forget_dead_workers(settings: Settings, catalog: Catalog) -> None:
+    """Drop the rows of processes killed long ago (they never unregister): `status`
+    shows a dead process as STALE for `forget_workers_after`, then no more.
+    Housekeeping only: a failure here must not fail the pass."""
+    try:
+        gone = await catalog.prune_workers(forget_workers_after(settings))
+    except CatalogError as exc:
+        log.warning("worker_prune_failed", error=str(exc))
+        return
+    if gone:
+        log.info("dead_workers_forgotten", owners=gone)
 
 
 async def _live_owners(settings: Settings, catalog: Catalog, own: str) -> set[str]:

@@ -171,17 +171,26 @@ class Mirror:
         await anyio.to_thread.run_sync(self._place_series_sync, staged_dir, final_dir, fsync_files)
 
     async def place_many(
-        self, moves: Sequence[tuple[Path, Path]]
+        self, moves: Sequence[tuple[Path, Path] | tuple[Path, Path, Path | None]]
     ) -> list[Exception | None]:
         """Move several fully staged series (each :meth:`sync_staged` already) into the
         mirror in one worker-thread call; per move, None or the error that stopped it.
+
+        A move is ``(staged_dir, final_dir)`` or ``(staged_dir, final_dir, moved_from)``:
+        ``moved_from`` is where the series was placed before when the archive has since
+        filed it elsewhere (another collection, patient or study). That old copy leaves
+        the tree here, before the caller commits the new path, so a crash at any point
+        leaves no copy in the tree that the catalog does not record: before the commit
+        the series is still leased (fetched again later), after it the old copy is at
+        most in the trash, which :meth:`clean_staging` empties.
 
         Crash consistency is the same as one :meth:`place_series` per move, with each
         directory fsynced once instead of once per series. Every move is still a rename
         of a whole directory (a series is absent, old or new, never mixed); the files'
         data was fsynced before (sync_staged), so no name can point at unwritten blocks;
         and every directory that got a new entry here (the parents of new directories and
-        of the placed series, the trash when an old copy was moved aside) is fsynced
+        of the placed series, the trash and the old parent when an old copy was moved
+        aside) is fsynced
         before this returns, i.e. before the caller commits "done" for any of the moves.
         A crash before those fsyncs may lose renames, but none is recorded as done yet:
         the catalog still has the series leased and it is fetched again. Old copies are
@@ -189,23 +198,33 @@ class Mirror:
         """
         return await anyio.to_thread.run_sync(self._place_many_sync, list(moves))
 
-    def _place_many_sync(self, moves: list[tuple[Path, Path]]) -> list[Exception | None]:
+    def _place_many_sync(
+        self, moves: list[tuple[Path, Path] | tuple[Path, Path, Path | None]]
+    ) -> list[Exception | None]:
         errors: list[Exception | None] = []
         created: set[Path] = set()
         dirty: set[Path] = set()
         olds: list[Path] = []
-        for staged_dir, final_dir in moves:
+
+        def move_aside(series_dir: Path) -> None:
+            # See _place_series_sync: the old copy leaves the tree whole (one rename).
+            self.trash_root.mkdir(parents=True, exist_ok=True)
+            old = self.trash_root / f"{series_dir.name}.{uuid.uuid4().hex}"
+            os.rename(series_dir, old)
+            olds.append(old)
+            dirty.update((self.trash_root, series_dir.parent))
+
+        for move in moves:
+            staged_dir, final_dir = move[0], move[1]
+            moved_from = move[2] if len(move) > 2 else None
             try:
                 _makedirs_unsynced(final_dir.parent, created)
                 dirty.add(final_dir.parent)
                 if final_dir.exists():
-                    # See _place_series_sync: the old copy leaves the tree whole.
-                    self.trash_root.mkdir(parents=True, exist_ok=True)
-                    old = self.trash_root / f"{final_dir.name}.{uuid.uuid4().hex}"
-                    os.rename(final_dir, old)
-                    olds.append(old)
-                    dirty.add(self.trash_root)
+                    move_aside(final_dir)
                 os.rename(staged_dir, final_dir)
+                if moved_from is not None and moved_from != final_dir and moved_from.is_dir():
+                    move_aside(moved_from)
                 errors.append(None)
             except OSError as exc:
                 errors.append(exc)
@@ -216,19 +235,6 @@ class Mirror:
         for old in olds:
             _rmtree(old)
         return errors
-
-    async def remove_series(self, series_dir: Path) -> None:
-        """Take a placed series out of the tree (one rename), then delete it."""
-        await anyio.to_thread.run_sync(self._remove_series_sync, series_dir)
-
-    def _remove_series_sync(self, series_dir: Path) -> None:
-        if not series_dir.is_dir():
-            return
-        self.trash_root.mkdir(parents=True, exist_ok=True)
-        old = self.trash_root / f"{series_dir.name}.{uuid.uuid4().hex}"
-        os.rename(series_dir, old)
-        _fsync_path(series_dir.parent, directory=True)
-        _rmtree(old)
 
     def _place_series_sync(self, staged_dir: Path, final_dir: Path, fsync_files: bool) -> None:
         if fsync_files:

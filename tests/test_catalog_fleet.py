@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from catalog_fixtures import make_series, make_source
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.catalog import Catalog, RunCounts
+from nbia_sync.catalog.fleet import WORKERS
+from nbia_sync.config import forget_workers_after, settings_from_dict, stale_after
 
 pytestmark = pytest.mark.asyncio
 
@@ -36,6 +41,34 @@ async def test_workers_report_heartbeat_age_and_series_in_flight(catalog: Catalo
     await catalog.unregister_worker("h:2")
     assert [w.owner for w in await catalog.workers()] == ["h:1"]
     assert not await catalog.worker_heartbeat("h:2")
+
+
+async def _set_heartbeat(catalog: Catalog, owner: str, at: datetime) -> None:
+    async def op(conn: AsyncConnection) -> None:
+        await conn.execute(update(WORKERS).where(WORKERS.c.owner == owner).values(heartbeat_at=at))
+
+    await catalog.database.run_write(op)
+
+
+async def test_prune_forgets_only_workers_silent_past_the_horizon(catalog: Catalog) -> None:
+    """kill -9 leaves a row behind: long-dead ones go, recently stale ones stay visible."""
+    now = datetime.now(UTC)
+    ages = {"live": 0, "stale": 600, "just-inside": 23 * 3600, "dead": 25 * 3600,
+            "ancient": 400 * 86400}
+    for n, (owner, age) in enumerate(ages.items()):
+        await catalog.register_worker(owner, "h", n, "run")
+        await _set_heartbeat(catalog, owner, now - timedelta(seconds=age))
+    assert sorted(await catalog.prune_workers(older_than=24 * 3600)) == ["ancient", "dead"]
+    assert sorted(w.owner for w in await catalog.workers()) == ["just-inside", "live", "stale"]
+    assert await catalog.prune_workers(older_than=24 * 3600) == []
+
+
+async def test_prune_horizon_is_a_day_or_seven_stale_periods() -> None:
+    base = {"mirror": {"root": "/m"}, "sources": [{"name": "s", "url": "http://nbia"}]}
+    quick = settings_from_dict(base, env={})
+    assert forget_workers_after(quick) == 24 * 3600 > 7 * stale_after(quick)
+    slow = settings_from_dict({**base, "transfer": {"lease_seconds": 6 * 3600}}, env={})
+    assert forget_workers_after(slow) == 7 * 6 * 3600
 
 
 async def test_registering_twice_replaces_the_row(catalog: Catalog) -> None:

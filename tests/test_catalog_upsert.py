@@ -68,6 +68,31 @@ async def test_changed_done_series_is_requeued_with_new_generation(
     assert (claim.series_uid, claim.generation, claim.attempts) == ("1", 2, 0)
 
 
+@pytest.mark.parametrize(
+    "move",
+    [{"collection": "OTHER"}, {"patient_id": "P2"}, {"study_uid": "1.2.9"}],
+    ids=["collection", "patient_id", "study_uid"],
+)
+async def test_moved_series_is_requeued_with_its_new_place(
+    catalog: Catalog, move: dict[str, Any]
+) -> None:
+    """Same SeriesInstanceUID under another collection, patient or study: the mirror
+    path changes, so the series is a change even when its files and date are not."""
+    sid = await catalog.ensure_source(make_source())
+    await catalog.upsert_series(sid, [make_series("1"), make_series("2")])
+    await _complete_all(catalog)
+    result = await catalog.upsert_series(sid, [make_series("1", **move), make_series("2")])
+    assert result == UpsertResult(changed=1, unchanged=1)
+    [claim] = await catalog.claim("w", limit=10, lease_seconds=60)
+    assert (claim.series_uid, claim.generation, claim.placed_path) == ("1", 2, "x/1")
+    where = {"collection": "COLL", "patient_id": "P1", "study_uid": "1.2.3", **move}
+    assert (claim.collection, claim.patient_id, claim.study_uid) == (
+        where["collection"], where["patient_id"], where["study_uid"])
+    # Reported again at its new place: nothing more to do.
+    assert await catalog.upsert_series(sid, [make_series("1", **move)]) == UpsertResult(
+        unchanged=1)
+
+
 async def test_omitted_attribute_is_not_a_change(catalog: Catalog) -> None:
     sid = await catalog.ensure_source(make_source())
     await catalog.upsert_series(sid, [make_series("1")])

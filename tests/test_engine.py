@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,11 @@ import anyio
 import pytest
 import pytest_asyncio
 from cli_fixtures import FAST_TRANSFER, expected_files, free_port, mirror_files
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.catalog import Catalog, SeriesState
+from nbia_sync.catalog.fleet import WORKERS
 from nbia_sync.config import Settings, settings_from_dict
 from nbia_sync.engine import (
     ERROR,
@@ -162,3 +166,22 @@ async def test_stale_staging_of_dead_owners_is_cleaned(
     (dead / "partial.dcm").write_bytes(b"half")
     await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
     assert not dead.exists()
+
+
+async def test_pass_forgets_workers_dead_for_a_day_and_keeps_recently_stale_ones(
+    sim: SimServer, catalog: Catalog, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path / "m", sim.url)
+    now = datetime.now(UTC)
+    for owner, age in (("h:1:killed-long-ago", timedelta(days=2)),
+                       ("h:2:killed-just-now", timedelta(minutes=10))):
+        await catalog.register_worker(owner, "h", 1, "run")
+
+        async def op(conn: AsyncConnection, owner: str = owner, age: timedelta = age) -> None:
+            await conn.execute(
+                update(WORKERS).where(WORKERS.c.owner == owner).values(heartbeat_at=now - age))
+
+        await catalog.database.run_write(op)
+    report = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
+    assert report.outcome == OK
+    assert [w.owner for w in await catalog.workers()] == ["h:2:killed-just-now"]

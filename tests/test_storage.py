@@ -234,3 +234,26 @@ async def test_place_many_fsyncs_each_touched_directory_once(
     for i in range(3):
         expected |= {tmp_path / "C" / f"P{i}", tmp_path / "C" / f"P{i}" / f"{i}.1"}
     assert sorted(synced) == sorted(expected)
+
+
+async def test_place_many_moves_the_old_copy_of_a_moved_series_aside_durably(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The archive re-filed the series: its old directory leaves the tree (into the
+    trash, both directories fsynced) before place_many returns, i.e. before the commit."""
+    import nbia_sync.storage as storage
+
+    m = Mirror(tmp_path)
+    before = m.series_dir("C", "P1", "1.1", "1.2")
+    await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"old"}), before)
+    after = m.series_dir("C", "P2", "2.1", "1.2")
+    synced: list[Path] = []
+    monkeypatch.setattr(storage, "_fsync_path",
+                        lambda path, *, directory=False: synced.append(path))
+    monkeypatch.setattr(storage, "_rmtree", lambda path: None)  # "crash" before deleting
+    staged = stage(m.staging_dir("me", "1.2"), {"1.dcm": b"new"})
+    assert await m.place_many([(staged, after, before)]) == [None]
+    assert tree(tmp_path) == {"C/P2/2.1/1.2/1.dcm": b"new"}
+    assert {m.trash_root, before.parent} <= set(synced)
+    monkeypatch.undo()
+    await m.clean_staging([])
+    assert not m.trash_root.exists()

@@ -397,3 +397,68 @@ async def test_refused_credentials_mid_drain_stop_it_without_failing_series(
         SeriesState.DONE, (0, 0))[0] == 8
     assert await catalog.failures() == []
     assert staging_files(tmp_path / "mirror") == []
+
+
+def tree_files(root: Path) -> set[str]:
+    """Every file of the mirror tree (the bookkeeping area aside), relative to the root."""
+    return {
+        p.relative_to(root).as_posix() for p in root.rglob("*")
+        if p.is_file() and p.relative_to(root).parts[0] != ".nbia-sync"
+    }
+
+
+async def catalog_files(catalog: Catalog) -> set[str]:
+    return {r.path async for _, recs in catalog.iter_done_instances() for r in recs}
+
+
+@pytest.mark.parametrize("move", ["patient_id", "collection", "study_uid"])
+async def test_series_moved_by_the_archive_is_placed_anew_and_the_old_copy_dropped(
+        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path,
+        move: str) -> None:
+    root = tmp_path / "mirror"
+    settings = make_settings(root, sim)
+    await queue_all(catalog, settings, sim_archive)
+    await run_drain(settings, catalog)
+    uid = next(s.uid for s in sim_archive.series.values() if s.patient_id == "SIM-CT-0001")
+    before = {f for f in tree_files(root) if f"/{uid}/" in f}
+    assert len(before) == 3
+    s = sim_archive.series[uid]
+    listed = (s.image_count, s.file_size, s.date_released)
+    # Same-length names keep the files' sizes: only the place of the series changes.
+    to = {"patient_id": "SIM-CT-0002", "collection": "SIM-MR",
+          "study_uid": "2" + s.study_uid[1:]}[move]
+    sim_archive.move_series(uid, **{move: to})
+    assert (s.image_count, s.file_size, s.date_released) == listed
+    await queue_all(catalog, settings, sim_archive)
+    report = await run_drain(settings, catalog)
+    assert (report.done, report.failed) == (1, 0)
+    # mirror_state also checks each file sits under its series' new collection/patient/study.
+    assert mirror_state(root, sim_archive) == sim_archive.truth()
+    assert not before & tree_files(root)
+    assert tree_files(root) == await catalog_files(catalog)
+
+
+async def test_crash_right_after_placing_a_moved_series_leaves_no_orphan(
+        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process dies after the commit, before anything is deleted: the tree must
+    still hold exactly what the catalog says (the old copy is out of it already, in the
+    trash, which the next start empties)."""
+    from nbia_sync import storage
+
+    root = tmp_path / "mirror"
+    settings = make_settings(root, sim)
+    await queue_all(catalog, settings, sim_archive)
+    await run_drain(settings, catalog)
+    uid = sorted(sim_archive.series)[0]
+    sim_archive.move_series(uid, patient_id="SIM-MOVED")
+    await queue_all(catalog, settings, sim_archive)
+
+    with monkeypatch.context() as m:
+        # Killed before any deletion: nothing in the trash is removed.
+        m.setattr(storage, "_rmtree", lambda path: None)
+        assert (await run_drain(settings, catalog)).done == 1
+    assert tree_files(root) == await catalog_files(catalog)
+    assert mirror_state(root, sim_archive) == sim_archive.truth()
+    await Mirror(root).clean_staging([])
+    assert not any((root / ".nbia-sync" / "trash").rglob("*"))

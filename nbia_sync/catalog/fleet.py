@@ -114,6 +114,20 @@ async def unregister_worker(db: Database, owner: str) -> None:
     await db.run_write(op)
 
 
+async def prune_workers(db: Database, older_than: float) -> list[str]:
+    """Delete the rows of workers that have not heartbeated for ``older_than`` seconds
+    (processes killed without unregistering); returns their owners."""
+
+    async def op(conn: AsyncConnection) -> list[str]:
+        cutoff = utcnow() - timedelta(seconds=older_than)
+        gone = await conn.execute(
+            delete(WORKERS).where(WORKERS.c.heartbeat_at < cutoff).returning(WORKERS.c.owner)
+        )
+        return sorted(str(owner) for owner in gone.scalars())
+
+    return await db.run_write(op)
+
+
 async def workers(db: Database) -> list[WorkerInfo]:
     async def op(conn: AsyncConnection) -> list[WorkerInfo]:
         counted = await conn.execute(

@@ -341,6 +341,9 @@ class Catalog:
     async def workers(self) -> list[WorkerInfo]:
         return await fleet.workers(self._db)
 
+    async def prune_workers(self, older_than: float) -> list[str]:
+        return await fleet.prune_workers(self._db, older_than)
+
     async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
         return await fleet.try_lock(self._db, name, owner, ttl)
 

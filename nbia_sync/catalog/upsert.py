@@ -1,7 +1,9 @@
 """Merging what discovery found into the catalog.
 
 A series is CHANGED when the archive reports a different DateReleased, ImageCount or
-FileSize (an attribute the archive omitted is "unknown", never a change). Changed series
+FileSize (an attribute the archive omitted is "unknown", never a change), or files it
+under another collection, patient or study (the series UID stays, its mirror path does
+not). Changed series
 go back to the queue with a new generation; unchanged ones are not written at all.
 Work is done in batches, comparing only each batch's UIDs, so the cost follows the size
 of the increment, not of the catalog.
@@ -70,7 +72,10 @@ def _metadata(info: SeriesInfo, now: datetime) -> dict[str, Any]:
 def is_changed(row: Any, info: SeriesInfo) -> bool:
     released = as_utc(info.date_released)
     return (
-        (released is not None and released != row.date_released)
+        # Moved: same SeriesInstanceUID, another place in the tree.
+        (info.collection, info.patient_id, info.study_uid)
+        != (row.collection, row.patient_id, row.study_uid)
+        or (released is not None and released != row.date_released)
         or (info.image_count is not None and info.image_count != row.image_count)
         or (info.file_size is not None and info.file_size != row.file_size)
     )
@@ -134,7 +139,8 @@ async def _upsert_batch(
         for row in await conn.execute(
             select(
                 SERIES.c.id, SERIES.c.series_uid, SERIES.c.state, SERIES.c.date_released,
-                SERIES.c.image_count, SERIES.c.file_size,
+                SERIES.c.image_count, SERIES.c.file_size, SERIES.c.collection,
+                SERIES.c.patient_id, SERIES.c.study_uid,
             ).where(
                 SERIES.c.source_id == source_id,
                 SERIES.c.series_uid.in_([s.series_uid for s in batch]),

@@ -7,6 +7,7 @@ are computed once, on first need, and cached.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import zlib
@@ -214,6 +215,54 @@ class SimArchive:
         s.instances = [self._new_instance(s, n + 1) for n in range(count)]
         s.date_released = released or _now()
         return s
+
+    def move_series(
+        self,
+        uid: str,
+        *,
+        collection: str | None = None,
+        patient_id: str | None = None,
+        study_uid: str | None = None,
+        released: datetime | None = None,
+    ) -> SimSeries:
+        """Re-file a series (same SeriesInstanceUID) under another collection, patient
+        and/or study, as a curator's correction does; its release date stays unless
+        ``released`` is given.
+
+        The patient (``patient_id`` in ``collection``, both defaulting to the series'
+        own) and the study (a fresh UID unless ``study_uid`` is given) are created when
+        absent; an existing ``study_uid`` alone moves the series to that study's patient.
+        The files are regenerated, as in :meth:`update_series`, so their DICOM headers
+        name the new patient and study.
+        """
+        s = self.series[uid]
+        coll = collection or s.collection
+        pid = patient_id or s.patient_id
+        study = next((st for st in self.studies if st.study_uid == study_uid), None)
+        if study is not None and (collection or patient_id) and (
+            study.patient.collection, study.patient.patient_id
+        ) != (coll, pid):
+            raise ValueError(f"study {study_uid} belongs to another patient")
+        if study is None:
+            self._ensure_collection(coll)
+            patient = next(
+                (p for p in self.patients if (p.collection, p.patient_id) == (coll, pid)), None
+            )
+            if patient is None:
+                old = s.study.patient
+                patient = dataclasses.replace(
+                    old, collection=coll, patient_id=pid, patient_name=pid
+                )
+                self.patients.append(patient)
+            study = SimStudy(
+                study_uid=study_uid or self._uid(),
+                patient=patient,
+                study_date=s.study.study_date,
+                description=s.study.description,
+            )
+            self.studies.append(study)
+        s.study = study
+        return self.update_series(uid, released=released or s.date_released)
 
     # ---- queries ---------------------------------------------------------------------
 

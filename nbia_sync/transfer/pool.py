@@ -375,9 +375,6 @@ class _Drain:
         assert item.settled
         if item.error is not None:
             raise item.error
-        if claim.placed_path and (mirror.root / claim.placed_path) != final:
-            # The archive moved the series (new patient or study): drop the old copy.
-            await mirror.remove_series(mirror.root / claim.placed_path)
 
     async def _place_batch(self, batch: list[_Placement]) -> None:
         """One transaction for ``batch``: each series re-checked under its row lock, the
@@ -404,8 +401,13 @@ class _Drain:
             ) as held:
                 ours = {c.series_id for c in held.held}
                 todo = [p for p in batch if p.claim.series_id in ours]
-                errors = await mirror.place_many(
-                    [(p.fetched.staging_dir, p.final) for p in todo])
+                # A series the archive moved leaves its old place inside place_many,
+                # before this commit: a crash can leave no unrecorded copy in the tree.
+                errors = await mirror.place_many([
+                    (p.fetched.staging_dir, p.final,
+                     mirror.root / p.claim.placed_path if p.claim.placed_path else None)
+                    for p in todo
+                ])
                 for p, err in zip(todo, errors, strict=True):
                     if err is None:
                         held.done(p.claim, p.instances, mirror.relative(p.final), p.fetched.size)
