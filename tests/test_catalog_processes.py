@@ -30,6 +30,10 @@ async def main(url, owner):
     got = []
     try:
         while claims := await catalog.claim(owner, limit=2, lease_seconds=60):
+            # Stands in for the download between a claim and its placement: a real worker
+            # never claims back to back, and SQLite's busy handler (which backs off) gives
+            # no turn to a waiting process while another re-takes the lock in a tight loop.
+            await asyncio.sleep(0.005)
             for c in claims:
                 async with catalog.placing(c, owner) as guard:
                     guard.done([InstanceRecord("1", "0" * 32, 1, "p")], "p", 1)
@@ -60,14 +64,22 @@ class _Child:
                 raise AssertionError(err.decode()[-2000:])
         return cls(proc)
 
+    async def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        await self.proc.stdin.drain()
+
     async def finish(self) -> list[str]:
-        out, err = await self.proc.communicate(b"go\n")
+        out, err = await self.proc.communicate()
         assert self.proc.returncode == 0, err.decode()[-2000:]
         return list(json.loads(out.decode().strip().splitlines()[-1]))
 
 
 async def _run_children(url: str, n: int) -> list[list[str]]:
     children = await asyncio.gather(*(_Child.start(url, f"p{i}", REPO) for i in range(n)))
+    # Every child is told to start before any result is awaited, so they start together.
+    for c in children:
+        await c.go()
     return list(await asyncio.gather(*(c.finish() for c in children)))
 
 
