@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -174,25 +175,24 @@ class Database:
 
         fn must do database work only (no network I/O to the archive): it may run twice.
         """
+        return await self._retrying(self.write, fn)
+
+    async def run_read(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        return await self._retrying(self.read, fn)
+
+    async def _retrying(
+        self,
+        transaction: Callable[[], AbstractAsyncContextManager[AsyncConnection]],
+        fn: Callable[[AsyncConnection], Awaitable[T]],
+    ) -> T:
         for attempt in range(RETRY_ATTEMPTS):
             try:
-                async with self.write() as conn:
+                async with transaction() as conn:
                     return await fn(conn)
             except DBAPIError as exc:
                 if not is_transient(exc) or attempt == RETRY_ATTEMPTS - 1:
                     raise self.error(exc) from exc
                 log.debug("catalog.retry", attempt=attempt + 1, error=type(exc.orig).__name__)
-                await asyncio.sleep(_retry_delay(attempt))
-        raise AssertionError("unreachable")
-
-    async def run_read(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        for attempt in range(RETRY_ATTEMPTS):
-            try:
-                async with self.read() as conn:
-                    return await fn(conn)
-            except DBAPIError as exc:
-                if not is_transient(exc) or attempt == RETRY_ATTEMPTS - 1:
-                    raise self.error(exc) from exc
                 await asyncio.sleep(_retry_delay(attempt))
         raise AssertionError("unreachable")
 
