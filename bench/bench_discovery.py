@@ -44,9 +44,24 @@ def _rows(n: int, source_id: int) -> Iterator[tuple[object, ...]]:
     released = RELEASED.replace(tzinfo=None).strftime(_TS)
     for i in range(n):
         yield (
-            source_id, _uid(i), f"1.2.{i // 4}", f"COLL-{i % 50}", f"P{i // 20}", "CT",
-            100, 100 * 520_000, released, "done", 0, 1, 1, 100 * 520_000, f"m/{i}",
-            released, released, released,
+            source_id,
+            _uid(i),
+            f"1.2.{i // 4}",
+            f"COLL-{i % 50}",
+            f"P{i // 20}",
+            "CT",
+            100,
+            100 * 520_000,
+            released,
+            "done",
+            0,
+            1,
+            1,
+            100 * 520_000,
+            f"m/{i}",
+            released,
+            released,
+            released,
         )
 
 
@@ -95,34 +110,48 @@ async def run(n: int, path: Path) -> None:
         step = max(1, n // 2000)
         changed = [
             SeriesInfo(
-                series_uid=_uid(i), study_uid=f"1.2.{i // 4}", collection=f"COLL-{i % 50}",
-                patient_id=f"P{i // 20}", modality="CT", image_count=100,
-                file_size=100 * 520_000, date_released=later,
+                series_uid=_uid(i),
+                study_uid=f"1.2.{i // 4}",
+                collection=f"COLL-{i % 50}",
+                patient_id=f"P{i // 20}",
+                modality="CT",
+                image_count=100,
+                file_size=100 * 520_000,
+                date_released=later,
             )
             for i in range(0, step * 2000, step)
         ]
         new = [
             SeriesInfo(
-                series_uid=_uid(n + i), study_uid=f"9.{i}", collection="COLL-NEW",
-                patient_id=f"N{i}", modality="MR", image_count=10, file_size=5_000_000,
+                series_uid=_uid(n + i),
+                study_uid=f"9.{i}",
+                collection="COLL-NEW",
+                patient_id=f"N{i}",
+                modality="MR",
+                image_count=10,
+                file_size=5_000_000,
                 date_released=later,
             )
             for i in range(1000)
         ]
         result = await timed(
-            "upsert 2,000 changed + 1,000 new", results,
+            "upsert 2,000 changed + 1,000 new",
+            results,
             catalog.upsert_series(source_id, changed + new),
         )
         await timed(
-            "upsert same 3,000 again (no change)", results,
+            "upsert same 3,000 again (no change)",
+            results,
             catalog.upsert_series(source_id, changed + new),
         )
-        await timed("claim 8 (3,000 queued)", results,
-                    catalog.claim("bench", limit=8, lease_seconds=60))
+        await timed(
+            "claim 8 (3,000 queued)", results, catalog.claim("bench", limit=8, lease_seconds=60)
+        )
         while await catalog.claim("drain", limit=500, lease_seconds=600):
             pass
-        await timed("claim 8 (nothing ready)", results,
-                    catalog.claim("bench", limit=8, lease_seconds=60))
+        await timed(
+            "claim 8 (nothing ready)", results, catalog.claim("bench", limit=8, lease_seconds=60)
+        )
         await timed("next_ready_at", results, catalog.next_ready_at())
         await timed("state_counts", results, catalog.state_counts())
     finally:

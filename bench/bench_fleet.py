@@ -94,10 +94,25 @@ async def _admin(sql: str) -> None:
 
 def start_sim(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[str], str]:
     argv = [
-        sys.executable, "-m", "nbia_sync.sim", "--seed", "7", "--collections", "BENCH-FLEET",
-        "--patients", str(args.series), "--studies", "1", "--series", "1",
-        "--images", str(args.images), "--image-size", str(args.image_size),
-        "--bandwidth", str(args.bandwidth),
+        sys.executable,
+        "-m",
+        "nbia_sync.sim",
+        "--seed",
+        "7",
+        "--collections",
+        "BENCH-FLEET",
+        "--patients",
+        str(args.series),
+        "--studies",
+        "1",
+        "--series",
+        "1",
+        "--images",
+        str(args.images),
+        "--image-size",
+        str(args.image_size),
+        "--bandwidth",
+        str(args.bandwidth),
     ]
     with open(log, "wb") as err:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -114,8 +129,13 @@ def archive_truth(args: argparse.Namespace) -> dict[Path, str]:
     from nbia_sync.sim import SimArchive
 
     archive = SimArchive.generate(
-        seed=7, collections=["BENCH-FLEET"], patients=args.series, studies=1, series=1,
-        images=args.images, image_size=args.image_size,
+        seed=7,
+        collections=["BENCH-FLEET"],
+        patients=args.series,
+        studies=1,
+        series=1,
+        images=args.images,
+        image_size=args.image_size,
     )
     truth = archive.truth()
     return {
@@ -181,8 +201,9 @@ def check_mirror(root: Path, truth: dict[Path, str]) -> int:
     return len({rel.parent for rel in truth}) - len(bad_series)
 
 
-def run_fleet(n: int, args: argparse.Namespace, url: str, work: Path,
-              truth: dict[Path, str], total_bytes: int) -> Result:
+def run_fleet(
+    n: int, args: argparse.Namespace, url: str, work: Path, truth: dict[Path, str], total_bytes: int
+) -> Result:
     name = f"nbia_fleet_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
     catalog = f"postgresql+asyncpg://postgres@{PG_HOST}:{PG_PORT}/{name}"
@@ -190,14 +211,17 @@ def run_fleet(n: int, args: argparse.Namespace, url: str, work: Path,
     try:
         config = write_config(work / f"fleet-{n}.toml", root, url, catalog, args.workers)
         # Migrate before the clock starts: the bench measures the fleet, not alembic.
-        subprocess.run([*ENGINE, "-c", str(config), "status"],
-                       cwd=REPO, check=True, capture_output=True)
+        subprocess.run(
+            [*ENGINE, "-c", str(config), "status"], cwd=REPO, check=True, capture_output=True
+        )
         logs = [open(work / f"fleet-{n}-{i}.err", "wb") for i in range(n)]  # noqa: SIM115
         t0 = time.time()
         procs = [
             subprocess.Popen(
                 [*ENGINE, "-c", str(config), "sync"],
-                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
             )
             for log in logs
         ]
@@ -212,8 +236,9 @@ def run_fleet(n: int, args: argparse.Namespace, url: str, work: Path,
     finally:
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         shutil.rmtree(root, ignore_errors=True)
-    return Result(n, wall, span, work, total_bytes, right, len({r.parent for r in truth}),
-                  twice, codes)
+    return Result(
+        n, wall, span, work, total_bytes, right, len({r.parent for r in truth}), twice, codes
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     # The bench reads the catalogs itself: keep the library's debug lines off the table.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if not pg_reachable():
-        print(f"bench_fleet: skipped: PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} "
-              "(a fleet needs a PostgreSQL catalog)")
+        print(
+            f"bench_fleet: skipped: PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} "
+            "(a fleet needs a PostgreSQL catalog)"
+        )
         return 0
 
     truth = archive_truth(args)
@@ -248,10 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         sim, url = start_sim(args, work / "sim.log")
         try:
-            print(f"archive: {args.series} series x {args.images} images x "
-                  f"{args.image_size / MB:.2f} MB = {total_bytes / MB:.0f} MB; "
-                  f"{args.bandwidth / MB:g} MB/s per stream; {args.workers} workers per process",
-                  flush=True)
+            print(
+                f"archive: {args.series} series x {args.images} images x "
+                f"{args.image_size / MB:.2f} MB = {total_bytes / MB:.0f} MB; "
+                f"{args.bandwidth / MB:g} MB/s per stream; {args.workers} workers per process",
+                flush=True,
+            )
             results: list[Result] = []
             for n in sizes:
                 results.append(run_fleet(n, args, url, work, truth, total_bytes))
@@ -262,19 +291,22 @@ def main(argv: list[str] | None = None) -> int:
             sim.wait(timeout=15)
     base, work_base = results[0].rate, results[0].work_rate
     print()
-    print(f"{'procs':>5} {'wall s':>7} {'span s':>7} {'work s':>7} {'MB/s':>6} {'linear':>7} "
-          f"{'w-lin':>6} {'ideal':>6} {'right':>7} {'twice':>5}")
+    print(
+        f"{'procs':>5} {'wall s':>7} {'span s':>7} {'work s':>7} {'MB/s':>6} {'linear':>7} "
+        f"{'w-lin':>6} {'ideal':>6} {'right':>7} {'twice':>5}"
+    )
     for r in results:
         linear = r.rate / (r.procs * base)
         work_linear = r.work_rate / (r.procs * work_base)
         ideal = (r.bytes / (r.procs * args.workers * args.bandwidth)) / r.wall
-        print(f"{r.procs:>5} {r.wall:>7.1f} {r.span:>7.1f} {r.work:>7.1f} {r.rate / MB:>6.2f} "
-              f"{linear:>7.2f} {work_linear:>6.2f} {ideal:>6.2f} {r.right:>3}/{r.series:<3} "
-              f"{r.twice:>5}")
+        print(
+            f"{r.procs:>5} {r.wall:>7.1f} {r.span:>7.1f} {r.work:>7.1f} {r.rate / MB:>6.2f} "
+            f"{linear:>7.2f} {work_linear:>6.2f} {ideal:>6.2f} {r.right:>3}/{r.series:<3} "
+            f"{r.twice:>5}"
+        )
     ok = all(r.right == r.series and r.twice == 0 and set(r.codes) == {0} for r in results)
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

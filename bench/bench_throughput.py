@@ -91,20 +91,44 @@ def cases(quick: bool) -> list[Case]:
     small, latency_series, huge_images = (100, 24, 40) if quick else (500, 96, 400)
     reference = arch(48, 8, 128_000, 2)
     return [
-        Case("small", f"{small} series x 1 file of 20 KB", arch(small, 1, 20_000, 1),
-             latency=0.0, bandwidth=2 * MB),
-        Case("reference", "48 series x 8 files of 128 KB, 50 ms (nbia-api.md's setup)",
-             reference, latency=0.05, bandwidth=2 * MB),
-        Case("latency", f"{latency_series} series x 4 files of 128 KB, 200 ms",
-             arch(latency_series, 4, 128_000, 3), latency=0.2, bandwidth=2 * MB),
-        Case("faults", "the reference setup with 20% truncated + 20% corrupt + 10% reset",
-             {**reference, "seed": 5}, latency=0.05, bandwidth=2 * MB,
-             faults={"truncate": 0.2, "corrupt": 0.2, "reset": 0.1, "seed": 11}),
-        Case("huge",
-             f"3 series x {huge_images} files of 5 MB ({huge_images * 5 / 1000:g} GB each)",
-             arch(3, huge_images, 5 * MB, 4), latency=0.0, bandwidth=40 * MB,
-             # Hashing 6 GB afterwards takes minutes; the quick run still checks it.
-             check=quick),
+        Case(
+            "small",
+            f"{small} series x 1 file of 20 KB",
+            arch(small, 1, 20_000, 1),
+            latency=0.0,
+            bandwidth=2 * MB,
+        ),
+        Case(
+            "reference",
+            "48 series x 8 files of 128 KB, 50 ms (nbia-api.md's setup)",
+            reference,
+            latency=0.05,
+            bandwidth=2 * MB,
+        ),
+        Case(
+            "latency",
+            f"{latency_series} series x 4 files of 128 KB, 200 ms",
+            arch(latency_series, 4, 128_000, 3),
+            latency=0.2,
+            bandwidth=2 * MB,
+        ),
+        Case(
+            "faults",
+            "the reference setup with 20% truncated + 20% corrupt + 10% reset",
+            {**reference, "seed": 5},
+            latency=0.05,
+            bandwidth=2 * MB,
+            faults={"truncate": 0.2, "corrupt": 0.2, "reset": 0.1, "seed": 11},
+        ),
+        Case(
+            "huge",
+            f"3 series x {huge_images} files of 5 MB ({huge_images * 5 / 1000:g} GB each)",
+            arch(3, huge_images, 5 * MB, 4),
+            latency=0.0,
+            bandwidth=40 * MB,
+            # Hashing 6 GB afterwards takes minutes; the quick run still checks it.
+            check=quick,
+        ),
     ]
 
 

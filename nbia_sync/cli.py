@@ -54,20 +54,31 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     default: Any = None if top else argparse.SUPPRESS
     count_default: Any = 0 if top else argparse.SUPPRESS
     parser.add_argument(
-        "-c", "--config", metavar="PATH", default=default,
+        "-c",
+        "--config",
+        metavar="PATH",
+        default=default,
         help=f"configuration file (default: $NBIA_SYNC_CONFIG, else ./{DEFAULT_CONFIG})",
     )
     parser.add_argument(
-        "--log-format", choices=("auto", "json", "console"), default=default,
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default=default,
         help="log lines as JSON or readable text; auto: JSON unless stderr is a terminal "
         "(default: logging.format from the config)",
     )
     parser.add_argument(
-        "-v", "--verbose", action="count", default=count_default,
+        "-v",
+        "--verbose",
+        action="count",
+        default=count_default,
         help="more log output (repeatable); also prints tracebacks of unexpected errors",
     )
     parser.add_argument(
-        "-q", "--quiet", action="count", default=count_default,
+        "-q",
+        "--quiet",
+        action="count",
+        default=count_default,
         help="less log output (repeatable)",
     )
 
@@ -92,56 +103,80 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command(
-        "sync", cmd_sync, "One pass: discover new and changed series, then download until "
-        "the queue is empty",
+        "sync",
+        cmd_sync,
+        "One pass: discover new and changed series, then download until the queue is empty",
         "Exit 0 when every wanted series is mirrored and verified, 1 when some failed "
         "permanently (see `status`, `retry-failed`), 2 when a source or the catalog cannot "
         "be used. Ctrl-C stops cleanly (exit 130); what was placed stays and the next run "
         "resumes.",
     )
     command(
-        "daemon", cmd_daemon, "Sync every schedule.poll_interval seconds until stopped",
+        "daemon",
+        cmd_daemon,
+        "Sync every schedule.poll_interval seconds until stopped",
         "Serves /healthz and /metrics (Prometheus) on daemon.listen_host:listen_port. "
         "SIGTERM or SIGINT stops it cleanly (downloads cancelled, leases released) with "
         "exit 0.",
     )
     p = command(
-        "status", cmd_status, "Show series per state, the last run, recent failures and "
-        "the fleet's processes", "Reads the catalog only; safe while other commands run.",
+        "status",
+        cmd_status,
+        "Show series per state, the last run, recent failures and the fleet's processes",
+        "Reads the catalog only; safe while other commands run.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--failures", type=int, default=20, metavar="N",
-                   help="recent failures to show (default 20)")
+    p.add_argument(
+        "--failures", type=int, default=20, metavar="N", help="recent failures to show (default 20)"
+    )
     p = command(
-        "verify", cmd_verify, "Re-hash every file in the mirror against the catalog",
+        "verify",
+        cmd_verify,
+        "Re-hash every file in the mirror against the catalog",
         "Lists each problem as missing, differs, extra (not in the catalog) or error. "
         "Exit 0 when clean, 1 when any problem is found.",
     )
-    p.add_argument("--threads", type=int, default=2, metavar="N",
-                   help="files hashed at once (default 2)")
+    p.add_argument(
+        "--threads", type=int, default=2, metavar="N", help="files hashed at once (default 2)"
+    )
     p = command(
-        "add-manifest", cmd_add_manifest, "Add the series of a TCIA portal manifest "
-        "(.tcia) to the catalog", "Each series is looked up at the archive (getSeries) and "
+        "add-manifest",
+        cmd_add_manifest,
+        "Add the series of a TCIA portal manifest (.tcia) to the catalog",
+        "Each series is looked up at the archive (getSeries) and "
         "queued; the next `sync` downloads them. Exit 1 when the archive does not know some "
         "of them (each is listed).",
     )
     p.add_argument("manifest", metavar="FILE.tcia", type=Path, help="the manifest file")
-    p.add_argument("--source", metavar="NAME",
-                   help="the configured source to use (default: the only one, or the one "
-                   "whose url matches the manifest's downloadServerUrl)")
+    p.add_argument(
+        "--source",
+        metavar="NAME",
+        help="the configured source to use (default: the only one, or the one "
+        "whose url matches the manifest's downloadServerUrl)",
+    )
     command(
-        "retry-failed", cmd_retry_failed, "Put every failed series back in the queue",
+        "retry-failed",
+        cmd_retry_failed,
+        "Put every failed series back in the queue",
         "Their attempt counters restart; run `sync` afterwards.",
     )
     p = command(
-        "demo", cmd_demo, "Offline demo: start the built-in NBIA simulator and mirror it",
+        "demo",
+        cmd_demo,
+        "Offline demo: start the built-in NBIA simulator and mirror it",
         "Needs no configuration and no network. The mirror and its catalog go to DIR; "
         "running it again shows that a finished mirror is left as it is.",
     )
-    p.add_argument("--dir", type=Path, default=Path("demo"), metavar="DIR",
-                   help="where the demo mirror goes (default ./demo)")
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("demo"),
+        metavar="DIR",
+        help="where the demo mirror goes (default ./demo)",
+    )
     p = sub.add_parser(
-        "simulate", help="Serve the built-in NBIA simulator (tests, benchmarks, demos)",
+        "simulate",
+        help="Serve the built-in NBIA simulator (tests, benchmarks, demos)",
         description="Serve a generated archive over the NBIA REST API on loopback until "
         "SIGINT/SIGTERM; prints its root URL. Needs no configuration file.",
     )
@@ -301,7 +336,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         catalog = await _open_catalog(settings)
         try:
             report = await verify_mirror(
-                catalog, settings.mirror.root, threads=max(1, args.threads),
+                catalog,
+                settings.mirror.root,
+                threads=max(1, args.threads),
                 on_problem=lambda p: print(p, flush=True),
             )
         finally:
@@ -311,7 +348,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"({human_bytes(report.bytes)}); {report.count('missing')} missing, "
             f"{report.count('differs')} differ, {report.count('extra')} extra, "
             f"{report.count('error')} errors",
-            file=sys.stderr, flush=True,
+            file=sys.stderr,
+            flush=True,
         )
         return EXIT_OK if report.ok else EXIT_FAILURES
 
@@ -360,9 +398,7 @@ def cmd_add_manifest(args: argparse.Namespace) -> int:
     return EXIT_FAILURES if code is None else code
 
 
-def pick_source(
-    settings: Settings, name: str | None, manifest_url: str | None
-) -> SourceSettings:
+def pick_source(settings: Settings, name: str | None, manifest_url: str | None) -> SourceSettings:
     """--source NAME, else the only source, else the one serving the manifest's URL."""
     from nbia_sync.errors import ConfigError
 
@@ -434,6 +470,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(str(cause) or type(cause).__name__)
         if args.verbose:
             traceback.print_exc()
-        return _fail(f"unexpected {type(exc).__name__}: {exc} (run with -v for details)",
-                     EXIT_SOFTWARE)
-
+        return _fail(
+            f"unexpected {type(exc).__name__}: {exc} (run with -v for details)", EXIT_SOFTWARE
+        )

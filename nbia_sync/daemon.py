@@ -195,7 +195,11 @@ async def _one_pass(
     error: str | None = None
     try:
         report = await run_pass(
-            settings, catalog, progress=progress, stop=stop, command="daemon",
+            settings,
+            catalog,
+            progress=progress,
+            stop=stop,
+            command="daemon",
             on_heartbeat=health.beat,
         )
     except Exception as exc:  # the daemon outlives a bad pass; /healthz says so

@@ -26,8 +26,13 @@ from nbia_sync.verify import verify_mirror
 def demo_archive() -> SimArchive:
     """Small enough for seconds on a laptop, large enough to show concurrency."""
     return SimArchive.generate(
-        seed=0, collections=("DEMO-CT", "DEMO-MR"), patients=3, studies=1, series=2,
-        images=4, image_size=64 * 1024,
+        seed=0,
+        collections=("DEMO-CT", "DEMO-MR"),
+        patients=3,
+        studies=1,
+        series=2,
+        images=4,
+        image_size=64 * 1024,
     )
 
 

@@ -267,18 +267,24 @@ async def discover(
         since = (watermark - timedelta(days=schedule.overlap_days)).date()
         await work.increments(collections, since)
     # Only now, with every batch committed, may the watermark move forward.
-    newest = work.newest if watermark is None or work.newest is None else max(
-        watermark, work.newest
+    newest = (
+        work.newest if watermark is None or work.newest is None else max(watermark, work.newest)
     )
     newest = _not_after(newest, started)
     await catalog.set_watermark(source_id, newest, full_listing=full)
     report = DiscoveryReport(
-        new=work.result.new, changed=work.result.changed, unchanged=work.result.unchanged,
+        new=work.result.new,
+        changed=work.result.changed,
+        unchanged=work.result.unchanged,
         full=full,
     )
     log.info(
-        "discovery.done", source=source.name, full=full, new=report.new,
-        changed=report.changed, unchanged=report.unchanged,
+        "discovery.done",
+        source=source.name,
+        full=full,
+        new=report.new,
+        changed=report.changed,
+        unchanged=report.unchanged,
         watermark=newest.isoformat() if newest else None,
     )
     return report

@@ -145,8 +145,13 @@ async def run_pass(
             if not stop.is_set():
                 try:
                     report = await drain(
-                        settings=settings, catalog=catalog, clients=clients, mirror=mirror,
-                        owner=owner, progress=progress, stop=stop,
+                        settings=settings,
+                        catalog=catalog,
+                        clients=clients,
+                        mirror=mirror,
+                        owner=owner,
+                        progress=progress,
+                        stop=stop,
                     )
                 except AuthError as exc:
                     # The token could not be renewed mid-drain (password revoked, login
@@ -169,10 +174,21 @@ async def run_pass(
         # Shielded: a cancelled pass must still give its work back to the fleet.
         try:
             await asyncio.shield(
-                _close_pass(catalog, run_id, owner, held_locks, outcome, counts,
-                            RunCounts(discovered=discovered, queued=_queued(counts), done=done,
-                                      failed=_count(counts, SeriesState.FAILED),
-                                      bytes=placed_bytes))
+                _close_pass(
+                    catalog,
+                    run_id,
+                    owner,
+                    held_locks,
+                    outcome,
+                    counts,
+                    RunCounts(
+                        discovered=discovered,
+                        queued=_queued(counts),
+                        done=done,
+                        failed=_count(counts, SeriesState.FAILED),
+                        bytes=placed_bytes,
+                    ),
+                )
             )
         except CatalogError as exc:
             # Likely the error that stopped the pass again; leases and the worker row
@@ -180,14 +196,32 @@ async def run_pass(
             log.error("pass_close_failed", run_id=run_id, error=str(exc))
             outcome, error = ERROR, error or str(exc)
     duration = time.monotonic() - t0
-    log.info("pass_finished", run_id=run_id, outcome=outcome, discovered=discovered, done=done,
-             bytes=placed_bytes, failed=_count(counts, SeriesState.FAILED),
-             seconds=round(duration, 3))
+    log.info(
+        "pass_finished",
+        run_id=run_id,
+        outcome=outcome,
+        discovered=discovered,
+        done=done,
+        bytes=placed_bytes,
+        failed=_count(counts, SeriesState.FAILED),
+        seconds=round(duration, 3),
+    )
     return PassReport(
-        run_id=run_id, owner=owner, command=command, outcome=outcome, started_at=started_at,
-        duration=duration, discovered=discovered, done=done, files=files,
-        failed=_count(counts, SeriesState.FAILED), remaining=_queued(counts), bytes=placed_bytes,
-        discovery_skipped=tuple(skipped), error=error, state_counts=counts,
+        run_id=run_id,
+        owner=owner,
+        command=command,
+        outcome=outcome,
+        started_at=started_at,
+        duration=duration,
+        discovered=discovered,
+        done=done,
+        files=files,
+        failed=_count(counts, SeriesState.FAILED),
+        remaining=_queued(counts),
+        bytes=placed_bytes,
+        discovery_skipped=tuple(skipped),
+        error=error,
+        state_counts=counts,
     )
 
 
@@ -212,15 +246,19 @@ async def _discover_source(
     source_id = await catalog.ensure_source(source)
     while True:
         if await _discovered_by_fleet(settings, catalog, source_id):
-            log.info("discovery_skipped", source=source.name,
-                     reason="discovered by another process of this fleet")
+            log.info(
+                "discovery_skipped",
+                source=source.name,
+                reason="discovered by another process of this fleet",
+            )
             return None
         if await catalog.try_lock(lock, owner, _lock_ttl(settings)):
             break
         holder = await catalog.lock_holder(lock)
         if holder is not None and not await _is_live(settings, catalog, holder):
-            log.info("discovery_skipped", source=source.name,
-                     reason="another process holds the lock")
+            log.info(
+                "discovery_skipped", source=source.name, reason="another process holds the lock"
+            )
             return None
         if stop.is_set():
             return None
@@ -231,8 +269,11 @@ async def _discover_source(
     try:
         if await _discovered_by_fleet(settings, catalog, source_id):
             # Committed between our check and our lock: do not repeat it.
-            log.info("discovery_skipped", source=source.name,
-                     reason="discovered by another process of this fleet")
+            log.info(
+                "discovery_skipped",
+                source=source.name,
+                reason="discovered by another process of this fleet",
+            )
             return None
         report = await discover(catalog, client, source, source_id, settings.schedule)
     except (ArchiveError, aiohttp.ClientError, OSError, TimeoutError) as exc:

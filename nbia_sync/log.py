@@ -166,4 +166,3 @@ def level_from_flags(configured: str, verbose: int, quiet: int) -> str:
     order = ["debug", "info", "warning", "error"]
     index = order.index(configured) if configured in order else 1
     return order[max(0, min(len(order) - 1, index - verbose + quiet))]
-

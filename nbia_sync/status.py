@@ -37,25 +37,43 @@ async def collect_status(
             state.value: dict(zip(("count", "bytes"), counts.get(state, (0, 0)), strict=True))
             for state in SeriesState
         },
-        "last_run": None if run is None else {
-            "run_id": run.run_id, "owner": run.owner, "command": run.command,
-            "started_at": _iso(run.started_at), "finished_at": _iso(run.finished_at),
-            "outcome": run.outcome, "discovered": run.discovered, "queued": run.queued,
-            "done": run.done, "failed": run.failed, "bytes": run.bytes,
+        "last_run": None
+        if run is None
+        else {
+            "run_id": run.run_id,
+            "owner": run.owner,
+            "command": run.command,
+            "started_at": _iso(run.started_at),
+            "finished_at": _iso(run.finished_at),
+            "outcome": run.outcome,
+            "discovered": run.discovered,
+            "queued": run.queued,
+            "done": run.done,
+            "failed": run.failed,
+            "bytes": run.bytes,
         },
         "failures": [
             {
-                "series_uid": f.series_uid, "source": f.source_name, "collection": f.collection,
-                "state": f.state.value, "attempts": f.attempts, "last_error": f.last_error,
+                "series_uid": f.series_uid,
+                "source": f.source_name,
+                "collection": f.collection,
+                "state": f.state.value,
+                "attempts": f.attempts,
+                "last_error": f.last_error,
                 "next_try_at": _iso(f.next_try_at),
             }
             for f in await catalog.failures(limit=failures)
         ],
         "workers": [
             {
-                "owner": w.owner, "host": w.host, "pid": w.pid, "run_id": w.run_id,
-                "started_at": _iso(w.started_at), "heartbeat_at": _iso(w.heartbeat_at),
-                "heartbeat_age": round(w.heartbeat_age, 1), "in_flight": w.in_flight,
+                "owner": w.owner,
+                "host": w.host,
+                "pid": w.pid,
+                "run_id": w.run_id,
+                "started_at": _iso(w.started_at),
+                "heartbeat_at": _iso(w.heartbeat_at),
+                "heartbeat_age": round(w.heartbeat_age, 1),
+                "in_flight": w.in_flight,
                 # Stale: no heartbeat for as long as a lease lasts: the process is gone.
                 "alive": w.heartbeat_age < limit,
             }

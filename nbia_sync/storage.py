@@ -137,9 +137,7 @@ class Mirror:
 
     # -- layout -------------------------------------------------------------------
 
-    def series_dir(
-        self, collection: str, patient_id: str, study_uid: str, series_uid: str
-    ) -> Path:
+    def series_dir(self, collection: str, patient_id: str, study_uid: str, series_uid: str) -> Path:
         parts = (collection, patient_id, study_uid, series_uid)
         return self.root.joinpath(*(safe_part(p) for p in parts))
 

@@ -139,8 +139,12 @@ async def verify_mirror(
         if rel not in known:
             record(Problem("extra", rel))
     log.info(
-        "verify_finished", checked=report.checked, matched=report.matched,
-        missing=report.count("missing"), differs=report.count("differs"),
-        extra=report.count("extra"), errors=report.count("error"),
+        "verify_finished",
+        checked=report.checked,
+        matched=report.matched,
+        missing=report.count("missing"),
+        differs=report.count("differs"),
+        extra=report.count("extra"),
+        errors=report.count("error"),
     )
     return report

@@ -99,7 +99,12 @@ def make_series(
     modality: str = "CT",
 ) -> SeriesInfo:
     return SeriesInfo(
-        series_uid=uid, study_uid=study_uid, collection=collection, patient_id=patient_id,
-        modality=modality, image_count=image_count, file_size=file_size,
+        series_uid=uid,
+        study_uid=study_uid,
+        collection=collection,
+        patient_id=patient_id,
+        modality=modality,
+        image_count=image_count,
+        file_size=file_size,
         date_released=released or datetime(2024, 1, 1, tzinfo=UTC),
     )

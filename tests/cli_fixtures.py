@@ -30,9 +30,15 @@ STATE = ".nbia-sync"
 
 # Fast retries and short leases: tests wait for nothing.
 FAST_TRANSFER: dict[str, Any] = {
-    "workers": 4, "max_attempts": 3, "retry_base_delay": 0.01, "retry_max_delay": 0.05,
-    "request_attempts": 3, "connect_timeout": 2.0, "read_timeout": 5.0,
-    "lease_seconds": 10.0, "heartbeat_interval": 0.5,
+    "workers": 4,
+    "max_attempts": 3,
+    "retry_base_delay": 0.01,
+    "retry_max_delay": 0.05,
+    "request_attempts": 3,
+    "connect_timeout": 2.0,
+    "read_timeout": 5.0,
+    "lease_seconds": 10.0,
+    "heartbeat_interval": 0.5,
 }
 
 
@@ -111,8 +117,13 @@ async def run_subprocess(
 ) -> Completed:
     """`python -m nbia_sync ARGV` as a real process."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nbia_sync", *argv, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "nbia_sync",
+        *argv,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )
     try:
@@ -136,8 +147,9 @@ class SimMirror:
 
 
 @pytest_asyncio.fixture
-async def sim_mirror(sim: SimServer, sim_archive: SimArchive, tmp_path: Path
-                     ) -> AsyncIterator[SimMirror]:
+async def sim_mirror(
+    sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> AsyncIterator[SimMirror]:
     root = tmp_path / "mirror"
     config = write_config(tmp_path / "nbia-sync.toml", root, sim.url)
     yield SimMirror(sim, sim_archive, root, config)

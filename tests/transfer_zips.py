@@ -51,23 +51,53 @@ def build_zip(entries: list[Entry], *, central: bool = True) -> bytes:
             if e.zip64:
                 extra = struct.pack("<HHQQ", 1, 16, 0, 0)
         offset = len(out)
-        out += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 45 if e.zip64 else 20, flags,
-                           e.method, 0, 0x21, hdr_crc, hdr_c, hdr_u, len(name), len(extra))
+        out += struct.pack(
+            "<4sHHHHHIIIHH",
+            b"PK\x03\x04",
+            45 if e.zip64 else 20,
+            flags,
+            e.method,
+            0,
+            0x21,
+            hdr_crc,
+            hdr_c,
+            hdr_u,
+            len(name),
+            len(extra),
+        )
         out += name + extra + payload
         if e.descriptor:
             if e.descriptor_sig:
                 out += b"PK\x07\x08"
             fmt = "<IQQ" if e.zip64 else "<III"
             out += struct.pack(fmt, crc, len(payload), len(e.data))
-        cd += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", (e.create_system << 8) | 20,
-                          20, flags, e.method, 0, 0x21, crc, len(payload), len(e.data),
-                          len(name), 0, 0, 0, 0, e.external_attr, offset)
+        cd += struct.pack(
+            "<4sHHHHHHIIIHHHHHII",
+            b"PK\x01\x02",
+            (e.create_system << 8) | 20,
+            20,
+            flags,
+            e.method,
+            0,
+            0x21,
+            crc,
+            len(payload),
+            len(e.data),
+            len(name),
+            0,
+            0,
+            0,
+            0,
+            e.external_attr,
+            offset,
+        )
         cd += name
     if central:
         start = len(out)
         out += cd
-        out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(entries), len(entries),
-                           len(cd), start, 0)
+        out += struct.pack(
+            "<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(entries), len(entries), len(cd), start, 0
+        )
     return bytes(out)
 
 

@@ -125,8 +125,14 @@ def upgrade() -> None:
         sa.Column(
             "state",
             sa.Enum(
-                "wanted", "pending", "downloading", "done", "failed",
-                name="series_state", native_enum=False, length=16,
+                "wanted",
+                "pending",
+                "downloading",
+                "done",
+                "failed",
+                name="series_state",
+                native_enum=False,
+                length=16,
             ),
             nullable=False,
         ),

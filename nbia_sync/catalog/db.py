@@ -98,8 +98,9 @@ def create_engine(url: str) -> AsyncEngine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise CatalogError("invalid catalog URL (expected sqlite+aiosqlite:// or "
-                           "postgresql+asyncpg://)") from None
+        raise CatalogError(
+            "invalid catalog URL (expected sqlite+aiosqlite:// or postgresql+asyncpg://)"
+        ) from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if parsed.get_driver_name() != "aiosqlite":
@@ -198,8 +199,7 @@ class Database:
 
     def error(self, exc: DBAPIError) -> CatalogError:
         """``exc`` as the CatalogError callers handle: where the catalog is, and why."""
-        return CatalogError(
-            f"catalog error ({describe_url(self.url)}): {_reason(exc, self.url)}")
+        return CatalogError(f"catalog error ({describe_url(self.url)}): {_reason(exc, self.url)}")
 
     @contextlib.asynccontextmanager
     async def catalog_errors(self) -> AsyncIterator[None]:

@@ -39,8 +39,15 @@ async def start_run(db: Database, owner: str, command: str, run_id: str | None =
     async def op(conn: AsyncConnection) -> None:
         await conn.execute(
             insert(RUNS).values(
-                run_id=run_id, owner=owner, command=command, started_at=utcnow(),
-                discovered=0, queued=0, done=0, failed=0, bytes=0,
+                run_id=run_id,
+                owner=owner,
+                command=command,
+                started_at=utcnow(),
+                discovered=0,
+                queued=0,
+                done=0,
+                failed=0,
+                bytes=0,
             )
         )
 
@@ -54,8 +61,13 @@ async def finish_run(db: Database, run_id: str, outcome: str, counts: RunCounts)
             update(RUNS)
             .where(RUNS.c.run_id == run_id)
             .values(
-                finished_at=utcnow(), outcome=outcome, discovered=counts.discovered,
-                queued=counts.queued, done=counts.done, failed=counts.failed, bytes=counts.bytes,
+                finished_at=utcnow(),
+                outcome=outcome,
+                discovered=counts.discovered,
+                queued=counts.queued,
+                done=counts.done,
+                failed=counts.failed,
+                bytes=counts.bytes,
             )
         )
 
@@ -70,9 +82,17 @@ async def last_run(db: Database) -> RunInfo | None:
         if row is None:
             return None
         return RunInfo(
-            run_id=row.run_id, owner=row.owner, command=row.command, started_at=row.started_at,
-            finished_at=row.finished_at, outcome=row.outcome, discovered=row.discovered,
-            queued=row.queued, done=row.done, failed=row.failed, bytes=row.bytes,
+            run_id=row.run_id,
+            owner=row.owner,
+            command=row.command,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            outcome=row.outcome,
+            discovered=row.discovered,
+            queued=row.queued,
+            done=row.done,
+            failed=row.failed,
+            bytes=row.bytes,
         )
 
     return await db.run_read(op)
@@ -140,7 +160,11 @@ async def workers(db: Database) -> list[WorkerInfo]:
         now = utcnow()
         return [
             WorkerInfo(
-                owner=r.owner, host=r.host, pid=r.pid, run_id=r.run_id, started_at=r.started_at,
+                owner=r.owner,
+                host=r.host,
+                pid=r.pid,
+                run_id=r.run_id,
+                started_at=r.started_at,
                 heartbeat_at=r.heartbeat_at,
                 heartbeat_age=max(0.0, (now - r.heartbeat_at).total_seconds()),
                 in_flight=in_flight.get(r.owner, 0),

@@ -43,6 +43,8 @@ class SeriesState(enum.StrEnum):
     DOWNLOADING = "downloading"  # claimed by lease_owner until lease_expires_at
     DONE = "done"  # placed in the mirror and verified
     FAILED = "failed"  # gave up: permanent error or attempts exhausted
+    WITHDRAWN = "withdrawn"  # a full listing of its collection no longer returns it
+    CONFLICT = "conflict"  # its UID is also listed under another path or source (see conflict)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -150,8 +152,13 @@ class Series(Base):
 
     # Local state.
     state: Mapped[SeriesState] = mapped_column(
-        Enum(SeriesState, name="series_state", native_enum=False, length=16,
-             values_callable=lambda e: [m.value for m in e]),
+        Enum(
+            SeriesState,
+            name="series_state",
+            native_enum=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        ),
         default=SeriesState.WANTED,
     )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -165,6 +172,10 @@ class Series(Base):
     bytes: Mapped[int | None] = mapped_column(BigInteger)  # bytes placed in the mirror
     placed_path: Mapped[str | None] = mapped_column(Text)  # relative to the mirror root
     placed_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+    withdrawn_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+    conflict: Mapped[str | None] = mapped_column(Text)  # why it is held back (state conflict)
+    # Files the archive published no MD5 for: accepted on the other checks, counted.
+    unverified_files: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     discovered_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
     updated_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
 
@@ -204,6 +215,7 @@ class SyncRun(Base):
     done: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # bad records
 
 
 class Worker(Base):
@@ -217,6 +229,8 @@ class Worker(Base):
     run_id: Mapped[str] = mapped_column(String(64))
     started_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
     heartbeat_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
+    # The OS's start time of the process (Linux: ticks since boot), to tell a reused PID.
+    process_start: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Lock(Base):

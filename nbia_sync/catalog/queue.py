@@ -40,9 +40,18 @@ INSTANCES = cast(Table, Instance.__table__)
 MAX_ERROR_CHARS = 2000
 
 _CLAIM_COLUMNS = (
-    SERIES.c.id, SERIES.c.source_id, SERIES.c.series_uid, SERIES.c.study_uid,
-    SERIES.c.collection, SERIES.c.patient_id, SERIES.c.modality, SERIES.c.image_count,
-    SERIES.c.file_size, SERIES.c.generation, SERIES.c.attempts, SERIES.c.placed_path,
+    SERIES.c.id,
+    SERIES.c.source_id,
+    SERIES.c.series_uid,
+    SERIES.c.study_uid,
+    SERIES.c.collection,
+    SERIES.c.patient_id,
+    SERIES.c.modality,
+    SERIES.c.image_count,
+    SERIES.c.file_size,
+    SERIES.c.generation,
+    SERIES.c.attempts,
+    SERIES.c.placed_path,
 )
 # Columns that end a lease and return the series to the queue.
 _UNLEASED: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
@@ -99,9 +108,9 @@ def _ready_queries(now: datetime) -> list[Select[Any]]:
     Backed-off retries first (they have waited), then expired leases, then new work.
     """
     return [
-        select(SERIES.c.id).where(
-            SERIES.c.state == SeriesState.PENDING, SERIES.c.next_try_at <= now
-        ).order_by(SERIES.c.next_try_at),
+        select(SERIES.c.id)
+        .where(SERIES.c.state == SeriesState.PENDING, SERIES.c.next_try_at <= now)
+        .order_by(SERIES.c.next_try_at),
         select(SERIES.c.id).where(
             SERIES.c.state == SeriesState.DOWNLOADING, SERIES.c.lease_expires_at < now
         ),
@@ -118,7 +127,8 @@ async def _source_names(
     missing = [i for i in ids if i not in cache]
     if missing:
         rows = await conn.execute(
-            select(SOURCES.c.id, SOURCES.c.name).where(SOURCES.c.id.in_(missing)))
+            select(SOURCES.c.id, SOURCES.c.name).where(SOURCES.c.id.in_(missing))
+        )
         cache.update({int(i): str(n) for i, n in rows})
     return cache
 
@@ -156,8 +166,7 @@ async def _claim_in(
     leased = dict(
         # Reclaiming an expired lease counts as an attempt: a series that kills its
         # worker must not be retried forever.
-        attempts=SERIES.c.attempts
-        + case((SERIES.c.state == SeriesState.DOWNLOADING, 1), else_=0),
+        attempts=SERIES.c.attempts + case((SERIES.c.state == SeriesState.DOWNLOADING, 1), else_=0),
         state=SeriesState.DOWNLOADING,
         lease_owner=owner,
         lease_expires_at=now + timedelta(seconds=lease_seconds),
@@ -172,8 +181,10 @@ async def _claim_in(
         ready = union_all(*parts).limit(limit)
         rows = (
             await conn.execute(
-                update(SERIES).where(SERIES.c.id.in_(ready.scalar_subquery()))
-                .values(**leased).returning(*_CLAIM_COLUMNS)
+                update(SERIES)
+                .where(SERIES.c.id.in_(ready.scalar_subquery()))
+                .values(**leased)
+                .returning(*_CLAIM_COLUMNS)
             )
         ).all()
         order = {int(r.id): i for i, r in enumerate(sorted(rows, key=lambda r: r.id))}
@@ -190,8 +201,10 @@ async def _claim_in(
             return []
         rows = (
             await conn.execute(
-                update(SERIES).where(SERIES.c.id.in_(ids))
-                .values(**leased).returning(*_CLAIM_COLUMNS)
+                update(SERIES)
+                .where(SERIES.c.id.in_(ids))
+                .values(**leased)
+                .returning(*_CLAIM_COLUMNS)
             )
         ).all()
         order = {series_id: i for i, series_id in enumerate(ids)}
@@ -203,10 +216,18 @@ async def _claim_in(
 
 def _to_claim(row: Any, names: dict[int, str]) -> Claim:
     return Claim(
-        series_id=row.id, source_id=row.source_id, source_name=names.get(row.source_id, ""),
-        series_uid=row.series_uid, study_uid=row.study_uid, collection=row.collection,
-        patient_id=row.patient_id, modality=row.modality, image_count=row.image_count,
-        file_size=row.file_size, generation=row.generation, attempts=row.attempts,
+        series_id=row.id,
+        source_id=row.source_id,
+        source_name=names.get(row.source_id, ""),
+        series_uid=row.series_uid,
+        study_uid=row.study_uid,
+        collection=row.collection,
+        patient_id=row.patient_id,
+        modality=row.modality,
+        image_count=row.image_count,
+        file_size=row.file_size,
+        generation=row.generation,
+        attempts=row.attempts,
         placed_path=row.placed_path,
     )
 
@@ -245,19 +266,25 @@ async def heartbeat(
         expires = utcnow() + timedelta(seconds=lease_seconds)
         if conn.dialect.name == "sqlite":
             result = await conn.execute(
-                update(SERIES).where(mine).values(lease_expires_at=expires)
-                .returning(SERIES.c.id))
+                update(SERIES).where(mine).values(lease_expires_at=expires).returning(SERIES.c.id)
+            )
             return set(result.scalars())
         free = select(SERIES.c.id).where(mine).with_for_update(skip_locked=True)
         result = await conn.execute(
-            update(SERIES).where(SERIES.c.id.in_(free.scalar_subquery()))
-            .values(lease_expires_at=expires).returning(SERIES.c.id))
+            update(SERIES)
+            .where(SERIES.c.id.in_(free.scalar_subquery()))
+            .values(lease_expires_at=expires)
+            .returning(SERIES.c.id)
+        )
         held = set(result.scalars())
         if len(held) < len(ids):
             # A plain read never waits on row locks: rows locked by someone else, as
             # last committed.
-            held.update((await conn.execute(
-                select(SERIES.c.id).where(mine, SERIES.c.id.not_in(held)))).scalars())
+            held.update(
+                (
+                    await conn.execute(select(SERIES.c.id).where(mine, SERIES.c.id.not_in(held)))
+                ).scalars()
+            )
         return held
 
     return await db.run_write(op)
@@ -352,19 +379,22 @@ async def placing_many(
             gen = generations.get(c.series_id)
             if gen is None:
                 lost[c.series_id] = LeaseLostError(
-                    f"series {c.series_uid}: lease no longer held by this worker")
+                    f"series {c.series_uid}: lease no longer held by this worker"
+                )
             elif gen != c.generation:
                 changed.append(c.series_id)
                 lost[c.series_id] = LeaseLostError(
-                    f"series {c.series_uid}: changed on the archive; re-queued")
+                    f"series {c.series_uid}: changed on the archive; re-queued"
+                )
             else:
                 held.append(c)
         if changed:
             await conn.execute(
                 update(SERIES)
                 .where(SERIES.c.id.in_(changed))
-                .values(state=SeriesState.WANTED, next_try_at=None, updated_at=utcnow(),
-                        **_UNLEASED)
+                .values(
+                    state=SeriesState.WANTED, next_try_at=None, updated_at=utcnow(), **_UNLEASED
+                )
             )
         batch = BatchPlacement(held, lost)
         yield batch
@@ -372,7 +402,8 @@ async def placing_many(
             await _complete_many(conn, list(batch.placed.values()))
         claimed = (
             await _claim_in(conn, db, owner, claim_next, lease_seconds, source_ids)
-            if claim_next > 0 else []
+            if claim_next > 0
+            else []
         )
     batch.claimed = claimed  # only now: a rolled-back claim must never be handed out
 
@@ -386,9 +417,15 @@ async def _complete_many(
         update(SERIES)
         .where(SERIES.c.id == bindparam("b_id"))
         .values(
-            state=SeriesState.DONE, downloads=SERIES.c.downloads + 1, last_error=None,
-            next_try_at=None, bytes=bindparam("b_bytes"), placed_path=bindparam("b_path"),
-            placed_at=now, updated_at=now, **_UNLEASED,
+            state=SeriesState.DONE,
+            downloads=SERIES.c.downloads + 1,
+            last_error=None,
+            next_try_at=None,
+            bytes=bindparam("b_bytes"),
+            placed_path=bindparam("b_path"),
+            placed_at=now,
+            updated_at=now,
+            **_UNLEASED,
         ),
         [{"b_id": c.series_id, "b_bytes": g.bytes, "b_path": g.placed_path} for c, g in placed],
     )
@@ -398,8 +435,13 @@ async def _complete_many(
     if replaced:
         await conn.execute(delete(INSTANCES).where(INSTANCES.c.series_id.in_(replaced)))
     rows = [
-        {"series_id": c.series_id, "sop_uid": i.sop_uid, "md5": i.md5, "size": i.size,
-         "path": i.path}
+        {
+            "series_id": c.series_id,
+            "sop_uid": i.sop_uid,
+            "md5": i.md5,
+            "size": i.size,
+            "path": i.path,
+        }
         for c, g in placed
         for i in g.instances or ()
     ]
@@ -413,9 +455,15 @@ async def _complete(conn: AsyncConnection, claim: Claim, guard: PlacementGuard) 
         update(SERIES)
         .where(SERIES.c.id == claim.series_id)
         .values(
-            state=SeriesState.DONE, downloads=SERIES.c.downloads + 1, last_error=None,
-            next_try_at=None, bytes=guard.bytes, placed_path=guard.placed_path, placed_at=now,
-            updated_at=now, **_UNLEASED,
+            state=SeriesState.DONE,
+            downloads=SERIES.c.downloads + 1,
+            last_error=None,
+            next_try_at=None,
+            bytes=guard.bytes,
+            placed_path=guard.placed_path,
+            placed_at=now,
+            updated_at=now,
+            **_UNLEASED,
         )
     )
     await conn.execute(delete(INSTANCES).where(INSTANCES.c.series_id == claim.series_id))
@@ -423,8 +471,13 @@ async def _complete(conn: AsyncConnection, claim: Claim, guard: PlacementGuard) 
         await conn.execute(
             insert(INSTANCES),
             [
-                {"series_id": claim.series_id, "sop_uid": i.sop_uid, "md5": i.md5,
-                 "size": i.size, "path": i.path}
+                {
+                    "series_id": claim.series_id,
+                    "sop_uid": i.sop_uid,
+                    "md5": i.md5,
+                    "size": i.size,
+                    "path": i.path,
+                }
                 for i in guard.instances
             ],
         )
@@ -461,9 +514,12 @@ async def fail(
             update(SERIES)
             .where(SERIES.c.id == claim.series_id)
             .values(
-                state=state, attempts=attempts, last_error=error[:MAX_ERROR_CHARS],
+                state=state,
+                attempts=attempts,
+                last_error=error[:MAX_ERROR_CHARS],
                 next_try_at=None if give_up else now + timedelta(seconds=max(0.0, delay)),
-                updated_at=now, **_UNLEASED,
+                updated_at=now,
+                **_UNLEASED,
             )
         )
         return state
@@ -504,7 +560,10 @@ async def retry_failed(db: Database, source_id: int | None = None) -> int:
             stmt = stmt.where(SERIES.c.source_id == source_id)
         result = await conn.execute(
             stmt.values(
-                state=SeriesState.WANTED, attempts=0, next_try_at=None, last_error=None,
+                state=SeriesState.WANTED,
+                attempts=0,
+                next_try_at=None,
+                last_error=None,
                 updated_at=utcnow(),
             )
         )

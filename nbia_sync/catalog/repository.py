@@ -209,7 +209,11 @@ class Catalog:
         """`placing` for several series in one transaction, optionally claiming the
         next ones in it too (see queue.placing_many)."""
         return queue.placing_many(
-            self._db, claims, owner, claim_next=claim_next, lease_seconds=lease_seconds,
+            self._db,
+            claims,
+            owner,
+            claim_next=claim_next,
+            lease_seconds=lease_seconds,
             source_ids=source_ids,
         )
 
@@ -224,8 +228,13 @@ class Catalog:
         delay: float,
     ) -> SeriesState:
         return await queue.fail(
-            self._db, claim, owner, error=error, retryable=retryable,
-            max_attempts=max_attempts, delay=delay,
+            self._db,
+            claim,
+            owner,
+            error=error,
+            retryable=retryable,
+            max_attempts=max_attempts,
+            delay=delay,
         )
 
     async def release(self, claim: Claim, owner: str) -> bool:
@@ -265,8 +274,13 @@ class Catalog:
         async def op(conn: AsyncConnection) -> list[FailureInfo]:
             rows = await conn.execute(
                 select(
-                    SERIES.c.series_uid, SOURCES.c.name, SERIES.c.collection, SERIES.c.state,
-                    SERIES.c.attempts, SERIES.c.last_error, SERIES.c.next_try_at,
+                    SERIES.c.series_uid,
+                    SOURCES.c.name,
+                    SERIES.c.collection,
+                    SERIES.c.state,
+                    SERIES.c.attempts,
+                    SERIES.c.last_error,
+                    SERIES.c.next_try_at,
                 )
                 .join(SOURCES, SOURCES.c.id == SERIES.c.source_id)
                 .where(SERIES.c.state.in_([SeriesState.FAILED, SeriesState.PENDING]))
@@ -275,8 +289,12 @@ class Catalog:
             )
             return [
                 FailureInfo(
-                    series_uid=r.series_uid, source_name=r.name, collection=r.collection,
-                    state=SeriesState(r.state), attempts=r.attempts, last_error=r.last_error,
+                    series_uid=r.series_uid,
+                    source_name=r.name,
+                    collection=r.collection,
+                    state=SeriesState(r.state),
+                    attempts=r.attempts,
+                    last_error=r.last_error,
                     next_try_at=r.next_try_at,
                 )
                 for r in rows

@@ -93,16 +93,30 @@ def insert_for(conn: AsyncConnection, table: Table) -> Any:
 
 # Updates for changed series, run as executemany; b_* names avoid clashing with columns.
 _META_COLUMNS = (
-    "study_uid", "collection", "patient_id", "modality", "body_part", "description",
-    "image_count", "file_size", "date_released", "remote_json", "updated_at",
+    "study_uid",
+    "collection",
+    "patient_id",
+    "modality",
+    "body_part",
+    "description",
+    "image_count",
+    "file_size",
+    "date_released",
+    "remote_json",
+    "updated_at",
 )
 _META_VALUES: dict[str, Any] = {c: bindparam(f"b_{c}") for c in _META_COLUMNS}
 _REQUEUE = (
     update(SERIES)
     .where(SERIES.c.id == bindparam("b_id"))
     .values(
-        state=SeriesState.WANTED, attempts=0, next_try_at=None, last_error=None,
-        lease_owner=None, lease_expires_at=None, generation=SERIES.c.generation + 1,
+        state=SeriesState.WANTED,
+        attempts=0,
+        next_try_at=None,
+        last_error=None,
+        lease_owner=None,
+        lease_expires_at=None,
+        generation=SERIES.c.generation + 1,
         **_META_VALUES,
     )
 )
@@ -115,9 +129,7 @@ _BUMP_IN_FLIGHT = (
 )
 
 
-async def upsert_series(
-    db: Database, source_id: int, series: Sequence[SeriesInfo]
-) -> UpsertResult:
+async def upsert_series(db: Database, source_id: int, series: Sequence[SeriesInfo]) -> UpsertResult:
     # Last report of a UID wins; sorted so concurrent writers lock rows in one order.
     unique = sorted({s.series_uid: s for s in series}.values(), key=lambda s: s.series_uid)
     total = UpsertResult()
@@ -138,9 +150,15 @@ async def _upsert_batch(
         row.series_uid: row
         for row in await conn.execute(
             select(
-                SERIES.c.id, SERIES.c.series_uid, SERIES.c.state, SERIES.c.date_released,
-                SERIES.c.image_count, SERIES.c.file_size, SERIES.c.collection,
-                SERIES.c.patient_id, SERIES.c.study_uid,
+                SERIES.c.id,
+                SERIES.c.series_uid,
+                SERIES.c.state,
+                SERIES.c.date_released,
+                SERIES.c.image_count,
+                SERIES.c.file_size,
+                SERIES.c.collection,
+                SERIES.c.patient_id,
+                SERIES.c.study_uid,
             ).where(
                 SERIES.c.source_id == source_id,
                 SERIES.c.series_uid.in_([s.series_uid for s in batch]),
@@ -155,9 +173,14 @@ async def _upsert_batch(
         if row is None:
             new_rows.append(
                 {
-                    "source_id": source_id, "series_uid": info.series_uid,
-                    "state": SeriesState.WANTED, "attempts": 0, "generation": 1,
-                    "downloads": 0, "discovered_at": now, **_metadata(info, now),
+                    "source_id": source_id,
+                    "series_uid": info.series_uid,
+                    "state": SeriesState.WANTED,
+                    "attempts": 0,
+                    "generation": 1,
+                    "downloads": 0,
+                    "discovered_at": now,
+                    **_metadata(info, now),
                 }
             )
         elif is_changed(row, info):
@@ -200,9 +223,13 @@ async def record_studies(db: Database, source_id: int, studies: Iterable[StudyIn
     by_uid = {s.study_uid: s for s in studies}
     rows = [
         {
-            "source_id": source_id, "collection": s.collection, "patient_id": s.patient_id,
-            "study_uid": uid, "study_date": s.study_date.isoformat() if s.study_date else None,
-            "description": s.study_description, "discovered_at": now,
+            "source_id": source_id,
+            "collection": s.collection,
+            "patient_id": s.patient_id,
+            "study_uid": uid,
+            "study_date": s.study_date.isoformat() if s.study_date else None,
+            "description": s.study_description,
+            "discovered_at": now,
         }
         for uid, s in sorted(by_uid.items())
     ]

@@ -19,9 +19,15 @@ if TYPE_CHECKING:
     from nbia_sync.sim.server import SimServer
 
 _MODULES = {
-    "SimArchive": "archive", "SimInstance": "archive", "SimPatient": "archive",
-    "SimSeries": "archive", "SimStudy": "archive", "SimCounters": "counters",
-    "STREAM_FAULTS": "faults", "SimFaults": "faults", "StreamFault": "faults",
+    "SimArchive": "archive",
+    "SimInstance": "archive",
+    "SimPatient": "archive",
+    "SimSeries": "archive",
+    "SimStudy": "archive",
+    "SimCounters": "counters",
+    "STREAM_FAULTS": "faults",
+    "SimFaults": "faults",
+    "StreamFault": "faults",
     "SimServer": "server",
 }
 

@@ -239,9 +239,11 @@ class SimArchive:
         coll = collection or s.collection
         pid = patient_id or s.patient_id
         study = next((st for st in self.studies if st.study_uid == study_uid), None)
-        if study is not None and (collection or patient_id) and (
-            study.patient.collection, study.patient.patient_id
-        ) != (coll, pid):
+        if (
+            study is not None
+            and (collection or patient_id)
+            and (study.patient.collection, study.patient.patient_id) != (coll, pid)
+        ):
             raise ValueError(f"study {study_uid} belongs to another patient")
         if study is None:
             self._ensure_collection(coll)

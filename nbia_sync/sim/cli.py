@@ -61,9 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="an account allowed to log in (repeatable; default nbia_guest with no password)",
     )
     faults = parser.add_argument_group("faults")
-    faults.add_argument(
-        "--fault-seed", type=int, default=0, help="seed of the random fault draws"
-    )
+    faults.add_argument("--fault-seed", type=int, default=0, help="seed of the random fault draws")
     defaults = SimFaults()
     for name, kind, text in _FAULT_FLAGS:
         faults.add_argument(

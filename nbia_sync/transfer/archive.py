@@ -281,8 +281,10 @@ class ZipStreamReader:
             self._state = _State.CENTRAL
             return pos, []
         if sig != _LOCAL_SIG:
-            what = "the download is not a ZIP archive" if self._offset + pos == 0 else (
-                f"corrupt ZIP stream: no entry header at offset {self._offset + pos}"
+            what = (
+                "the download is not a ZIP archive"
+                if self._offset + pos == 0
+                else (f"corrupt ZIP stream: no entry header at offset {self._offset + pos}")
             )
             raise IntegrityError(what)
         if len(buf) - pos < _LOCAL.size:
@@ -363,8 +365,9 @@ class ZipStreamReader:
                 if not data and len(out) < _MAX_INFLATE_OUT:
                     break
         except zlib.error as exc:
-            raise IntegrityError(f"ZIP entry {cur.info.name!r}: corrupt deflate data ({exc})"
-                                 ) from None
+            raise IntegrityError(
+                f"ZIP entry {cur.info.name!r}: corrupt deflate data ({exc})"
+            ) from None
         if inflater.eof:
             events.extend(self._entry_data_done())
         return pos, events
@@ -440,7 +443,12 @@ class ZipStreamReader:
                 raise IntegrityError("archive truncated inside the central directory")
             fields = _CENTRAL.unpack_from(tail, pos)
             flags, nlen, xlen, clen, ext_attr = (
-                fields[3], fields[10], fields[11], fields[12], fields[15])
+                fields[3],
+                fields[10],
+                fields[11],
+                fields[12],
+                fields[15],
+            )
             start = pos + _CENTRAL.size
             if len(tail) < start + nlen + xlen + clen:
                 raise IntegrityError("archive truncated inside the central directory")
@@ -453,7 +461,8 @@ class ZipStreamReader:
             raise IntegrityError("archive truncated: no end of central directory record")
         if names != self._local_names:
             raise HostileArchiveError(
-                "ZIP central directory does not list the entries that were sent")
+                "ZIP central directory does not list the entries that were sent"
+            )
 
     # -- spool fallback ---------------------------------------------------------
 
@@ -483,9 +492,11 @@ class ZipStreamReader:
                 streamed = [i.filename for i in infos if i.header_offset < 0]
                 if streamed != self._local_names:
                     raise HostileArchiveError(
-                        "ZIP central directory does not list the entries that were sent")
-                rest = sorted((i for i in infos if i.header_offset >= 0),
-                              key=lambda i: i.header_offset)
+                        "ZIP central directory does not list the entries that were sent"
+                    )
+                rest = sorted(
+                    (i for i in infos if i.header_offset >= 0), key=lambda i: i.header_offset
+                )
                 for info in rest:
                     yield from self._read_spooled(zf, info)
         except zipfile.BadZipFile as exc:
@@ -498,7 +509,8 @@ class ZipStreamReader:
             raise PermanentError(f"ZIP entry {info.filename!r} is encrypted")
         if info.compress_type not in (_STORED, _DEFLATED):
             raise PermanentError(
-                f"ZIP entry {info.filename!r} uses unsupported compression {info.compress_type}")
+                f"ZIP entry {info.filename!r} uses unsupported compression {info.compress_type}"
+            )
         entry = EntryInfo(info.filename, info.compress_type, info.is_dir())
         self._local_names.append(info.filename)
         yield EntryStart(entry)

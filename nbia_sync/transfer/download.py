@@ -225,7 +225,8 @@ class _SeriesWriter:
         missing = sorted(set(listed) - {e.name for e in self.entries})
         if missing:
             raise IntegrityError(
-                f"series {uid}: {len(missing)} listed files missing, e.g. {missing[0]!r}")
+                f"series {uid}: {len(missing)} listed files missing, e.g. {missing[0]!r}"
+            )
         if self.image_count is not None and len(self.entries) != self.image_count:
             raise IntegrityError(
                 f"series {uid}: {len(self.entries)} files, the archive lists "
@@ -235,10 +236,10 @@ class _SeriesWriter:
             for e in self.entries:
                 if e.uids[0] != uid:
                     raise IntegrityError(
-                        f"series {uid}: {e.name!r} belongs to series {e.uids[0]!r}")
+                        f"series {uid}: {e.name!r} belongs to series {e.uids[0]!r}"
+                    )
                 if self.study_uid and e.uids[1] != self.study_uid:
-                    raise IntegrityError(
-                        f"series {uid}: {e.name!r} belongs to study {e.uids[1]!r}")
+                    raise IntegrityError(f"series {uid}: {e.name!r} belongs to study {e.uids[1]!r}")
         names: dict[str, _Entry] = {}
         for e in self.entries:
             # A SOP UID comes from inside the file: never trust it as a path.
@@ -351,7 +352,8 @@ async def fetch_series(
     (give up), DiskSpaceError (stop everything).
     """
     writer = _SeriesWriter(
-        staging_dir, claim.series_uid, claim.study_uid, claim.image_count, check_dicom)
+        staging_dir, claim.series_uid, claim.study_uid, claim.image_count, check_dicom
+    )
     side = _ThreadSide(writer, sync)
     received = 0
     try:

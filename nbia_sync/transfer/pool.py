@@ -242,7 +242,9 @@ class _Drain:
                 # unusable (seen with aiosqlite), or a committed claim that we never saw.
                 with anyio.CancelScope(shield=True):
                     claims = await self.catalog.claim(
-                        self.owner, limit=idle, lease_seconds=self.transfer.lease_seconds,
+                        self.owner,
+                        limit=idle,
+                        lease_seconds=self.transfer.lease_seconds,
                         source_ids=free,
                     )
             except CatalogError as exc:
@@ -312,9 +314,13 @@ class _Drain:
                     # sync=True: the files are fsynced (as Mirror.sync_staged) before
                     # fetch_series returns, outside any catalog transaction.
                     fetched = await fetch_series(
-                        self.clients[claim.source_name], claim, staging,
-                        chunk_size=self.transfer.chunk_size, progress=self.progress,
-                        limiter=self.limiter, check_dicom=self.settings.mirror.check_dicom,
+                        self.clients[claim.source_name],
+                        claim,
+                        staging,
+                        chunk_size=self.transfer.chunk_size,
+                        progress=self.progress,
+                        limiter=self.limiter,
+                        check_dicom=self.settings.mirror.check_dicom,
                         sync=True,
                     )
                 if fetched is None or job.lost:
@@ -351,14 +357,20 @@ class _Drain:
             self.report.done += 1
             self.report.files += len(fetched.files)
             self.report.bytes += fetched.size
-            log.info("series_done", series_uid=claim.series_uid, files=len(fetched.files),
-                     bytes=fetched.size, seconds=round(seconds, 3))
+            log.info(
+                "series_done",
+                series_uid=claim.series_uid,
+                files=len(fetched.files),
+                bytes=fetched.size,
+                seconds=round(seconds, 3),
+            )
             self._finish(claim, ok=True, files=len(fetched.files), error=None)
 
     async def _place(self, claim: Claim, fetched: FetchedSeries) -> None:
         mirror = self.mirror
         final = mirror.series_dir(
-            claim.collection, claim.patient_id, claim.study_uid, claim.series_uid)
+            claim.collection, claim.patient_id, claim.study_uid, claim.series_uid
+        )
         instances = [
             InstanceRecord(f.sop_uid, f.md5, f.size, mirror.relative(final / f.path.name))
             for f in fetched.files
@@ -387,27 +399,37 @@ class _Drain:
         claim_next = 0
         if not (self._queue_dry or self._finished or self.report.interrupted):
             running = len(self.jobs) - len(batch)
-            claim_next = max(0, min(
-                len(batch), self.transfer.workers - running - len(self._prefetched)))
+            claim_next = max(
+                0, min(len(batch), self.transfer.workers - running - len(self._prefetched))
+            )
         batch_sources = {p.claim.source_name for p in batch}
         sources = [
-            self.source_ids[name] for name, sem in self.slots.items()
+            self.source_ids[name]
+            for name, sem in self.slots.items()
             if sem.value > 0 or name in batch_sources
         ]
         try:
             async with self.catalog.placing_many(
-                [p.claim for p in batch], self.owner, claim_next=claim_next,
-                lease_seconds=self.transfer.lease_seconds, source_ids=sources,
+                [p.claim for p in batch],
+                self.owner,
+                claim_next=claim_next,
+                lease_seconds=self.transfer.lease_seconds,
+                source_ids=sources,
             ) as held:
                 ours = {c.series_id for c in held.held}
                 todo = [p for p in batch if p.claim.series_id in ours]
                 # A series the archive moved leaves its old place inside place_many,
                 # before this commit: a crash can leave no unrecorded copy in the tree.
-                errors = await mirror.place_many([
-                    (p.fetched.staging_dir, p.final,
-                     mirror.root / p.claim.placed_path if p.claim.placed_path else None)
-                    for p in todo
-                ])
+                errors = await mirror.place_many(
+                    [
+                        (
+                            p.fetched.staging_dir,
+                            p.final,
+                            mirror.root / p.claim.placed_path if p.claim.placed_path else None,
+                        )
+                        for p in todo
+                    ]
+                )
                 for p, err in zip(todo, errors, strict=True):
                     if err is None:
                         held.done(p.claim, p.instances, mirror.relative(p.final), p.fetched.size)
@@ -443,20 +465,34 @@ class _Drain:
         with anyio.CancelScope(shield=True):
             try:
                 state = await self.catalog.fail(
-                    claim, self.owner, error=error, retryable=retryable,
-                    max_attempts=self.transfer.max_attempts, delay=delay,
+                    claim,
+                    self.owner,
+                    error=error,
+                    retryable=retryable,
+                    max_attempts=self.transfer.max_attempts,
+                    delay=delay,
                 )
             except CatalogError as cexc:
                 self._abort(cexc)
                 return
         if state is SeriesState.FAILED:
             self.report.failed += 1
-            log.warning("series_failed", series_uid=claim.series_uid, reason=error,
-                        kind=type(exc).__name__, attempts=claim.attempts + 1)
+            log.warning(
+                "series_failed",
+                series_uid=claim.series_uid,
+                reason=error,
+                kind=type(exc).__name__,
+                attempts=claim.attempts + 1,
+            )
         else:
             self.report.retried += 1
-            log.info("retry_scheduled", series_uid=claim.series_uid, reason=error,
-                     delay=round(delay, 3), attempts=claim.attempts + 1)
+            log.info(
+                "retry_scheduled",
+                series_uid=claim.series_uid,
+                reason=error,
+                delay=round(delay, 3),
+                attempts=claim.attempts + 1,
+            )
         # The class name first: metrics count errors by kind (see metrics.error_kind).
         self._finish(claim, ok=False, files=0, error=f"{type(exc).__name__}: {error}")
 
@@ -482,7 +518,8 @@ class _Drain:
             try:
                 with anyio.CancelScope(shield=True):
                     held = await self.catalog.heartbeat(
-                        self.owner, ids, self.transfer.lease_seconds)
+                        self.owner, ids, self.transfer.lease_seconds
+                    )
             except CatalogError as exc:
                 log.warning("heartbeat_failed", error=str(exc))
                 continue

@@ -17,8 +17,16 @@ from nbia_sync.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
-COMMANDS = ("sync", "daemon", "status", "verify", "add-manifest", "retry-failed", "simulate",
-            "demo")
+COMMANDS = (
+    "sync",
+    "daemon",
+    "status",
+    "verify",
+    "add-manifest",
+    "retry-failed",
+    "simulate",
+    "demo",
+)
 
 
 def one_error_line(stderr: str) -> str:
@@ -74,15 +82,20 @@ def test_missing_config_file_exits_2_with_one_line(
 
 
 def test_unknown_key_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = write_config(tmp_path / "c.toml", tmp_path / "m", "http://127.0.0.1:9/nbia-api/",
-                          transfer={"wrokers": 3})
+    config = write_config(
+        tmp_path / "c.toml", tmp_path / "m", "http://127.0.0.1:9/nbia-api/", transfer={"wrokers": 3}
+    )
     assert main(["-c", str(config), "status"]) == 2
     assert "transfer.wrokers: unknown key" in one_error_line(capsys.readouterr().err)
 
 
 def test_wrong_type_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = write_config(tmp_path / "c.toml", tmp_path / "m", "http://127.0.0.1:9/nbia-api/",
-                          transfer={"workers": "lots"})
+    config = write_config(
+        tmp_path / "c.toml",
+        tmp_path / "m",
+        "http://127.0.0.1:9/nbia-api/",
+        transfer={"workers": "lots"},
+    )
     assert main(["-c", str(config), "verify"]) == 2
     assert "transfer.workers" in one_error_line(capsys.readouterr().err)
 
@@ -91,26 +104,34 @@ def test_unreachable_catalog_exits_2_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"postgresql+asyncpg://nobody:sekrit@127.0.0.1:{free_port()}/none"
-    config = write_config(tmp_path / "c.toml", tmp_path / "m", "http://127.0.0.1:9/nbia-api/",
-                          sections={"catalog": {"url": url}})
+    config = write_config(
+        tmp_path / "c.toml",
+        tmp_path / "m",
+        "http://127.0.0.1:9/nbia-api/",
+        sections={"catalog": {"url": url}},
+    )
     assert main(["-c", str(config), "status"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "catalog" in line and "sekrit" not in line
 
 
 def test_pick_source_needs_a_choice_among_several() -> None:
-    settings = settings_from_dict({
-        "mirror": {"root": "/m"},
-        "sources": [{"name": "a", "url": "http://a.example/nbia-api/"},
-                    {"name": "b", "url": "http://b.example/nbia-api/"}],
-    }, env={})
+    settings = settings_from_dict(
+        {
+            "mirror": {"root": "/m"},
+            "sources": [
+                {"name": "a", "url": "http://a.example/nbia-api/"},
+                {"name": "b", "url": "http://b.example/nbia-api/"},
+            ],
+        },
+        env={},
+    )
     assert pick_source(settings, "b", None).name == "b"
     assert pick_source(settings, None, "http://a.example/nbia-api/services/").name == "a"
     with pytest.raises(ConfigError, match="choose one with --source"):
         pick_source(settings, None, None)
     with pytest.raises(ConfigError, match="no source named 'c'"):
         pick_source(settings, "c", None)
-
 
 
 @pytest.mark.asyncio
@@ -126,8 +147,17 @@ async def test_bad_config_in_a_real_process_exits_2_without_traceback(tmp_path: 
 @pytest.mark.asyncio
 async def test_simulate_runs_without_a_config_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nbia_sync", "-c", str(tmp_path / "none.toml"), "simulate",
-        "--port", "0", cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "nbia_sync",
+        "-c",
+        str(tmp_path / "none.toml"),
+        "simulate",
+        "--port",
+        "0",
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={**os.environ},
     )
     assert proc.stdout is not None

@@ -23,6 +23,8 @@ from cli_fixtures import (
 )
 from sqlalchemy.exc import OperationalError
 
+from nbia_sync.catalog.models import SeriesState
+
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("restore_logging")]
 
 
@@ -70,7 +72,7 @@ async def test_status_json_shape(sim_mirror: SimMirror) -> None:
     assert set(status) == {"catalog", "mirror", "series", "last_run", "failures", "workers"}
     series = status["series"]
     assert isinstance(series, dict)
-    assert set(series) == {"wanted", "pending", "downloading", "done", "failed"}
+    assert set(series) == {s.value for s in SeriesState}
     total = len(sim_mirror.archive.series)
     assert series["done"]["count"] == total - 1 and series["failed"]["count"] == 1
     assert series["done"]["bytes"] > 0
@@ -138,8 +140,9 @@ async def test_verify_names_tampered_missing_and_extra_files(sim_mirror: SimMirr
 
 async def test_unreachable_source_exits_2_naming_it(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/nbia-api/"
-    config = write_config(tmp_path / "c.toml", tmp_path / "m", url,
-                          transfer={"request_attempts": 1})
+    config = write_config(
+        tmp_path / "c.toml", tmp_path / "m", url, transfer={"request_attempts": 1}
+    )
     done = await run_subprocess("-c", str(config), "sync")
     assert done.code == 2
     [line] = [x for x in done.stderr.splitlines() if x.startswith("nbia-sync: error:")]
@@ -148,8 +151,12 @@ async def test_unreachable_source_exits_2_naming_it(tmp_path: Path) -> None:
 
 
 async def test_refused_credentials_exit_2(sim_mirror: SimMirror, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "bad-user.toml", sim_mirror.root, sim_mirror.server.url,
-                          source={"username": "mallory", "password": "wrong-pw"})
+    config = write_config(
+        tmp_path / "bad-user.toml",
+        sim_mirror.root,
+        sim_mirror.server.url,
+        source={"username": "mallory", "password": "wrong-pw"},
+    )
     done = await run_subprocess("-c", str(config), "sync")
     assert done.code == 2
     assert "source 'sim'" in done.stderr
@@ -162,8 +169,8 @@ def error_lines(stderr: str) -> list[str]:
 
 
 async def test_catalog_error_mid_pass_exits_2_with_one_line(
-        sim_mirror: SimMirror, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    sim_mirror: SimMirror, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from nbia_sync.catalog import queue
 
     real, calls = queue._claim_in, 0
@@ -185,7 +192,8 @@ async def test_catalog_error_mid_pass_exits_2_with_one_line(
 
 
 async def test_credentials_revoked_mid_pass_exit_2_and_fail_no_series(
-        sim_mirror: SimMirror, capsys: pytest.CaptureFixture[str]) -> None:
+    sim_mirror: SimMirror, capsys: pytest.CaptureFixture[str]
+) -> None:
     sim = sim_mirror.server
     sim.faults.bandwidth = 20_000
 
@@ -254,8 +262,15 @@ async def test_sigint_exits_130_keeps_placed_work_and_next_sync_resumes(
 ) -> None:
     sim_mirror.server.faults.bandwidth = 15_000  # ~1 s per series: SIGINT lands mid-pass
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nbia_sync", "-c", str(sim_mirror.config), "sync", cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "nbia_sync",
+        "-c",
+        str(sim_mirror.config),
+        "sync",
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     counters = sim_mirror.server.counters
     for _ in range(400):  # the simulator's counter: polled, with a deadline

@@ -63,7 +63,8 @@ async def test_head_revision_constant_is_alembics_head() -> None:
 
 
 async def test_reopen_at_head_does_not_run_alembic(
-        empty_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await (await Catalog.open(empty_url)).close()
 
     def no_alembic(_connection: Connection) -> None:

@@ -30,6 +30,10 @@ def test_display_counts_series_files_and_bytes() -> None:
         display.bytes_received(400)
         display.series_finished("b", ok=False, files=0, error="IntegrityError: md5")
     assert (display.series_done, display.series_failed, display.files, display.bytes) == (
-        1, 1, 3, 1400)
+        1,
+        1,
+        3,
+        1400,
+    )
     text = out.getvalue()
     assert "series 1/2" in text and "files 3" in text and "failed attempts 1" in text

@@ -206,8 +206,15 @@ class Daemon:
 async def start_daemon(config: Path) -> AsyncIterator[Daemon]:
     port = int(json.loads(config.with_suffix(".port").read_text()))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nbia_sync", "-c", str(config), "daemon", cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "nbia_sync",
+        "-c",
+        str(config),
+        "daemon",
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         yield Daemon(proc, port)
@@ -220,9 +227,13 @@ async def start_daemon(config: Path) -> AsyncIterator[Daemon]:
 def daemon_config(m: SimMirror, tmp_path: Path, poll: float) -> Path:
     port = free_port()
     config = write_config(
-        tmp_path / "daemon.toml", m.root, m.server.url,
-        sections={"schedule": {"poll_interval": poll},
-                  "daemon": {"listen_host": "127.0.0.1", "listen_port": port}},
+        tmp_path / "daemon.toml",
+        m.root,
+        m.server.url,
+        sections={
+            "schedule": {"poll_interval": poll},
+            "daemon": {"listen_host": "127.0.0.1", "listen_port": port},
+        },
     )
     config.with_suffix(".port").write_text(str(port))
     return config

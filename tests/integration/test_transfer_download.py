@@ -30,23 +30,37 @@ from nbia_sync.transfer.download import FetchedSeries, fetch_series
 
 pytestmark = pytest.mark.asyncio
 
-TRANSFER = TransferSettings(read_timeout=1.0, connect_timeout=2.0, retry_base_delay=0.0,
-                            request_attempts=3, chunk_size=64 << 10)
+TRANSFER = TransferSettings(
+    read_timeout=1.0,
+    connect_timeout=2.0,
+    retry_base_delay=0.0,
+    request_attempts=3,
+    chunk_size=64 << 10,
+)
 
 
 def claim_for(s: SimSeries, **changes: object) -> Claim:
     fields: dict[str, object] = dict(
-        series_id=1, source_id=1, source_name="sim", series_uid=s.uid, study_uid=s.study_uid,
-        collection=s.collection, patient_id=s.patient_id, modality=s.modality,
-        image_count=s.image_count, file_size=s.file_size, generation=1, attempts=0,
-        placed_path=None)
+        series_id=1,
+        source_id=1,
+        source_name="sim",
+        series_uid=s.uid,
+        study_uid=s.study_uid,
+        collection=s.collection,
+        patient_id=s.patient_id,
+        modality=s.modality,
+        image_count=s.image_count,
+        file_size=s.file_size,
+        generation=1,
+        attempts=0,
+        placed_path=None,
+    )
     fields.update(changes)
     return Claim(**fields)  # type: ignore[arg-type]
 
 
 @asynccontextmanager
-async def client_for(sim: SimServer, api: Literal["v2", "v4"] = "v2"
-                     ) -> AsyncIterator[NbiaClient]:
+async def client_for(sim: SimServer, api: Literal["v2", "v4"] = "v2") -> AsyncIterator[NbiaClient]:
     source = SourceSettings(name="sim", url=sim.url, api=api)
     policy = RetryPolicy(base_delay=0.0, max_delay=0.0, attempts=3)
     async with NbiaClient(source, TRANSFER, policy=policy) as client:
@@ -57,11 +71,21 @@ def first_series(archive: SimArchive) -> SimSeries:
     return next(iter(archive.series.values()))
 
 
-async def fetch(sim: SimServer, s: SimSeries, staging: Path, api: Literal["v2", "v4"] = "v2",
-                **claim_changes: object) -> FetchedSeries:
+async def fetch(
+    sim: SimServer,
+    s: SimSeries,
+    staging: Path,
+    api: Literal["v2", "v4"] = "v2",
+    **claim_changes: object,
+) -> FetchedSeries:
     async with client_for(sim, api) as client:
-        return await fetch_series(client, claim_for(s, **claim_changes), staging,
-                                  chunk_size=TRANSFER.chunk_size, progress=NullProgress())
+        return await fetch_series(
+            client,
+            claim_for(s, **claim_changes),
+            staging,
+            chunk_size=TRANSFER.chunk_size,
+            progress=NullProgress(),
+        )
 
 
 def files_under(root: Path) -> list[Path]:
@@ -79,11 +103,13 @@ def assert_matches_truth(fetched: FetchedSeries, archive: SimArchive, s: SimSeri
         assert f.path.name == f"{f.sop_uid}.dcm"
         assert hashlib.md5(f.path.read_bytes()).hexdigest() == truth[f.sop_uid]
     assert sorted(p.name for p in fetched.staging_dir.iterdir()) == sorted(
-        f"{sop}.dcm" for sop in truth)
+        f"{sop}.dcm" for sop in truth
+    )
 
 
 async def test_series_is_staged_under_sop_uids_with_true_md5s(
-        sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     s = first_series(sim_archive)
     fetched = await fetch(sim, s, tmp_path / "stage")
     assert_matches_truth(fetched, sim_archive, s)
@@ -92,22 +118,24 @@ async def test_series_is_staged_under_sop_uids_with_true_md5s(
 
 @pytest.mark.parametrize("api", ["v2", "v4"])
 async def test_deflate_archives_with_data_descriptors_are_accepted(
-        sim_archive: SimArchive, tmp_path: Path, api: Literal["v2", "v4"]) -> None:
+    sim_archive: SimArchive, tmp_path: Path, api: Literal["v2", "v4"]
+) -> None:
     async with running_sim(sim_archive, compression="deflate") as sim:
         s = first_series(sim_archive)
         assert_matches_truth(await fetch(sim, s, tmp_path / "stage", api), sim_archive, s)
 
 
 async def test_v4_get_image_with_license_entry_is_accepted(
-        sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     s = first_series(sim_archive)
     assert_matches_truth(await fetch(sim, s, tmp_path / "stage", "v4"), sim_archive, s)
 
 
 @pytest.mark.parametrize("fault", ["truncate", "corrupt"])
 async def test_damaged_archive_is_integrity_error_and_staging_removed(
-        sim: SimServer, sim_archive: SimArchive, tmp_path: Path,
-        fault: Literal["truncate", "corrupt"]) -> None:
+    sim: SimServer, sim_archive: SimArchive, tmp_path: Path, fault: Literal["truncate", "corrupt"]
+) -> None:
     s = first_series(sim_archive)
     sim.faults.script_series(s.uid, [fault])
     with pytest.raises(IntegrityError):
@@ -117,8 +145,8 @@ async def test_damaged_archive_is_integrity_error_and_staging_removed(
 
 @pytest.mark.parametrize("fault", ["reset", "stall"])
 async def test_broken_connection_is_retryable_and_staging_removed(
-        sim: SimServer, sim_archive: SimArchive, tmp_path: Path,
-        fault: Literal["reset", "stall"]) -> None:
+    sim: SimServer, sim_archive: SimArchive, tmp_path: Path, fault: Literal["reset", "stall"]
+) -> None:
     sim.faults.stall_seconds = 3.0  # beyond the client's 1 s read timeout
     s = first_series(sim_archive)
     sim.faults.script_series(s.uid, [fault])
@@ -128,7 +156,8 @@ async def test_broken_connection_is_retryable_and_staging_removed(
 
 
 async def test_hostile_archive_is_refused_and_nothing_lands_outside_staging(
-        sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     s = first_series(sim_archive)
     sim.faults.script_series(s.uid, ["hostile"])
     staging = tmp_path / "a" / "b" / "stage"
@@ -140,21 +169,24 @@ async def test_hostile_archive_is_refused_and_nothing_lands_outside_staging(
 
 
 async def test_wrong_file_count_is_integrity_error(
-        sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     s = first_series(sim_archive)
     with pytest.raises(IntegrityError, match="ImageCount"):
         await fetch(sim, s, tmp_path / "stage", image_count=s.image_count + 1)
 
 
 async def test_files_of_another_study_are_integrity_error(
-        sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     s = first_series(sim_archive)
     with pytest.raises(IntegrityError, match="study"):
         await fetch(sim, s, tmp_path / "stage", study_uid="1.2.3.999")
 
 
 async def test_a_previous_attempts_leftovers_are_cleared(
-        sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     stage = tmp_path / "stage"
     stage.mkdir()
     (stage / "00000007.part").write_bytes(b"half a file")
@@ -163,7 +195,8 @@ async def test_a_previous_attempts_leftovers_are_cleared(
 
 
 async def test_bandwidth_limit_paces_the_download(
-        sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     from nbia_sync.transfer._ratelimit import TokenBucket
 
     s = first_series(sim_archive)
@@ -176,16 +209,22 @@ async def test_bandwidth_limit_paces_the_download(
 
     limiter = Recording(rate=1 << 30)
     async with client_for(sim) as client:
-        fetched = await fetch_series(client, claim_for(s), tmp_path / "s",
-                                     chunk_size=TRANSFER.chunk_size, progress=NullProgress(),
-                                     limiter=limiter)
+        fetched = await fetch_series(
+            client,
+            claim_for(s),
+            tmp_path / "s",
+            chunk_size=TRANSFER.chunk_size,
+            progress=NullProgress(),
+            limiter=limiter,
+        )
     assert sum(waited) == fetched.bytes_downloaded
 
 
 async def test_big_series_streams_with_flat_memory(tmp_path: Path) -> None:
     size = 200 << 20
-    archive = SimArchive.generate(collections=("BIG",), patients=1, series=1, images=4,
-                                  image_size=size // 4)
+    archive = SimArchive.generate(
+        collections=("BIG",), patients=1, series=1, images=4, image_size=size // 4
+    )
     s = first_series(archive)
     async with running_sim(archive) as sim:
         tracemalloc.start()
@@ -200,8 +239,8 @@ async def test_big_series_streams_with_flat_memory(tmp_path: Path) -> None:
 
 
 async def test_disk_full_while_writing_is_disk_space_error(
-        sim: SimServer, sim_archive: SimArchive, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    sim: SimServer, sim_archive: SimArchive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def full(self: object, event: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -79,8 +79,7 @@ async def test_heartbeat_extends_the_lease(catalog: Catalog) -> None:
     assert expires is not None and expires > datetime.now(UTC) + timedelta(seconds=3000)
 
 
-async def test_heartbeat_of_a_lease_held_by_another_owner_extends_nothing(
-        catalog: Catalog) -> None:
+async def test_heartbeat_of_a_lease_held_by_another_owner_extends_nothing(catalog: Catalog) -> None:
     await _queue(catalog, 1)
     claim = await _claim_one(catalog, "w", lease=60)
     assert await catalog.heartbeat("other", [claim.series_id], 3600) == set()
@@ -89,7 +88,8 @@ async def test_heartbeat_of_a_lease_held_by_another_owner_extends_nothing(
 
 
 async def test_heartbeat_does_not_wait_behind_a_placement_holding_row_locks(
-        catalog: Catalog) -> None:
+    catalog: Catalog,
+) -> None:
     # PostgreSQL: a group commit keeps its rows locked across renames and fsyncs; the
     # heartbeat of the other in-flight series must not queue behind it (their leases
     # would run out meanwhile). SQLite serialises writers by design, so not there.
@@ -99,7 +99,8 @@ async def test_heartbeat_does_not_wait_behind_a_placement_holding_row_locks(
     placed, running = await catalog.claim("w", limit=2, lease_seconds=60)
     async with catalog.placing_many([placed], "w") as batch:
         held = await asyncio.wait_for(
-            catalog.heartbeat("w", [placed.series_id, running.series_id], 3600), timeout=10)
+            catalog.heartbeat("w", [placed.series_id, running.series_id], 3600), timeout=10
+        )
         batch.done(placed, [], "p", 0)
     # The locked row is still ours (its placement is finishing it): not reported lost.
     assert held == {placed.series_id, running.series_id}
@@ -182,7 +183,9 @@ async def test_failure_with_attempts_exhausted_is_final(catalog: Catalog) -> Non
     assert await catalog.next_ready_at() is None
     [failure] = await catalog.failures(10)
     assert (failure.state, failure.attempts, failure.last_error) == (
-        SeriesState.FAILED, 2, "bad zip",
+        SeriesState.FAILED,
+        2,
+        "bad zip",
     )
 
 
@@ -235,7 +238,8 @@ async def test_next_ready_at_reports_foreign_lease_expiry(catalog: Catalog) -> N
 
 
 async def test_placing_many_rejects_one_lost_lease_without_affecting_the_others(
-        catalog: Catalog) -> None:
+    catalog: Catalog,
+) -> None:
     sid = await _queue(catalog, 3)
     claims = await catalog.claim("w", limit=2, lease_seconds=60)
     slow = await _claim_one(catalog, "slow", lease=0.05)
@@ -257,8 +261,9 @@ async def test_placing_many_rejects_one_lost_lease_without_affecting_the_others(
     assert counts[SeriesState.DONE][0] == 1
     assert counts[SeriesState.WANTED][0] == 1  # the changed one, queued again
     assert counts[SeriesState.DOWNLOADING][0] == 1  # "other" keeps the one it took
-    assert [(uid, [i.sop_uid for i in inst]) async for uid, inst in
-            catalog.iter_done_instances()] == [(kept.series_uid, ["1.2"])]
+    assert [
+        (uid, [i.sop_uid for i in inst]) async for uid, inst in catalog.iter_done_instances()
+    ] == [(kept.series_uid, ["1.2"])]
 
 
 async def test_placing_many_claims_the_next_series_in_the_same_commit(catalog: Catalog) -> None:
@@ -287,8 +292,11 @@ async def test_placing_many_that_raises_records_and_claims_nothing(catalog: Cata
             raise RuntimeError("rename failed")
     assert batch.claimed == []
     counts = await catalog.state_counts()
-    assert (counts.get(SeriesState.DONE, (0, 0))[0], counts[SeriesState.DOWNLOADING][0],
-            counts[SeriesState.WANTED][0]) == (0, 1, 2)
+    assert (
+        counts.get(SeriesState.DONE, (0, 0))[0],
+        counts[SeriesState.DOWNLOADING][0],
+        counts[SeriesState.WANTED][0],
+    ) == (0, 1, 2)
 
 
 async def test_placing_many_refuses_done_for_a_series_it_does_not_hold(catalog: Catalog) -> None:

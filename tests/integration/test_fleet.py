@@ -40,8 +40,13 @@ SERIES = cast(Table, Series.__table__)
 HOST = socket.gethostname()
 # 12 series of 4 images x 16 KiB; at 40 kB/s per stream a series takes ~1.6 s.
 ARCHIVE: dict[str, Any] = {
-    "seed": 9, "collections": ("FLEET-CT", "FLEET-MR"), "patients": 3, "studies": 1,
-    "series": 2, "images": 4, "image_size": 16_384,
+    "seed": 9,
+    "collections": ("FLEET-CT", "FLEET-MR"),
+    "patients": 3,
+    "studies": 1,
+    "series": 2,
+    "images": 4,
+    "image_size": 16_384,
 }
 BANDWIDTH = 40_000
 TRANSFER: dict[str, Any] = {"workers": 2, "lease_seconds": 10.0, "heartbeat_interval": 0.5}
@@ -92,8 +97,12 @@ class Fleet:
         async def one(proc: asyncio.subprocess.Process) -> Exited:
             out, err = await proc.communicate()
             assert proc.returncode is not None
-            return Exited(proc.pid, proc.returncode, out.decode(errors="replace"),
-                          err.decode(errors="replace"))
+            return Exited(
+                proc.pid,
+                proc.returncode,
+                out.decode(errors="replace"),
+                err.decode(errors="replace"),
+            )
 
         try:
             return list(await asyncio.wait_for(asyncio.gather(*map(one, self.procs)), limit))
@@ -111,8 +120,13 @@ class Fleet:
 
 async def cli_process(config: Path, *args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        *CLI, "-c", str(config), *args, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *CLI,
+        "-c",
+        str(config),
+        *args,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 
@@ -120,8 +134,9 @@ async def run_cli(config: Path, *args: str, limit: float = 30.0) -> Exited:
     proc = await cli_process(config, *args)
     out, err = await asyncio.wait_for(proc.communicate(), limit)
     assert proc.returncode is not None
-    return Exited(proc.pid, proc.returncode, out.decode(errors="replace"),
-                  err.decode(errors="replace"))
+    return Exited(
+        proc.pid, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+    )
 
 
 @asynccontextmanager
@@ -130,8 +145,9 @@ async def fleet_on(
 ) -> AsyncIterator[Fleet]:
     root = tmp_path / "mirror"
     sections = {"catalog": {"url": pg_url}} if pg_url else {}
-    config = write_config(tmp_path / "fleet.toml", root, sim.url, transfer=transfer,
-                          sections=sections)
+    config = write_config(
+        tmp_path / "fleet.toml", root, sim.url, transfer=transfer, sections=sections
+    )
     fleet = Fleet(root, config, load_settings(config).catalog_url, [])
     # Migrate once before the fleet starts, so the test's own catalog reads never race it.
     await (await Catalog.open(fleet.catalog_url)).close()
@@ -216,8 +232,9 @@ async def _single_process_queries() -> Counter[str]:
 
     with tempfile.TemporaryDirectory() as tmp:
         async with SimServer(fleet_archive()) as sim:
-            config = write_config(Path(tmp) / "one.toml", Path(tmp) / "mirror", sim.url,
-                                  transfer=TRANSFER)
+            config = write_config(
+                Path(tmp) / "one.toml", Path(tmp) / "mirror", sim.url, transfer=TRANSFER
+            )
             done = await run_cli(config, "sync", limit=RUN_LIMIT)
             assert done.code == 0, done.stderr[-2000:]
             return queries(sim.counters)
@@ -237,9 +254,10 @@ async def test_three_processes_on_postgresql_fetch_each_series_once(
     tmp_path: Path, pg_url: str, one_process_queries: Counter[str]
 ) -> None:
     archive = fleet_archive()
-    async with SimServer(archive, SimFaults(bandwidth=BANDWIDTH)) as sim, fleet_on(
-        tmp_path, sim, pg_url, TRANSFER
-    ) as fleet:
+    async with (
+        SimServer(archive, SimFaults(bandwidth=BANDWIDTH)) as sim,
+        fleet_on(tmp_path, sim, pg_url, TRANSFER) as fleet,
+    ):
         await fleet.start(3)
         exited = await fleet.finish()
         assert [e.code for e in exited] == [0, 0, 0], [e.stderr[-1500:] for e in exited]
@@ -255,9 +273,10 @@ async def test_two_processes_on_sqlite_fetch_each_series_once_without_lock_error
     tmp_path: Path, one_process_queries: Counter[str]
 ) -> None:
     archive = fleet_archive()
-    async with SimServer(archive, SimFaults(bandwidth=BANDWIDTH)) as sim, fleet_on(
-        tmp_path, sim, None, TRANSFER
-    ) as fleet:
+    async with (
+        SimServer(archive, SimFaults(bandwidth=BANDWIDTH)) as sim,
+        fleet_on(tmp_path, sim, None, TRANSFER) as fleet,
+    ):
         await fleet.start(2)
         exited = await fleet.finish()
         assert [e.code for e in exited] == [0, 0], [e.stderr[-1500:] for e in exited]
@@ -272,15 +291,17 @@ async def test_survivors_finish_the_series_of_a_process_killed_mid_download(
     tmp_path: Path, backend: str | None
 ) -> None:
     archive = fleet_archive()
-    async with SimServer(archive, SimFaults(bandwidth=BANDWIDTH)) as sim, fleet_on(
-        tmp_path, sim, backend, SHORT_LEASES
-    ) as fleet:
+    async with (
+        SimServer(archive, SimFaults(bandwidth=BANDWIDTH)) as sim,
+        fleet_on(tmp_path, sim, backend, SHORT_LEASES) as fleet,
+    ):
         catalog = await Catalog.open(fleet.catalog_url)
         try:
             await fleet.start(3)
             victim = fleet.procs[0]
-            await wait_until(lambda: leased_to(catalog, victim.pid), limit=30,
-                             what="the victim to hold a lease")
+            await wait_until(
+                lambda: leased_to(catalog, victim.pid), limit=30, what="the victim to hold a lease"
+            )
             victim.send_signal(signal.SIGKILL)
             await victim.wait()
             # Its leases stay in the catalog until they run out; nobody else may own them.
@@ -312,9 +333,10 @@ async def test_status_shows_live_processes_then_the_killed_one_as_stale(
     tmp_path: Path,
 ) -> None:
     archive = fleet_archive()
-    async with SimServer(archive, SimFaults(bandwidth=BANDWIDTH // 2)) as sim, fleet_on(
-        tmp_path, sim, None, SHORT_LEASES
-    ) as fleet:
+    async with (
+        SimServer(archive, SimFaults(bandwidth=BANDWIDTH // 2)) as sim,
+        fleet_on(tmp_path, sim, None, SHORT_LEASES) as fleet,
+    ):
         await fleet.start(2)
         pids = {p.pid for p in fleet.procs}
 
@@ -359,8 +381,9 @@ async def test_a_pass_waits_for_a_live_peers_discovery_then_drains_without_repea
 
     archive = fleet_archive()
     async with SimServer(archive) as sim:
-        config = write_config(tmp_path / "one.toml", tmp_path / "mirror", sim.url,
-                              transfer=TRANSFER)
+        config = write_config(
+            tmp_path / "one.toml", tmp_path / "mirror", sim.url, transfer=TRANSFER
+        )
         settings = load_settings(config)
         source = settings.sources[0]
         catalog = await Catalog.open(settings.catalog_url)

@@ -87,10 +87,12 @@ async def test_moved_series_is_requeued_with_its_new_place(
     assert (claim.series_uid, claim.generation, claim.placed_path) == ("1", 2, "x/1")
     where = {"collection": "COLL", "patient_id": "P1", "study_uid": "1.2.3", **move}
     assert (claim.collection, claim.patient_id, claim.study_uid) == (
-        where["collection"], where["patient_id"], where["study_uid"])
+        where["collection"],
+        where["patient_id"],
+        where["study_uid"],
+    )
     # Reported again at its new place: nothing more to do.
-    assert await catalog.upsert_series(sid, [make_series("1", **move)]) == UpsertResult(
-        unchanged=1)
+    assert await catalog.upsert_series(sid, [make_series("1", **move)]) == UpsertResult(unchanged=1)
 
 
 async def test_omitted_attribute_is_not_a_change(catalog: Catalog) -> None:

@@ -14,7 +14,7 @@ from nbia_sync.catalog import Catalog, SeriesState
 
 pytestmark = pytest.mark.asyncio
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Each child opens the catalog (racing the others through the migration lock), says
 # "ready", waits for "go" on stdin so all start claiming together, then claims and
@@ -53,8 +53,15 @@ class _Child:
     @classmethod
     async def start(cls, url: str, owner: str, cwd: Path) -> _Child:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _CHILD, url, owner, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd,
+            sys.executable,
+            "-c",
+            _CHILD,
+            url,
+            owner,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
         )
         assert proc.stdout is not None
         # Skip log lines until the child is ready (EOF means it died).

@@ -70,7 +70,8 @@ async def test_series_dir_follows_the_layout(tmp_path: Path) -> None:
 async def test_staging_is_under_the_root_per_owner(tmp_path: Path) -> None:
     m = Mirror(tmp_path)
     assert m.staging_dir("host:12:run/1", "1.2.3") == (
-        tmp_path / ".nbia-sync" / "staging" / "host:12:run%2F1" / "1.2.3")
+        tmp_path / ".nbia-sync" / "staging" / "host:12:run%2F1" / "1.2.3"
+    )
 
 
 # -- placement -------------------------------------------------------------------------
@@ -136,8 +137,9 @@ OLD = {"1.dcm": b"old-1" * 1000, "2.dcm": b"old-2" * 1000}
 NEW = {"1.dcm": b"new-1" * 1000, "3.dcm": b"new-3" * 1000}
 
 
-@pytest.mark.parametrize("kill_at", [1, 2, 3], ids=["before-any-rename", "old-moved-aside",
-                                                     "after-placing"])
+@pytest.mark.parametrize(
+    "kill_at", [1, 2, 3], ids=["before-any-rename", "old-moved-aside", "after-placing"]
+)
 async def test_placement_killed_midway_never_shows_a_mixed_or_partial_series(
     tmp_path: Path, kill_at: int
 ) -> None:
@@ -146,7 +148,8 @@ async def test_placement_killed_midway_never_shows_a_mixed_or_partial_series(
     await m.place_series(stage(m.staging_dir("old", "1.2"), OLD), final)
     staged = stage(m.staging_dir("dead", "1.2"), NEW)
     proc = await anyio.run_process(
-        [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), str(kill_at)], check=False)
+        [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), str(kill_at)], check=False
+    )
     placed = {k.rsplit("/", 1)[1]: v for k, v in tree(tmp_path).items()}
     if kill_at == 3:
         assert proc.returncode == 0  # only two renames: it ran to the end
@@ -201,15 +204,18 @@ async def test_reservations_of_running_downloads_count(tmp_path: Path) -> None:
 
 
 async def test_place_many_places_each_series_and_reports_failures_one_by_one(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     m = Mirror(tmp_path)
     old = m.series_dir("C", "P1", "1.1", "1.2")
     await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"old"}), old)
     moves = [
         (stage(m.staging_dir("me", "1.2"), {"1.dcm": b"new"}), old),  # replaces
         (m.staging_dir("me", "missing"), m.series_dir("C", "P2", "2.1", "2.2")),  # fails
-        (stage(m.staging_dir("me", "3.2"), {"3.dcm": b"three"}),
-         m.series_dir("C", "P3", "3.1", "3.2")),
+        (
+            stage(m.staging_dir("me", "3.2"), {"3.dcm": b"three"}),
+            m.series_dir("C", "P3", "3.1", "3.2"),
+        ),
     ]
     errors = await m.place_many(moves)
     assert errors[0] is None and errors[2] is None
@@ -219,15 +225,22 @@ async def test_place_many_places_each_series_and_reports_failures_one_by_one(
 
 
 async def test_place_many_fsyncs_each_touched_directory_once(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import nbia_sync.storage as storage
 
     m = Mirror(tmp_path)
     synced: list[Path] = []
-    monkeypatch.setattr(storage, "_fsync_path",
-                        lambda path, *, directory=False: synced.append(path))
-    moves = [(stage(m.staging_dir("me", f"{i}.2"), {"1.dcm": b"x"}),
-              m.series_dir("C", f"P{i}", f"{i}.1", f"{i}.2")) for i in range(3)]
+    monkeypatch.setattr(
+        storage, "_fsync_path", lambda path, *, directory=False: synced.append(path)
+    )
+    moves = [
+        (
+            stage(m.staging_dir("me", f"{i}.2"), {"1.dcm": b"x"}),
+            m.series_dir("C", f"P{i}", f"{i}.1", f"{i}.2"),
+        )
+        for i in range(3)
+    ]
     assert await m.place_many(moves) == [None, None, None]
     # The new names: C and C/P<i> in their parents, each series in its study directory.
     expected = {tmp_path, tmp_path / "C"}
@@ -237,7 +250,8 @@ async def test_place_many_fsyncs_each_touched_directory_once(
 
 
 async def test_place_many_moves_the_old_copy_of_a_moved_series_aside_durably(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The archive re-filed the series: its old directory leaves the tree (into the
     trash, both directories fsynced) before place_many returns, i.e. before the commit."""
     import nbia_sync.storage as storage
@@ -247,8 +261,9 @@ async def test_place_many_moves_the_old_copy_of_a_moved_series_aside_durably(
     await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"old"}), before)
     after = m.series_dir("C", "P2", "2.1", "1.2")
     synced: list[Path] = []
-    monkeypatch.setattr(storage, "_fsync_path",
-                        lambda path, *, directory=False: synced.append(path))
+    monkeypatch.setattr(
+        storage, "_fsync_path", lambda path, *, directory=False: synced.append(path)
+    )
     monkeypatch.setattr(storage, "_rmtree", lambda path: None)  # "crash" before deleting
     staged = stage(m.staging_dir("me", "1.2"), {"1.dcm": b"new"})
     assert await m.place_many([(staged, after, before)]) == [None]

@@ -54,8 +54,12 @@ async def test_server_error_is_retryable(client: NbiaClient) -> None:
 
 async def test_429_carries_retry_after(client: NbiaClient) -> None:
     with aioresponses() as m:
-        m.get(API + "getCollectionValues", status=429, headers={"Retry-After": "7"},
-              response_class=_Response)
+        m.get(
+            API + "getCollectionValues",
+            status=429,
+            headers={"Retry-After": "7"},
+            response_class=_Response,
+        )
         with pytest.raises(RetryableError) as caught:
             await client.collections()
     assert caught.value.retry_after == 7
@@ -63,8 +67,12 @@ async def test_429_carries_retry_after(client: NbiaClient) -> None:
 
 async def test_400_no_access_is_permanent(client: NbiaClient) -> None:
     with aioresponses() as m:
-        m.get(API + "getCollectionValues", status=400, body="Invalid query parameter",
-              response_class=_Response)
+        m.get(
+            API + "getCollectionValues",
+            status=400,
+            body="Invalid query parameter",
+            response_class=_Response,
+        )
         with pytest.raises(PermanentError):
             await client.collections()
 
@@ -77,17 +85,25 @@ async def test_empty_body_is_an_empty_result(client: NbiaClient) -> None:
 
 async def test_malformed_json_is_retryable(client: NbiaClient) -> None:
     with aioresponses() as m:
-        m.get(API + "getCollectionValues", status=200, body="[{\"Collection\": ",
-              response_class=_Response)
+        m.get(
+            API + "getCollectionValues",
+            status=200,
+            body='[{"Collection": ',
+            response_class=_Response,
+        )
         with pytest.raises(RetryableError):
             await client.collections()
 
 
 async def test_html_where_a_zip_was_expected_is_retryable(client: NbiaClient) -> None:
     with aioresponses() as m:
-        m.get(API + "getImage?SeriesInstanceUID=1.2.3&IncludeMD5=Yes", status=200,
-              body="<html>Internal error</html>", content_type="text/html",
-              response_class=_Response)
+        m.get(
+            API + "getImage?SeriesInstanceUID=1.2.3&IncludeMD5=Yes",
+            status=200,
+            body="<html>Internal error</html>",
+            content_type="text/html",
+            response_class=_Response,
+        )
         with pytest.raises(RetryableError, match=r"(?i)zip|html"):
             async with client.stream_series("1.2.3") as chunks:
                 async for _ in chunks:

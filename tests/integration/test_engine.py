@@ -35,11 +35,14 @@ pytestmark = pytest.mark.asyncio
 
 
 def settings_for(root: Path, url: str, **transfer: Any) -> Settings:
-    return settings_from_dict({
-        "mirror": {"root": str(root), "min_free_bytes": 0},
-        "transfer": {**FAST_TRANSFER, **transfer},
-        "sources": [{"name": "sim", "url": url}],
-    }, env={})
+    return settings_from_dict(
+        {
+            "mirror": {"root": str(root), "min_free_bytes": 0},
+            "transfer": {**FAST_TRANSFER, **transfer},
+            "sources": [{"name": "sim", "url": url}],
+        },
+        env={},
+    )
 
 
 @pytest_asyncio.fixture
@@ -135,8 +138,9 @@ async def test_stop_mid_drain_releases_leases_and_staging(
 async def test_unreachable_source_ends_the_pass_with_an_error_naming_it(
     catalog: Catalog, tmp_path: Path
 ) -> None:
-    settings = settings_for(tmp_path / "m", f"http://127.0.0.1:{free_port()}/nbia-api/",
-                            request_attempts=1)
+    settings = settings_for(
+        tmp_path / "m", f"http://127.0.0.1:{free_port()}/nbia-api/", request_attempts=1
+    )
     report = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
     assert report.outcome == ERROR
     assert report.error is not None and report.error.startswith("source 'sim'")
@@ -152,8 +156,13 @@ async def test_heartbeats_reach_the_callback(
     sim.faults.latency = 0.05
     settings = settings_for(tmp_path / "m", sim.url, heartbeat_interval=0.05)
     beats: list[int] = []
-    await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event(),
-                   on_heartbeat=lambda: beats.append(1))
+    await run_pass(
+        settings,
+        catalog,
+        progress=NullProgress(),
+        stop=anyio.Event(),
+        on_heartbeat=lambda: beats.append(1),
+    )
     assert beats
 
 
@@ -173,13 +182,16 @@ async def test_pass_forgets_workers_dead_for_a_day_and_keeps_recently_stale_ones
 ) -> None:
     settings = settings_for(tmp_path / "m", sim.url)
     now = datetime.now(UTC)
-    for owner, age in (("h:1:killed-long-ago", timedelta(days=2)),
-                       ("h:2:killed-just-now", timedelta(minutes=10))):
+    for owner, age in (
+        ("h:1:killed-long-ago", timedelta(days=2)),
+        ("h:2:killed-just-now", timedelta(minutes=10)),
+    ):
         await catalog.register_worker(owner, "h", 1, "run")
 
         async def op(conn: AsyncConnection, owner: str = owner, age: timedelta = age) -> None:
             await conn.execute(
-                update(WORKERS).where(WORKERS.c.owner == owner).values(heartbeat_at=now - age))
+                update(WORKERS).where(WORKERS.c.owner == owner).values(heartbeat_at=now - age)
+            )
 
         await catalog.database.run_write(op)
     report = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())

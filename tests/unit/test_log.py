@@ -121,8 +121,13 @@ def test_redact_text_leaves_ordinary_text_alone() -> None:
 
 @pytest.mark.parametrize(
     ("configured", "verbose", "quiet", "expected"),
-    [("info", 0, 0, "info"), ("info", 1, 0, "debug"), ("info", 0, 1, "warning"),
-     ("warning", 5, 0, "debug"), ("info", 0, 9, "error")],
+    [
+        ("info", 0, 0, "info"),
+        ("info", 1, 0, "debug"),
+        ("info", 0, 1, "warning"),
+        ("warning", 5, 0, "debug"),
+        ("info", 0, 9, "error"),
+    ],
 )
 def test_verbose_and_quiet_flags_move_the_level(
     configured: str, verbose: int, quiet: int, expected: str

@@ -53,8 +53,13 @@ async def _set_heartbeat(catalog: Catalog, owner: str, at: datetime) -> None:
 async def test_prune_forgets_only_workers_silent_past_the_horizon(catalog: Catalog) -> None:
     """kill -9 leaves a row behind: long-dead ones go, recently stale ones stay visible."""
     now = datetime.now(UTC)
-    ages = {"live": 0, "stale": 600, "just-inside": 23 * 3600, "dead": 25 * 3600,
-            "ancient": 400 * 86400}
+    ages = {
+        "live": 0,
+        "stale": 600,
+        "just-inside": 23 * 3600,
+        "dead": 25 * 3600,
+        "ancient": 400 * 86400,
+    }
     for n, (owner, age) in enumerate(ages.items()):
         await catalog.register_worker(owner, "h", n, "run")
         await _set_heartbeat(catalog, owner, now - timedelta(seconds=age))

@@ -35,10 +35,12 @@ def place(root: Path, rel: str, data: bytes) -> InstanceRecord:
 
 
 def mirror(root: Path, files: int = 5) -> FakeCatalog:
-    return FakeCatalog([
-        place(root, f"C/P/1.2/1.2.{n % 2}/1.2.3.{n}.dcm", os.urandom(3000 + n))
-        for n in range(files)
-    ])
+    return FakeCatalog(
+        [
+            place(root, f"C/P/1.2/1.2.{n % 2}/1.2.3.{n}.dcm", os.urandom(3000 + n))
+            for n in range(files)
+        ]
+    )
 
 
 async def test_clean_mirror_has_no_problems(tmp_path: Path) -> None:

@@ -35,7 +35,9 @@ async def client(sim: SimServer) -> AsyncIterator[NbiaClient]:
 
 
 async def _pass(
-    catalog: Catalog, client: NbiaClient, source: SourceSettings,
+    catalog: Catalog,
+    client: NbiaClient,
+    source: SourceSettings,
     schedule: ScheduleSettings = SCHEDULE,
 ) -> DiscoveryReport:
     sid = await catalog.ensure_source(source)

@@ -19,7 +19,7 @@ from nbia_sync.config import (
 )
 from nbia_sync.errors import ConfigError
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
 
 
 def minimal(**extra: Any) -> dict[str, Any]:
@@ -160,7 +160,9 @@ def test_dockerfile_rewrites_lines_that_exist_in_the_example() -> None:
 
 def test_credentials_in_a_source_url_are_refused_without_echoing_them() -> None:
     """user:password@ in a source URL would be echoed in errors, logs and the catalog."""
-    raw = minimal(sources=[{"name": "tcia", "url": "https://bob:hunter2@archive.example/nbia-api/"}])
+    raw = minimal(
+        sources=[{"name": "tcia", "url": "https://bob:hunter2@archive.example/nbia-api/"}]
+    )
     with pytest.raises(ConfigError, match=r"sources\[0\]\.url: .*credentials") as info:
         settings_from_dict(raw, env={})
     assert "hunter2" not in str(info.value)

@@ -27,7 +27,7 @@ from nbia_sync.sim import SimArchive, SimFaults, SimServer
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- helpers

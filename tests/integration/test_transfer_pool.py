@@ -56,25 +56,45 @@ class Recorder:
 
 
 def make_settings(root: Path, sim: SimServer, **transfer: Any) -> Settings:
-    base: dict[str, Any] = {"workers": 4, "retry_base_delay": 0.01, "retry_max_delay": 0.05,
-                            "read_timeout": 0.5, "connect_timeout": 2.0, "max_attempts": 30,
-                            "request_attempts": 3, "chunk_size": 16 << 10}
+    base: dict[str, Any] = {
+        "workers": 4,
+        "retry_base_delay": 0.01,
+        "retry_max_delay": 0.05,
+        "read_timeout": 0.5,
+        "connect_timeout": 2.0,
+        "max_attempts": 30,
+        "request_attempts": 3,
+        "chunk_size": 16 << 10,
+    }
     base.update(transfer)
-    return settings_from_dict({
-        "mirror": {"root": str(root), "min_free_bytes": 0},
-        "transfer": base,
-        "sources": [{"name": "sim", "url": sim.url, "api": "v2"}],
-    }, env={})
+    return settings_from_dict(
+        {
+            "mirror": {"root": str(root), "min_free_bytes": 0},
+            "transfer": base,
+            "sources": [{"name": "sim", "url": sim.url, "api": "v2"}],
+        },
+        env={},
+    )
 
 
 async def queue_all(catalog: Catalog, settings: Settings, archive: SimArchive) -> None:
     source_id = await catalog.ensure_source(settings.sources[0])
-    await catalog.upsert_series(source_id, [
-        SeriesInfo(series_uid=s.uid, study_uid=s.study_uid, collection=s.collection,
-                   patient_id=s.patient_id, modality=s.modality, image_count=s.image_count,
-                   file_size=s.file_size, date_released=s.date_released)
-        for s in archive.series.values()
-    ])
+    await catalog.upsert_series(
+        source_id,
+        [
+            SeriesInfo(
+                series_uid=s.uid,
+                study_uid=s.study_uid,
+                collection=s.collection,
+                patient_id=s.patient_id,
+                modality=s.modality,
+                image_count=s.image_count,
+                file_size=s.file_size,
+                date_released=s.date_released,
+            )
+            for s in archive.series.values()
+        ],
+    )
 
 
 @asynccontextmanager
@@ -83,12 +103,19 @@ async def clients_for(settings: Settings) -> AsyncIterator[dict[str, NbiaClient]
         yield {"sim": client}
 
 
-async def run_drain(settings: Settings, catalog: Catalog, progress: Any = None,
-                    stop: anyio.Event | None = None) -> DrainReport:
+async def run_drain(
+    settings: Settings, catalog: Catalog, progress: Any = None, stop: anyio.Event | None = None
+) -> DrainReport:
     async with clients_for(settings) as clients:
-        return await drain(settings=settings, catalog=catalog, clients=clients,
-                           mirror=Mirror(settings.mirror.root), owner=OWNER,
-                           progress=progress or Recorder(), stop=stop)
+        return await drain(
+            settings=settings,
+            catalog=catalog,
+            clients=clients,
+            mirror=Mirror(settings.mirror.root),
+            owner=OWNER,
+            progress=progress or Recorder(),
+            stop=stop,
+        )
 
 
 def mirror_state(root: Path, archive: SimArchive) -> dict[str, dict[str, str]]:
@@ -102,7 +129,8 @@ def mirror_state(root: Path, archive: SimArchive) -> dict[str, dict[str, str]]:
         s = archive.series[series]
         assert (collection, patient, study) == (s.collection, s.patient_id, s.study_uid)
         found.setdefault(series, {})[name.removesuffix(".dcm")] = hashlib.md5(
-            p.read_bytes()).hexdigest()
+            p.read_bytes()
+        ).hexdigest()
     return found
 
 
@@ -119,15 +147,15 @@ async def downloading(catalog: Catalog) -> int:
 
 
 async def test_drain_fetches_every_series_and_reports_progress(
-        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     settings = make_settings(tmp_path / "mirror", sim)
     await queue_all(catalog, settings, sim_archive)
     progress = Recorder()
     report = await run_drain(settings, catalog, progress)
     assert mirror_state(tmp_path / "mirror", sim_archive) == sim_archive.truth()
     total = sum(s.file_size for s in sim_archive.series.values())
-    assert (report.done, report.failed, report.files, report.bytes) == (
-        8, 0, 24, total)
+    assert (report.done, report.failed, report.files, report.bytes) == (8, 0, 24, total)
     assert progress.planned == (8, total)
     assert sorted(progress.started) == sorted(sim_archive.series)
     assert all(ok for _, ok in progress.finished) and len(progress.finished) == 8
@@ -136,7 +164,8 @@ async def test_drain_fetches_every_series_and_reports_progress(
 
 
 async def test_retryable_failures_are_retried_after_backoff_until_done(
-        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     settings = make_settings(tmp_path / "mirror", sim)
     await queue_all(catalog, settings, sim_archive)
     uid = next(iter(sim_archive.series))
@@ -147,7 +176,8 @@ async def test_retryable_failures_are_retried_after_backoff_until_done(
 
 
 async def test_hostile_series_fails_for_good_and_the_rest_completes(
-        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     settings = make_settings(tmp_path / "mirror", sim)
     await queue_all(catalog, settings, sim_archive)
     uid = next(iter(sim_archive.series))
@@ -163,10 +193,12 @@ async def test_hostile_series_fails_for_good_and_the_rest_completes(
 
 
 async def test_disk_space_error_stops_the_drain_and_releases_claims(
-        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     settings = make_settings(tmp_path / "mirror", sim)
-    settings = settings.model_copy(update={
-        "mirror": settings.mirror.model_copy(update={"min_free_bytes": 1 << 62})})
+    settings = settings.model_copy(
+        update={"mirror": settings.mirror.model_copy(update={"min_free_bytes": 1 << 62})}
+    )
     await queue_all(catalog, settings, sim_archive)
     with pytest.raises(DiskSpaceError, match="bytes free"):
         await run_drain(settings, catalog)
@@ -176,13 +208,15 @@ async def test_disk_space_error_stops_the_drain_and_releases_claims(
 
 
 async def test_stop_cancels_in_flight_downloads_and_releases_them(
-        catalog: Catalog, sim_archive: SimArchive, tmp_path: Path) -> None:
+    catalog: Catalog, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     async with running_sim(sim_archive, SimFaults(bandwidth=20_000)) as sim:
         settings = make_settings(tmp_path / "mirror", sim)
         await queue_all(catalog, settings, sim_archive)
         stop = anyio.Event()
         progress = Recorder()
         async with anyio.create_task_group() as tg:
+
             async def stop_soon() -> None:
                 await progress.any_started.wait()
                 await anyio.sleep(0.1)
@@ -200,10 +234,12 @@ async def test_stop_cancels_in_flight_downloads_and_releases_them(
 
 
 async def test_heartbeat_keeps_leases_of_slow_downloads(
-        catalog: Catalog, sim_archive: SimArchive, tmp_path: Path) -> None:
+    catalog: Catalog, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     async with running_sim(sim_archive, SimFaults(bandwidth=10_000)) as sim:
-        settings = make_settings(tmp_path / "mirror", sim, workers=8, lease_seconds=0.3,
-                                 heartbeat_interval=0.1)
+        settings = make_settings(
+            tmp_path / "mirror", sim, workers=8, lease_seconds=0.3, heartbeat_interval=0.1
+        )
         await queue_all(catalog, settings, sim_archive)
         stolen: list[object] = []
         progress = Recorder()
@@ -228,12 +264,24 @@ async def test_heartbeat_keeps_leases_of_slow_downloads(
 
 @pytest.mark.chaos
 async def test_every_fault_at_once_converges_on_the_truth_and_never_shows_a_wrong_file(
-        catalog: Catalog, tmp_path: Path) -> None:
-    archive = SimArchive.generate(collections=("SIM-CT", "SIM-MR", "SIM-PT"), patients=3,
-                                  series=2, images=3, image_size=8192)
-    faults = SimFaults(error_5xx=0.1, rate_429=0.1, retry_after=0.05, reset=0.1, truncate=0.1,
-                       corrupt=0.1, stall=0.05, stall_seconds=1.0, hostile=0.05,
-                       html_instead_of_zip=0.05, seed=7)
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    archive = SimArchive.generate(
+        collections=("SIM-CT", "SIM-MR", "SIM-PT"), patients=3, series=2, images=3, image_size=8192
+    )
+    faults = SimFaults(
+        error_5xx=0.1,
+        rate_429=0.1,
+        retry_after=0.05,
+        reset=0.1,
+        truncate=0.1,
+        corrupt=0.1,
+        stall=0.05,
+        stall_seconds=1.0,
+        hostile=0.05,
+        html_instead_of_zip=0.05,
+        seed=7,
+    )
     root = tmp_path / "mirror"
     truth = archive.truth()
     bad: list[str] = []
@@ -290,7 +338,8 @@ async def test_every_fault_at_once_converges_on_the_truth_and_never_shows_a_wron
 
 
 async def test_a_stop_releases_claims_no_worker_started(
-        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     from nbia_sync.transfer.pool import _Drain
 
     settings = make_settings(tmp_path / "mirror", sim)
@@ -310,11 +359,13 @@ async def test_a_stop_releases_claims_no_worker_started(
 
 
 async def test_many_small_series_are_placed_in_group_commits(
-        catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from nbia_sync.transfer import pool
 
-    archive = SimArchive.generate(collections=("SIM-CT",), patients=24, studies=1, series=1,
-                                  images=1, image_size=2000, seed=5)
+    archive = SimArchive.generate(
+        collections=("SIM-CT",), patients=24, studies=1, series=1, images=1, image_size=2000, seed=5
+    )
     batches: list[int] = []
     real = pool._Drain._place_batch
 
@@ -349,8 +400,12 @@ def fill_disk_after_first_claim(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_catalog_error_mid_drain_stops_it_and_releases_claims(
-        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog: Catalog,
+    sim: SimServer,
+    sim_archive: SimArchive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     settings = make_settings(tmp_path / "mirror", sim, workers=2)
     await queue_all(catalog, settings, sim_archive)
     fill_disk_after_first_claim(monkeypatch)
@@ -364,7 +419,8 @@ async def test_catalog_error_mid_drain_stops_it_and_releases_claims(
 
 
 async def test_refused_credentials_mid_drain_stop_it_without_failing_series(
-        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path) -> None:
+    catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
     settings = make_settings(tmp_path / "mirror", sim, workers=4, read_timeout=5.0)
     await queue_all(catalog, settings, sim_archive)
     sim.faults.bandwidth = 20_000
@@ -393,8 +449,7 @@ async def test_refused_credentials_mid_drain_stop_it_without_failing_series(
     counts = await catalog.state_counts()
     assert counts.get(SeriesState.FAILED, (0, 0))[0] == 0
     assert counts.get(SeriesState.PENDING, (0, 0))[0] == 0  # no attempt was counted
-    assert counts.get(SeriesState.WANTED, (0, 0))[0] + counts.get(
-        SeriesState.DONE, (0, 0))[0] == 8
+    assert counts.get(SeriesState.WANTED, (0, 0))[0] + counts.get(SeriesState.DONE, (0, 0))[0] == 8
     assert await catalog.failures() == []
     assert staging_files(tmp_path / "mirror") == []
 
@@ -402,7 +457,8 @@ async def test_refused_credentials_mid_drain_stop_it_without_failing_series(
 def tree_files(root: Path) -> set[str]:
     """Every file of the mirror tree (the bookkeeping area aside), relative to the root."""
     return {
-        p.relative_to(root).as_posix() for p in root.rglob("*")
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
         if p.is_file() and p.relative_to(root).parts[0] != ".nbia-sync"
     }
 
@@ -413,8 +469,8 @@ async def catalog_files(catalog: Catalog) -> set[str]:
 
 @pytest.mark.parametrize("move", ["patient_id", "collection", "study_uid"])
 async def test_series_moved_by_the_archive_is_placed_anew_and_the_old_copy_dropped(
-        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path,
-        move: str) -> None:
+    catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path, move: str
+) -> None:
     root = tmp_path / "mirror"
     settings = make_settings(root, sim)
     await queue_all(catalog, settings, sim_archive)
@@ -425,8 +481,9 @@ async def test_series_moved_by_the_archive_is_placed_anew_and_the_old_copy_dropp
     s = sim_archive.series[uid]
     listed = (s.image_count, s.file_size, s.date_released)
     # Same-length names keep the files' sizes: only the place of the series changes.
-    to = {"patient_id": "SIM-CT-0002", "collection": "SIM-MR",
-          "study_uid": "2" + s.study_uid[1:]}[move]
+    to = {"patient_id": "SIM-CT-0002", "collection": "SIM-MR", "study_uid": "2" + s.study_uid[1:]}[
+        move
+    ]
     sim_archive.move_series(uid, **{move: to})
     assert (s.image_count, s.file_size, s.date_released) == listed
     await queue_all(catalog, settings, sim_archive)
@@ -439,8 +496,12 @@ async def test_series_moved_by_the_archive_is_placed_anew_and_the_old_copy_dropp
 
 
 async def test_crash_right_after_placing_a_moved_series_leaves_no_orphan(
-        catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog: Catalog,
+    sim: SimServer,
+    sim_archive: SimArchive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The process dies after the commit, before anything is deleted: the tree must
     still hold exactly what the catalog says (the old copy is out of it already, in the
     trash, which the next start empties)."""

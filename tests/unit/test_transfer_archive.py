@@ -55,6 +55,7 @@ def zipfile_archive(method: int, *, seekable: bool) -> bytes:
     buf = io.BytesIO()
     target: object = buf
     if not seekable:
+
         class Pipe(io.RawIOBase):
             def writable(self) -> bool:
                 return True
@@ -89,8 +90,15 @@ def test_deflated_entries_with_sizes_stream(tmp_path: Path) -> None:
 @pytest.mark.parametrize("zip64", [False, True], ids=["32bit", "zip64"])
 def test_deflate_descriptor_variants(tmp_path: Path, sig: bool, zip64: bool) -> None:
     entries = [
-        Entry(name, data, DEFLATED, descriptor=True, descriptor_sig=sig, zip64=zip64,
-              sizes_in_header=False)
+        Entry(
+            name,
+            data,
+            DEFLATED,
+            descriptor=True,
+            descriptor_sig=sig,
+            zip64=zip64,
+            sizes_in_header=False,
+        )
         for name, data in PAYLOADS.items()
     ]
     assert read_all(build_zip(entries), tmp_path) == PAYLOADS
@@ -108,10 +116,10 @@ def test_stored_with_descriptor_and_no_sizes_falls_back_to_spool(tmp_path: Path)
 
 
 def test_spool_fallback_after_streamed_entries(tmp_path: Path) -> None:
-    first = Entry("00000001.dcm", PAYLOADS["00000001.dcm"], DEFLATED, descriptor=True,
-                  sizes_in_header=False)
-    second = Entry("00000002.dcm", PAYLOADS["00000002.dcm"], descriptor=True,
-                   sizes_in_header=False)
+    first = Entry(
+        "00000001.dcm", PAYLOADS["00000001.dcm"], DEFLATED, descriptor=True, sizes_in_header=False
+    )
+    second = Entry("00000002.dcm", PAYLOADS["00000002.dcm"], descriptor=True, sizes_in_header=False)
     assert read_all(build_zip([first, second]), tmp_path) == PAYLOADS
 
 
@@ -127,8 +135,18 @@ def test_stored_crc_mismatch_is_integrity_error(tmp_path: Path) -> None:
 
 
 def test_deflate_descriptor_crc_mismatch_is_integrity_error(tmp_path: Path) -> None:
-    data = build_zip([Entry("a.dcm", b"hello" * 100, DEFLATED, descriptor=True,
-                            sizes_in_header=False, bad_crc=True)])
+    data = build_zip(
+        [
+            Entry(
+                "a.dcm",
+                b"hello" * 100,
+                DEFLATED,
+                descriptor=True,
+                sizes_in_header=False,
+                bad_crc=True,
+            )
+        ]
+    )
     with pytest.raises(IntegrityError, match="CRC"):
         read_all(data, tmp_path)
 
@@ -142,8 +160,9 @@ def test_flipped_byte_in_deflate_data_is_integrity_error(tmp_path: Path) -> None
 
 
 def test_crc_mismatch_in_spooled_entry_is_integrity_error(tmp_path: Path) -> None:
-    data = build_zip([Entry("a.dcm", b"hello", descriptor=True, sizes_in_header=False,
-                            bad_crc=True)])
+    data = build_zip(
+        [Entry("a.dcm", b"hello", descriptor=True, sizes_in_header=False, bad_crc=True)]
+    )
     with pytest.raises(IntegrityError):
         read_all(data, tmp_path)
 
@@ -196,8 +215,12 @@ def test_hostile_name_is_refused_before_any_data(tmp_path: Path, name: str | byt
 
 
 def test_hostile_name_in_spooled_part_is_refused_before_any_data(tmp_path: Path) -> None:
-    data = build_zip([Entry("ok.dcm", b"fine", descriptor=True, sizes_in_header=False),
-                      Entry("../evil.dcm", b"payload", descriptor=True, sizes_in_header=False)])
+    data = build_zip(
+        [
+            Entry("ok.dcm", b"fine", descriptor=True, sizes_in_header=False),
+            Entry("../evil.dcm", b"payload", descriptor=True, sizes_in_header=False),
+        ]
+    )
     reader = ZipStreamReader(tmp_path / "spool.zip")
     seen = list(reader.feed(data))
     with pytest.raises(HostileArchiveError):
@@ -218,8 +241,17 @@ def test_device_entry_is_refused(tmp_path: Path) -> None:
 
 
 def test_symlink_entry_in_spooled_archive_is_refused(tmp_path: Path) -> None:
-    data = build_zip([Entry("link.dcm", b"/etc/passwd", descriptor=True, sizes_in_header=False,
-                            external_attr=0o120777 << 16)])
+    data = build_zip(
+        [
+            Entry(
+                "link.dcm",
+                b"/etc/passwd",
+                descriptor=True,
+                sizes_in_header=False,
+                external_attr=0o120777 << 16,
+            )
+        ]
+    )
     with pytest.raises(HostileArchiveError, match="symbolic link"):
         read_all(data, tmp_path)
 
@@ -232,8 +264,9 @@ def test_central_directory_listing_other_names_is_refused(tmp_path: Path) -> Non
         read_all(bytes(data), tmp_path)
 
 
-@pytest.mark.parametrize("name", ["00000001.dcm", "sub/dir/file.dcm", "1-001.dcm", "LICENSE",
-                                  "a..b.dcm", "./x.dcm"])
+@pytest.mark.parametrize(
+    "name", ["00000001.dcm", "sub/dir/file.dcm", "1-001.dcm", "LICENSE", "a..b.dcm", "./x.dcm"]
+)
 def test_ordinary_names_are_accepted(name: str) -> None:
     check_entry_name(name)
 
