@@ -10,7 +10,10 @@
 # listen_host MUST be 0.0.0.0 in a container: on 127.0.0.1 the published port (Prometheus,
 # an orchestrator's probe) cannot reach /metrics or /healthz, although the HEALTHCHECK
 # below, which runs inside the container, would still pass.
-FROM python:3.11-slim
+# The base is a build argument so an offline machine can build on a local stand-in with the
+# same name and shape (tests/container/run.sh makes one with debootstrap when it is missing).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
