@@ -113,7 +113,8 @@ class SourceSettings(_Section):
 
     @property
     def needs_token(self) -> bool:
-        return self.api != "v4"
+        # v1 is served as the guest whatever the token, v4 needs none: only v2 logs in.
+        return self.api == "v2"
 
 
 class Settings(_Section):
