@@ -1,4 +1,4 @@
-"""OAuth tokens for one v1/v2 source, shared by every request to it.
+"""OAuth tokens for one v2 source, shared by every request to it (v1 and v4 need none).
 
 Other clients die when the 2-hour token expires mid-run (nbiatoolkit captures it once).
 Here the token is renewed *ahead* of expiry: when less than ``refresh_margin`` of its
