@@ -417,10 +417,11 @@ def pick_source(settings: Settings, name: str | None, manifest_url: str | None) 
             f"the manifest names {server_of(manifest_url or '')}, served by several "
             f"configured sources ({several}): choose one with --source"
         )
-    # One source and a manifest from elsewhere (a mirror, a test server): use it, but a
-    # manifest for another TCIA server is refused rather than reported all "unknown".
-    if len(settings.sources) == 1 and not (manifest_url and is_tcia_server(manifest_url)):
-        return settings.sources[0]
+    # One source: use it (it may be a proxy or a test server), unless both are TCIA
+    # servers and not the same one: an NLST manifest would be reported all "unknown".
+    only = settings.sources[0] if len(settings.sources) == 1 else None
+    if only and not (manifest_url and is_tcia_server(manifest_url) and is_tcia_server(only.url)):
+        return only
     if manifest_url:
         raise ConfigError(
             f"the manifest names {server_of(manifest_url)} ({manifest_url}), which no "

@@ -56,6 +56,11 @@ def test_single_source_takes_a_manifest_from_an_unknown_host() -> None:
     assert pick_source(local, None, None).name == "sim"
 
 
+def test_single_proxy_source_takes_a_portal_manifest() -> None:
+    proxy = settings(("proxy", "https://nbia.example.org/nbia-api/"))
+    assert pick_source(proxy, None, PUBLIC).name == "proxy"
+
+
 def test_ports_tell_two_local_servers_apart() -> None:
     local = settings(("a", "http://127.0.0.1:8080/nbia-api/"), ("b", "http://127.0.0.1:8081/n/"))
     servlet = "http://127.0.0.1:8081/nbia-download/servlet/DownloadServlet"
