@@ -108,12 +108,13 @@ class Watched:
         after = self.auth.generation
         if listed and before == after and self.empty_under == {after}:
             return
-        log.warning(
-            "discovery.token_doubted",
-            empty_answers=self.empty_answers,
-            witness="empty" if not listed else "token renewed meanwhile",
+        reason = (
+            "getCollectionValues came back empty too"
+            if not listed
+            else "the token was renewed while they came in"
         )
-        raise TokenDoubted
+        log.warning("discovery.token_doubted", empty_answers=self.empty_answers, reason=reason)
+        raise TokenDoubted(reason)
 
 
 def token_session(client: object) -> TokenSession | None:
@@ -137,9 +138,9 @@ async def trusting(
     await auth.relogin()
     try:
         return await run(Watched(client), True)
-    except TokenDoubted:
+    except TokenDoubted as doubt:
         raise RetryableError(
-            f"{what}: the archive answered nothing, even getCollectionValues, with a "
-            "freshly issued token (the server may be refusing the account's tokens "
-            "without saying so); nothing was changed, the next pass asks again"
+            f"{what}: empty answers could not be trusted even with a freshly issued "
+            f"token ({doubt}; the server may be refusing the account's tokens without "
+            "saying so); nothing was changed, the next pass asks again"
         ) from None

@@ -32,6 +32,7 @@ from nbia_sync.metrics import Metrics
 from nbia_sync.progress import NullProgress
 from nbia_sync.sim import SimArchive, SimServer
 from nbia_sync.sim.testing import guest_token
+from nbia_sync.witness import TokenDoubted, Watched
 
 pytestmark = pytest.mark.asyncio
 
@@ -294,7 +295,10 @@ async def test_discovery_fails_and_changes_nothing_when_even_a_fresh_login_gets_
         assert first.new == 2 and watermark == hostile.released
         hostile.grants.clear()
         async with _client(url) as client:
-            with pytest.raises(RetryableError, match="freshly issued token"):
+            with pytest.raises(
+                RetryableError,
+                match=r"freshly issued token \(getCollectionValues came back empty too",
+            ):
                 await discover(catalog, client, source, sid, schedule)
     assert hostile.grants == Counter(password=2)  # the pass's login, then a fresh one
     assert await catalog.get_watermark(sid) == watermark
@@ -346,3 +350,17 @@ async def test_passes_survive_server_side_revocation_with_no_change_missed(
     expected = expected_files(sim_archive, settings.mirror.root)
     assert mirror_files(settings.mirror.root) == set(expected)
     assert sim.counters.logouts == 2  # both passes ended with a successful logout
+
+
+async def test_an_empty_answer_from_a_token_since_replaced_is_not_vouched_for(
+    sim: SimServer,
+) -> None:
+    async with _client(sim.url) as client:
+        watched = Watched(client)
+        assert await watched.series(collection="NO-SUCH") == []
+        await watched.confirm()  # same token, alive afterwards: trusted
+        assert await watched.series(collection="NO-SUCH") == []
+        assert client.auth is not None
+        await client.auth.relogin()  # the token that answered is gone, unproven
+        with pytest.raises(TokenDoubted, match="renewed"):
+            await watched.confirm()
