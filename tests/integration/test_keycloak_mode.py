@@ -170,6 +170,18 @@ async def test_a_refused_refresh_falls_back_to_a_password_login_and_is_counted(
     assert GRANT_TOTALS[("sim", "refresh_token", "refused")] == refused + 1
 
 
+async def test_download_with_a_revoked_token_renews_on_its_401(sim: SimServer) -> None:
+    uid = next(iter(sim.archive.series))
+    async with _client(sim.url) as client:
+        assert await client.collections()
+        sim.revoke_all_tokens()
+        async with client.stream_series(uid) as chunks:
+            body = b"".join([chunk async for chunk in chunks])
+    assert body.startswith(b"PK") and sim.counters.downloads_completed[uid] == 1
+    assert sim.counters.requests["getImageWithMD5Hash"] == 2  # the 401, then the replay
+    assert sim.counters.grants["password"] == 2  # the refresh died with the session
+
+
 @pytest.mark.parametrize("api", ["v1", "v4"])
 async def test_v1_and_v4_sources_never_log_in(sim: SimServer, api: str) -> None:
     async with _client(sim.url, api) as client:
