@@ -316,25 +316,30 @@ async def _discover_once(
     return report
 
 
+async def _lookup(client: DiscoveryClient, uids: Sequence[str]) -> list[SeriesInfo]:
+    """getSeries by SeriesInstanceUID for each UID, a few at a time."""
+    limit = asyncio.Semaphore(QUERY_CONCURRENCY)
+
+    async def one(uid: str) -> list[SeriesInfo]:
+        async with limit:
+            return await client.series(series_uid=uid)
+
+    answers = await _all(*(one(u) for u in uids))
+    return [s for answer in answers for s in answer]
+
+
 async def add_manifest(
     catalog: Catalog, client: DiscoveryClient, source_id: int, series_uids: Iterable[str]
 ) -> DiscoveryReport:
     """Queue the series a manifest lists; UIDs the archive does not know are reported."""
     uids = list(dict.fromkeys(u.strip() for u in series_uids if u.strip()))
 
-    async def lookups(watched: Watched, again: bool) -> list[list[SeriesInfo]]:
-        limit = asyncio.Semaphore(QUERY_CONCURRENCY)
-
-        async def lookup(uid: str) -> list[SeriesInfo]:
-            async with limit:
-                return await watched.series(series_uid=uid)
-
-        answers = await _all(*(lookup(u) for u in uids))
+    async def lookup(watched: Watched, again: bool) -> list[SeriesInfo]:
+        found = await _lookup(watched, uids)
         await watched.confirm()  # "unknown" must not be a dead token's empty answer
-        return answers
+        return found
 
-    answers = await trusting(client, "manifest lookup", lookups)
-    found = [s for answer in answers for s in answer]
+    found = await trusting(client, "manifest lookup", lookup)
     known = {s.series_uid for s in found}
     unknown = tuple(u for u in uids if u not in known)
     if unknown:
