@@ -399,18 +399,35 @@ def cmd_add_manifest(args: argparse.Namespace) -> int:
 
 
 def pick_source(settings: Settings, name: str | None, manifest_url: str | None) -> SourceSettings:
-    """--source NAME, else the only source, else the one serving the manifest's URL."""
+    """--source NAME, else the source on the server the manifest names (by host name:
+    the portal's downloadServerUrl is its download servlet, not an API root), else the
+    only source when the manifest names no server or one we cannot tell apart."""
+    from nbia_sync.api.manifest import is_tcia_server, server_of, sources_for_manifest
     from nbia_sync.errors import ConfigError
 
     if name:
         return settings.source(name)
-    if len(settings.sources) == 1:
-        return settings.sources[0]
+    names = ", ".join(f"{s.name} ({server_of(s.url)})" for s in settings.sources)
+    matches = sources_for_manifest(settings.sources, manifest_url) if manifest_url else []
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        several = ", ".join(s.name for s in matches)
+        raise ConfigError(
+            f"the manifest names {server_of(manifest_url or '')}, served by several "
+            f"configured sources ({several}): choose one with --source"
+        )
+    # One source: use it (it may be a proxy or a test server), unless both are TCIA
+    # servers and not the same one: an NLST manifest would be reported all "unknown".
+    only = settings.sources[0] if len(settings.sources) == 1 else None
+    if only and not (manifest_url and is_tcia_server(manifest_url) and is_tcia_server(only.url)):
+        return only
     if manifest_url:
-        matches = [s for s in settings.sources if manifest_url.startswith(s.url)]
-        if len(matches) == 1:
-            return matches[0]
-    names = ", ".join(s.name for s in settings.sources)
+        raise ConfigError(
+            f"the manifest names {server_of(manifest_url)} ({manifest_url}), which no "
+            f"configured source serves ({names}): add a [[sources]] entry for it "
+            "(see config.example.toml) or choose one with --source"
+        )
     raise ConfigError(f"several sources are configured ({names}): choose one with --source")
 
 

@@ -16,7 +16,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nbia_sync.errors import ConfigError
 
@@ -84,7 +92,8 @@ class DaemonSettings(_Section):
 class SourceSettings(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     url: str = DEFAULT_TCIA_URL
-    api: Literal["v1", "v2", "v4"] = "v2"
+    # v4, TCIA's current API, needs no login; unset with credentials given: v2 (below).
+    api: Literal["v1", "v2", "v4"] = "v4"
     username: str = GUEST_USER
     password: SecretStr = SecretStr("")
     collections: list[str] = Field(default_factory=list)  # empty: every collection
@@ -96,6 +105,19 @@ class SourceSettings(_Section):
     max_connections: int | None = Field(default=None, ge=1)
     # Refresh the access token when less than this fraction of its life is left.
     refresh_margin: float = Field(default=0.2, gt=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_mean_v2(cls, data: Any) -> Any:
+        """A source with an account but no `api` logs in (v2), as it did when v2 was the
+        default: its restricted collections must not vanish behind v4's guest view."""
+        if isinstance(data, dict) and "api" not in data:
+            password = data.get("password")
+            if isinstance(password, SecretStr):
+                password = password.get_secret_value()
+            if data.get("username", GUEST_USER) != GUEST_USER or password:
+                return {**data, "api": "v2"}
+        return data
 
     @field_validator("url")
     @classmethod
@@ -113,7 +135,8 @@ class SourceSettings(_Section):
 
     @property
     def needs_token(self) -> bool:
-        return self.api != "v4"
+        # v1 is served as the guest whatever the token, v4 needs none: only v2 logs in.
+        return self.api == "v2"
 
 
 class Settings(_Section):

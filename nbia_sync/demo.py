@@ -46,7 +46,7 @@ def demo_settings(directory: Path, url: str) -> dict[str, Any]:
         "mirror": {"root": str(directory / "mirror"), "min_free_bytes": 0},
         "transfer": {"workers": 4, "retry_base_delay": 0.05, "retry_max_delay": 1.0},
         "logging": {"level": "warning"},
-        "sources": [{"name": "demo-sim", "url": url, "api": "v2"}],
+        "sources": [{"name": "demo-sim", "url": url, "api": "v4"}],
     }
 
 

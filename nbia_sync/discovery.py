@@ -10,6 +10,11 @@ Other passes are incremental, asked from (watermark - overlap_days):
 The catalog decides new / changed / unchanged. The watermark (newest DateReleased seen)
 moves only after everything the pass found is committed, so a pass that dies half way
 is simply asked again from the old watermark.
+
+An empty answer is not trusted on a v2 source (the real server answers a dead token with
+an empty 200): see nbia_sync.witness. Before the watermark moves, a witness query proves
+the token alive; if it cannot, discovery logs in afresh and lists in full, and fails
+(nothing moved) when even that gets nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import structlog
 from nbia_sync.api.models import PatientInfo, SeriesInfo, StudyInfo
 from nbia_sync.catalog import Catalog, UpsertResult
 from nbia_sync.config import ScheduleSettings, SourceSettings
+from nbia_sync.witness import Watched, trusting
 
 log = structlog.get_logger(__name__)
 
@@ -256,9 +262,28 @@ async def discover(
     schedule: ScheduleSettings,
 ) -> DiscoveryReport:
     """One discovery pass for `source`; returns what it queued."""
+
+    async def run(watched: Watched, again: bool) -> DiscoveryReport:
+        # Asked again after a doubted token: in full, as an increment may have recorded
+        # a collection as known from an answer that cannot be trusted.
+        return await _discover_once(catalog, watched, source, source_id, schedule, again)
+
+    return await trusting(client, f"discovery of source {source.name!r}", run)
+
+
+async def _discover_once(
+    catalog: Catalog,
+    client: Watched,
+    source: SourceSettings,
+    source_id: int,
+    schedule: ScheduleSettings,
+    full_listing: bool,
+) -> DiscoveryReport:
     started = datetime.now(UTC)
     watermark = _not_after(await catalog.get_watermark(source_id), started)
-    full = _full_listing_due(watermark, await catalog.last_full_listing_at(source_id), schedule)
+    full = full_listing or _full_listing_due(
+        watermark, await catalog.last_full_listing_at(source_id), schedule
+    )
     collections = await _collections(client, source)
     work = _Pass(catalog, client, source, source_id)
     if full or watermark is None:
@@ -266,6 +291,7 @@ async def discover(
     else:
         since = (watermark - timedelta(days=schedule.overlap_days)).date()
         await work.increments(collections, since)
+    await client.confirm()  # before anything trusts an empty answer
     # Only now, with every batch committed, may the watermark move forward.
     newest = (
         work.newest if watermark is None or work.newest is None else max(watermark, work.newest)
@@ -290,19 +316,30 @@ async def discover(
     return report
 
 
+async def _lookup(client: DiscoveryClient, uids: Sequence[str]) -> list[SeriesInfo]:
+    """getSeries by SeriesInstanceUID for each UID, a few at a time."""
+    limit = asyncio.Semaphore(QUERY_CONCURRENCY)
+
+    async def one(uid: str) -> list[SeriesInfo]:
+        async with limit:
+            return await client.series(series_uid=uid)
+
+    answers = await _all(*(one(u) for u in uids))
+    return [s for answer in answers for s in answer]
+
+
 async def add_manifest(
     catalog: Catalog, client: DiscoveryClient, source_id: int, series_uids: Iterable[str]
 ) -> DiscoveryReport:
     """Queue the series a manifest lists; UIDs the archive does not know are reported."""
     uids = list(dict.fromkeys(u.strip() for u in series_uids if u.strip()))
-    limit = asyncio.Semaphore(QUERY_CONCURRENCY)
 
-    async def lookup(uid: str) -> list[SeriesInfo]:
-        async with limit:
-            return await client.series(series_uid=uid)
+    async def lookup(watched: Watched, again: bool) -> list[SeriesInfo]:
+        found = await _lookup(watched, uids)
+        await watched.confirm()  # "unknown" must not be a dead token's empty answer
+        return found
 
-    answers = await _all(*(lookup(u) for u in uids))
-    found = [s for answer in answers for s in answer]
+    found = await trusting(client, "manifest lookup", lookup)
     known = {s.series_uid for s in found}
     unknown = tuple(u for u in uids if u not in known)
     if unknown:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import exposition as _exposition
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from nbia_sync.catalog.models import SeriesState
 
@@ -83,6 +85,7 @@ class Metrics:
         for state in SeriesState:
             self.series.labels(state.value).set(0)
             self.series_bytes.labels(state.value).set(0)
+        r.register(_TokenGrants())
 
     def set_state_counts(self, counts: Mapping[SeriesState, tuple[int, int]]) -> None:
         for state in SeriesState:
@@ -101,6 +104,31 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""
         return bytes(generate_latest(self.registry))
+
+
+class _TokenGrants(Collector):
+    """nbia_sync_token_grants_total{source,grant,outcome}: token requests of this process,
+    read from nbia_sync.api.auth at scrape time (a refused refresh shows a client-id or
+    session problem that the password fallback would otherwise hide)."""
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> list[Metric]:
+        from nbia_sync.api.auth import GRANT_TOTALS
+
+        family = self._family()
+        for (source, grant, outcome), count in sorted(GRANT_TOTALS.items()):
+            family.add_metric([source, grant, outcome], count)
+        return [family]
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "nbia_sync_token_grants",
+            "Token grant requests by source, grant type and outcome",
+            labels=["source", "grant", "outcome"],
+        )
 
 
 class MetricsProgress:

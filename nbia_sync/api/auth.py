@@ -1,4 +1,4 @@
-"""OAuth tokens for one v1/v2 source, shared by every request to it.
+"""OAuth tokens for one v2 source, shared by every request to it (v1 and v4 need none).
 
 Other clients die when the 2-hour token expires mid-run (nbiatoolkit captures it once).
 Here the token is renewed *ahead* of expiry: when less than ``refresh_margin`` of its
@@ -7,6 +7,12 @@ re-check inside, so 32 requests arriving together cause one grant. A 401 still h
 (server restart, revocation): the caller hands back the rejected token, we renew once, the
 caller replays. When the refresh token is dead too, we log in again with the password.
 Expiry uses a monotonic clock: wall-clock jumps must not expire or immortalise a token.
+
+TCIA's server (Keycloak) in particular: the refresh form reaches Keycloak as sent and its
+client there is ``nbia`` (the password grant's ``NBIA`` is rewritten by the server, the
+refresh's is not); logout is POST (GET is answered 405; older Spring deployments took
+GET). A dead token on a v2 *query* is not a 401 but an empty 200, which only the caller
+can judge (see nbia_sync.discovery's token witness): hence ``generation`` and ``relogin``.
 """
 
 from __future__ import annotations
@@ -29,10 +35,17 @@ from nbia_sync.errors import AuthError, RetryableError
 
 log = structlog.get_logger(__name__)
 
+# The password grant's client id (the server replaces it with its own anyway) and the
+# refresh grant's, which Keycloak checks as sent.
 CLIENT_ID = "NBIA"
+REFRESH_CLIENT_ID = "nbia"
 # A token whose server says nothing about its life is renewed after this long.
 _DEFAULT_LIFETIME = 300.0
 _LOGOUT_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+# Grant requests of this process by (source, grant, outcome "granted" | "refused"), for
+# the daemon's nbia_sync_token_grants_total (read by nbia_sync.metrics on each scrape).
+GRANT_TOTALS: Counter[tuple[str, str, str]] = Counter()
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +88,13 @@ class TokenSession:
         self._lock = asyncio.Lock()
         # Grants made, by type ("password", "refresh_token"): for logs, metrics and tests.
         self.grants: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+
+    @property
+    def generation(self) -> int:
+        """How many tokens this session has obtained: an answer given under generation g
+        was given to the g-th token (or an earlier one, if it was read before a renewal)."""
+        return self.grants.total()
 
     def __repr__(self) -> str:
         return f"TokenSession(source={self._source.name!r}, user={self._source.username!r})"
@@ -100,25 +120,42 @@ class TokenSession:
             log.info("auth.token_rejected", source=self._source.name)
             await self._renew(grant)
 
+    async def relogin(self) -> None:
+        """A fresh password grant now, whatever the current token's state: the caller has
+        reason to think the server no longer honours it although it never said 401."""
+        async with self._lock:
+            log.info("auth.relogin", source=self._source.name)
+            await self._password_grant()
+
     async def close(self) -> None:
-        """Log out (invalidates the token on the server); failures are only logged."""
+        """Log out (invalidates the token on the server); failures are only logged.
+
+        POST, as the Keycloak deployment wants; GET only when POST is answered 405 (the
+        older Spring deployments)."""
         async with self._lock:
             grant, self._grant = self._grant, None
         if grant is None:
             return
         headers = {"Authorization": f"Bearer {grant.access.get_secret_value()}"}
         try:
-            async with self._http.get(
-                self._logout_url, headers=headers, timeout=_LOGOUT_TIMEOUT
-            ) as resp:
-                await resp.read()
-                if resp.status < 300:
-                    log.info("auth.logout", source=self._source.name)
-                else:
-                    # Best effort: the session dies with its tokens anyway.
-                    log.warning("auth.logout_failed", source=self._source.name, status=resp.status)
+            status = await self._logout("POST", headers)
+            if status == 405:
+                status = await self._logout("GET", headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("auth.logout_failed", source=self._source.name, error=type(exc).__name__)
+            return
+        if status < 300:
+            log.info("auth.logout", source=self._source.name, grants=dict(self.grants))
+        else:
+            # Best effort: the session dies with its tokens anyway.
+            log.warning("auth.logout_failed", source=self._source.name, status=status)
+
+    async def _logout(self, method: str, headers: dict[str, str]) -> int:
+        async with self._http.request(
+            method, self._logout_url, headers=headers, timeout=_LOGOUT_TIMEOUT
+        ) as resp:
+            await resp.read()
+            return resp.status
 
     def _due(self, grant: _Grant) -> bool:
         return grant.remaining(self._clock()) < self._source.refresh_margin * grant.lifetime
@@ -129,12 +166,15 @@ class TokenSession:
             form = {
                 "grant_type": "refresh_token",
                 "refresh_token": old.refresh.get_secret_value(),
-                "client_id": CLIENT_ID,
+                "client_id": REFRESH_CLIENT_ID,
             }
             grant = await self._request_grant(form, "refresh_token")
             if grant is not None:
                 return grant
             log.info("auth.refresh_refused", source=self._source.name)
+        return await self._password_grant()
+
+    async def _password_grant(self) -> _Grant:
         form = {
             "username": self._source.username,
             "password": self._source.password.get_secret_value(),
@@ -161,6 +201,8 @@ class TokenSession:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise error_for_exception(exc, what) from exc
         if status in (400, 401):
+            self.refused[kind] += 1
+            GRANT_TOTALS[(self._source.name, kind, "refused")] += 1
             return None
         if status >= 300:
             # The body of a failed grant may echo the form; it is left out of the message.
@@ -168,6 +210,7 @@ class TokenSession:
         grant = _parse_grant(body, started, what)
         self._grant = grant
         self.grants[kind] += 1
+        GRANT_TOTALS[(self._source.name, kind, "granted")] += 1
         log.info(
             "auth.granted",
             source=self._source.name,

@@ -3,13 +3,21 @@
 Real files vary: header keys in any order or missing, CRLF line ends, blank lines, a
 trailing comma on UID lines. Anything else that is not a DICOM UID is refused with the line
 number, because a silently skipped line is a silently missing series.
+
+The portal's ``downloadServerUrl`` names its download servlet
+(``https://public.cancerimagingarchive.net/nbia-download/servlet/DownloadServlet``, or
+the NLST host), never an ``nbia-api/`` root: it says which *server* holds the series, so
+a manifest is matched to a configured source by host name (`sources_for_manifest`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
+from nbia_sync.config import SourceSettings
 from nbia_sync.errors import ConfigError
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -29,6 +37,42 @@ class Manifest:
     databasket_id: str | None = None
     # Every header as written (key case kept), including the ones above.
     headers: dict[str, str] = field(default_factory=dict)
+
+
+# TCIA's host names, by the server they belong to: the portal writes "public", the API
+# lives on "services"; NLST has its own server (and tokens).
+_SERVERS = {
+    "public.cancerimagingarchive.net": "TCIA's main server",
+    "services.cancerimagingarchive.net": "TCIA's main server",
+    "nlst.cancerimagingarchive.net": "TCIA's NLST server",
+}
+
+
+def _host(url: str) -> str:
+    try:
+        parts = urlsplit(url.strip())
+        host = (parts.hostname or "").lower()
+        return f"{host}:{parts.port}" if parts.port else host
+    except ValueError:
+        return ""
+
+
+def server_of(url: str) -> str:
+    """The server a URL belongs to: a known TCIA server's name, else its host[:port]."""
+    host = _host(url)
+    return _SERVERS.get(host, host)
+
+
+def is_tcia_server(url: str) -> bool:
+    return _host(url) in _SERVERS
+
+
+def sources_for_manifest(
+    sources: Sequence[SourceSettings], download_server_url: str
+) -> list[SourceSettings]:
+    """The sources on the server a manifest's downloadServerUrl names (by host name)."""
+    wanted = server_of(download_server_url)
+    return [s for s in sources if wanted and server_of(s.url) == wanted]
 
 
 def is_dicom_uid(text: str) -> bool:

@@ -60,6 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME:PASSWORD",
         help="an account allowed to log in (repeatable; default nbia_guest with no password)",
     )
+    parser.add_argument(
+        "--auth",
+        choices=("keycloak", "spring"),
+        default="keycloak",
+        help="keycloak (default): the real server (a dead token on a v2 query answers "
+        "200 empty, logout is POST, refresh client id 'nbia'); spring: older deployments "
+        "(401 invalid_token, logout by GET)",
+    )
     faults = parser.add_argument_group("faults")
     faults.add_argument("--fault-seed", type=int, default=0, help="seed of the random fault draws")
     defaults = SimFaults()
@@ -110,6 +118,7 @@ async def serve(args: argparse.Namespace) -> int:
         port=args.port,
         users=_users(args.user),
         compression=args.compression,
+        keycloak=args.auth == "keycloak",
     )
     async with server:
         print(server.url, flush=True)

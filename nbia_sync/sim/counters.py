@@ -15,6 +15,9 @@ class SimCounters:
     downloads_completed: Counter[str] = field(default_factory=Counter)
     unauthorized: int = 0  # 401s served
     grants: Counter[str] = field(default_factory=Counter)  # "password" / "refresh_token"
+    grants_refused: Counter[str] = field(default_factory=Counter)  # for the wrong client id
+    # v2 queries answered 200 empty because the token was dead (Keycloak mode).
+    dead_token_queries: int = 0
     logouts: int = 0
     streams_current: int = 0
     streams_max: int = 0

@@ -2,8 +2,18 @@
 
 Routes, under `<url>` = `http://host:port/nbia-api/`:
   POST oauth/token                    password / refresh_token grants
-  GET  logout                         ends the bearer token's session
-  GET  services/{v1,v2,v4}/<Endpoint>  queries and downloads (v1/v2 need a bearer token)
+  POST logout                         ends the bearer token's session (GET: 405)
+  GET  services/{v1,v2,v4}/<Endpoint>  queries and downloads (v2 needs a bearer token)
+
+Two auth flavours (`keycloak=`):
+  * Keycloak (default), as TCIA's server runs today: a dead or missing token on a v2
+    query answers 200 with an empty body (the server swallows its own 401 and goes on
+    with no collections), a download answers 401 with an empty body; logout is POST only;
+    the password grant's client_id is rewritten by the server, the refresh grant's is
+    passed to Keycloak, whose client is `nbia` (lower case), so `NBIA` is refused.
+  * Spring (older deployments): 401 `invalid_token` on every v2 request with a dead
+    token, logout by GET, client ids `NBIA` / `nbiaRestAPIClient` (+ secret) for both.
+v1 is served as the guest whatever the token, in both.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ log = structlog.get_logger(__name__)
 ROOT = "/nbia-api/"
 DEFAULT_USERS: Mapping[str, str] = {"nbia_guest": ""}
 _CLIENT_IDS = ("NBIA", "nbiaRestAPIClient")
+KEYCLOAK_CLIENT_ID = "nbia"
 _ERROR_PAGE = (
     "<html><head><title>Error</title></head><body>"
     "<h1>HTTP Status {status} - Internal Server Error</h1></body></html>"
@@ -68,6 +79,7 @@ class SimServer:
     users: username -> password allowed to log in (default: nbia_guest with no password).
     restricted: collection -> usernames who may read it; everyone else gets 400.
     compression: "stored" (sizes and CRC in local headers) or "deflate" (data descriptors).
+    keycloak: the real server's auth behaviour (default); False: the older Spring one.
     """
 
     def __init__(
@@ -79,8 +91,10 @@ class SimServer:
         users: Mapping[str, str] | None = None,
         restricted: Mapping[str, Collection[str]] | None = None,
         compression: Compression = "stored",
+        keycloak: bool = True,
     ) -> None:
         self.archive = archive
+        self.keycloak = keycloak
         self.faults = faults or SimFaults()
         self.counters = SimCounters()
         self.host = host
@@ -102,7 +116,7 @@ class SimServer:
     async def start(self) -> None:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_post(ROOT + "oauth/token", self._token)
-        app.router.add_get(ROOT + "logout", self._logout)
+        app.router.add_route("*", ROOT + "logout", self._logout)
         app.router.add_get(ROOT + "services/{version}/{endpoint}", self._service)
         # handler_cancellation: a client that hangs up ends its stream's handler at once.
         runner = web.AppRunner(
@@ -136,6 +150,25 @@ class SimServer:
     def revoke_all_tokens(self) -> None:
         """Every access and refresh token dies now (a server restart, an admin action)."""
         self._tokens.revoke_all()
+
+    def revoke_tokens_after(self, checks: int) -> None:
+        """Let ``checks`` more token checks pass, then revoke every token (mid-run)."""
+        self._tokens.revoke_after(checks)
+
+    def portal_manifest(self, series_uids: list[str]) -> str:
+        """A `.tcia` manifest as the TCIA portal writes it: it names this server's
+        download servlet, not its API root."""
+        lines = [
+            f"downloadServerUrl=http://{self.host}:{self.port}"
+            "/nbia-download/servlet/DownloadServlet",
+            "includeAnnotation=true",
+            "noOfrRetry=4",
+            "databasketId=manifest-1700000000000.tcia",
+            "manifestVersion=3.0",
+            "ListOfSeriesToDownload=",
+            *series_uids,
+        ]
+        return "\n".join(lines) + "\n"
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -203,12 +236,11 @@ class SimServer:
     async def _token(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
         fields = {k: str(v) for k, v in form.items()}
-        client = fields.get("client_id", "")
-        if client not in _CLIENT_IDS or (
-            client == "nbiaRestAPIClient" and not fields.get("client_secret")
-        ):
-            return _json_error(401, "invalid_client", "Invalid client credentials")
         grant_type = fields.get("grant_type")
+        if not self._client_accepted(fields):
+            if grant_type == "refresh_token":
+                self.counters.grants_refused["refresh_token"] += 1
+            return _json_error(401, "invalid_client", "Invalid client credentials")
         ttl, refresh_ttl = self.faults.token_ttl, self.faults.refresh_ttl
         if grant_type == "password":
             user = fields.get("username", "")
@@ -227,7 +259,19 @@ class SimServer:
         self.counters.grants[grant_type] += 1
         return self._grant_response(grant)
 
+    def _client_accepted(self, fields: Mapping[str, str]) -> bool:
+        client = fields.get("client_id", "")
+        if self.keycloak:
+            # The server puts its own client id into the password grant; the refresh
+            # form reaches Keycloak as sent.
+            return fields.get("grant_type") == "password" or client == KEYCLOAK_CLIENT_ID
+        return client in _CLIENT_IDS and (
+            client != "nbiaRestAPIClient" or bool(fields.get("client_secret"))
+        )
+
     async def _logout(self, request: web.Request) -> web.StreamResponse:
+        if request.method != ("POST" if self.keycloak else "GET"):
+            raise web.HTTPMethodNotAllowed(request.method, ["POST" if self.keycloak else "GET"])
         _, _, token = request.headers.get("Authorization", "").partition(" ")
         if not self._tokens.logout(token.strip()):
             return _json_error(401, "invalid_token", "Token is not active")
@@ -242,11 +286,11 @@ class SimServer:
         if version not in SPECS or endpoint not in SPECS[version]:
             raise web.HTTPNotFound(text="Not Found")
         user: str | None = None
-        if version != "v4":
+        if version == "v2":
             # Checked when the request starts only: a stream outlives its token.
             user = self._bearer_user(request)
             if user is None:
-                return _json_error(401, "invalid_token", "Token is not active")
+                return self._dead_token(endpoint)
         params = dict(request.query)
         try:
             check_params(version, endpoint, params)
@@ -259,6 +303,16 @@ class SimServer:
         if fmt not in ("json", "csv"):
             return web.Response(status=400, text=f"Unsupported format: {fmt}")
         return _render(rows, fmt)
+
+    def _dead_token(self, endpoint: str) -> web.Response:
+        """What the server answers a v2 request made with a dead or missing token."""
+        if not self.keycloak:
+            return _json_error(401, "invalid_token", "Token is not active")
+        if endpoint in DOWNLOADS:
+            return web.Response(status=401, body=b"")
+        # Indistinguishable from "no results": the trap this mode exists to model.
+        self.counters.dead_token_queries += 1
+        return _render([], "json")
 
     def _series_for(self, params: dict[str, str], user: str | None) -> SimSeries | None:
         series = self.archive.series.get(params["SeriesInstanceUID"])

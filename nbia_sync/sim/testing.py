@@ -34,6 +34,7 @@ async def running_sim(
     users: Mapping[str, str] | None = None,
     restricted: Mapping[str, Collection[str]] | None = None,
     compression: Compression = "stored",
+    keycloak: bool = True,
 ) -> AsyncIterator[SimServer]:
     """`async with running_sim(archive, SimFaults(reset=0.2)) as sim: ... sim.url ...`"""
     server = SimServer(
@@ -42,6 +43,7 @@ async def running_sim(
         users=users,
         restricted=restricted,
         compression=compression,
+        keycloak=keycloak,
     )
     async with server:
         yield server

@@ -1,7 +1,9 @@
 """OAuth-like token bookkeeping: opaque random tokens with lifetimes, per session.
 
 A session is one password grant; refreshing keeps the session, logout ends it (both its
-access and refresh tokens die), like the archive's Keycloak.
+access and refresh tokens die), like the archive's Keycloak. `revoke_after(n)` lets n more
+token checks pass, then kills every token alive at that moment (a Keycloak restart or an
+admin revocation in the middle of a client's run); tokens issued later work.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class TokenStore:
         self._access: dict[str, _Token] = {}
         self._refresh: dict[str, _Token] = {}
         self._sessions: set[str] = set()
+        self._revoke_in: int | None = None
 
     def issue(
         self, username: str, token_ttl: float, refresh_ttl: float, session: str | None = None
@@ -48,7 +51,17 @@ class TokenStore:
 
     def user_of(self, access_token: str) -> str | None:
         """The user an access token belongs to, or None when unknown/expired/revoked."""
+        if self._revoke_in is not None:
+            if self._revoke_in <= 0:
+                self._revoke_in = None
+                self.revoke_all()
+            else:
+                self._revoke_in -= 1
         return self._live(self._access, access_token)
+
+    def revoke_after(self, checks: int) -> None:
+        """Let ``checks`` more token checks pass, then revoke every token there is."""
+        self._revoke_in = max(0, checks)
 
     def refresh(self, refresh_token: str, token_ttl: float, refresh_ttl: float) -> Grant | None:
         user = self._live(self._refresh, refresh_token)

@@ -26,6 +26,10 @@ async def test_fault_flags_reach_the_fault_knobs() -> None:
     assert (faults.reset, faults.bandwidth, faults.token_ttl) == (0.25, 1000, 60.0)
 
 
+async def test_auth_flavour_is_keycloak_unless_spring_is_asked() -> None:
+    assert (_parse().auth, _parse("--auth", "spring").auth) == ("keycloak", "spring")
+
+
 async def test_every_simulate_option_is_explained_in_help() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)

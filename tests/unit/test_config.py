@@ -31,7 +31,7 @@ def minimal(**extra: Any) -> dict[str, Any]:
 def test_minimal_config_gets_documented_defaults() -> None:
     s = settings_from_dict(minimal(), env={})
     src = s.sources[0]
-    assert (src.url, src.api, src.username) == (DEFAULT_TCIA_URL, "v2", GUEST_USER)
+    assert (src.url, src.api, src.username) == (DEFAULT_TCIA_URL, "v4", GUEST_USER)
     assert src.password.get_secret_value() == ""
     assert s.transfer.workers == 8
     assert s.daemon.listen_host == "127.0.0.1"
@@ -112,7 +112,7 @@ def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
 
 def test_example_config_validates() -> None:
     settings = load_settings(EXAMPLE, env={})
-    assert settings.sources[0].api == "v2"
+    assert settings.sources[0].api == "v4"  # TCIA's current API, what a newcomer gets
     assert settings.sources[0].username == GUEST_USER
     assert settings.sources[0].url == DEFAULT_TCIA_URL
 
@@ -174,3 +174,18 @@ def test_catalog_url_password_is_not_in_the_settings_repr() -> None:
     assert settings.catalog_url == env["NBIA_SYNC_CATALOG_URL"]
     assert "s3cretdb" not in repr(settings)
     assert "s3cretdb" not in str(settings)
+
+
+def test_a_source_with_an_account_and_no_api_logs_in_with_v2() -> None:
+    raw = minimal(sources=[{"name": "a", "username": "alice"}, {"name": "b", "password": "pw"}])
+    assert [s.api for s in settings_from_dict(raw, env={}).sources] == ["v2", "v2"]
+
+
+def test_an_account_from_the_environment_also_means_v2() -> None:
+    env = {"NBIA_SYNC_SOURCE_TCIA_PASSWORD": "pw"}
+    assert settings_from_dict(minimal(), env=env).sources[0].api == "v2"
+
+
+def test_an_explicit_api_wins_over_credentials() -> None:
+    raw = minimal(sources=[{"name": "a", "username": "alice", "api": "v4"}])
+    assert settings_from_dict(raw, env={}).sources[0].api == "v4"
