@@ -2,8 +2,10 @@
 #
 #   docker build -t nbia-sync .
 #   docker run -d --name nbia-sync -p 9469:9469 \
-#       -v nbia-data:/data -v "$PWD/config:/config:ro" \
-#       -e NBIA_SYNC_SOURCE_TCIA_PASSWORD=... nbia-sync
+#       -v nbia-data:/data -v "$PWD/config:/config:ro" nbia-sync
+#
+# The default source is TCIA's public v4 API (no login). A v2 source with an account takes
+# its password from the environment: -e NBIA_SYNC_SOURCE_<NAME>_PASSWORD=...
 #
 # The image carries a default /config/nbia-sync.toml (config.example.toml with
 # mirror.root = "/data" and daemon.listen_host = "0.0.0.0"); mount your own over /config.
