@@ -15,6 +15,7 @@ from api_fake import FakeArchive, Reply
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.models import SeriesSize
 from nbia_sync.api.retry import RetryPolicy
+from nbia_sync.clock import FakeClock
 from nbia_sync.config import SourceSettings, TransferSettings
 from nbia_sync.errors import PermanentError, RetryableError
 
@@ -25,30 +26,22 @@ V2 = "services/v2/"
 ZIP = b"PK\x03\x04" + b"\x00" * 60
 
 
-class Sleeps:
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-
-
 @pytest.fixture
-def sleeps() -> Sleeps:
-    return Sleeps()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 ClientFactory = Callable[..., NbiaClient]
 
 
 @pytest_asyncio.fixture
-async def make_client(fake_archive: FakeArchive, sleeps: Sleeps) -> AsyncIterator[ClientFactory]:
+async def make_client(fake_archive: FakeArchive, clock: FakeClock) -> AsyncIterator[ClientFactory]:
     opened: list[NbiaClient] = []
 
     def make(api: str = "v4", attempts: int = 3, **source: Any) -> NbiaClient:
         settings = SourceSettings(name="src", url=fake_archive.url, api=api, **source)
         transfer = TransferSettings(chunk_size=4096, read_timeout=0.5)
-        policy = RetryPolicy(0.0, 0.0, attempts, sleep=sleeps, rand=lambda: 1.0)
+        policy = RetryPolicy(0.0, 0.0, attempts, clock=clock, rand=lambda: 1.0)
         client = NbiaClient(settings, transfer, policy=policy)
         opened.append(client)
         return client
@@ -172,7 +165,7 @@ async def test_400_is_permanent_and_not_retried(
 
 
 async def test_429_waits_at_least_retry_after(
-    make_client: ClientFactory, fake_archive: FakeArchive, sleeps: Sleeps
+    make_client: ClientFactory, fake_archive: FakeArchive, clock: FakeClock
 ) -> None:
     fake_archive.reply(
         V4 + "getCollectionValues",
@@ -181,7 +174,7 @@ async def test_429_waits_at_least_retry_after(
     )
     async with make_client() as client:
         assert await client.collections() == ["A"]
-    assert sleeps.delays == [7.0]
+    assert clock.sleeps == [7.0]
 
 
 async def test_v4_patients_read_patient_id_column(

@@ -11,6 +11,7 @@ import pytest
 
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.retry import RetryPolicy
+from nbia_sync.clock import FakeClock
 from nbia_sync.config import SourceSettings, TransferSettings
 from nbia_sync.errors import RetryableError
 from nbia_sync.sim import SimArchive, SimFaults, SimServer
@@ -21,30 +22,20 @@ pytestmark = pytest.mark.asyncio
 EOCD = b"PK\x05\x06"  # a complete ZIP ends with its end-of-central-directory record
 
 
-class Sleeps:
-    """Records every backoff delay, then really waits (the simulator runs in real time)."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        await asyncio.sleep(seconds)
-
-
 def client_for(
     sim: SimServer,
     api: str = "v2",
     *,
     attempts: int = 8,
-    sleeps: Sleeps | None = None,
+    clock: FakeClock | None = None,
     rand: Callable[[], float] = lambda: 1.0,
     read_timeout: float = 30.0,
     refresh_margin: float = 0.2,
 ) -> NbiaClient:
     source = SourceSettings(name="sim", url=sim.url, api=api, refresh_margin=refresh_margin)
     transfer = TransferSettings(read_timeout=read_timeout, chunk_size=16384)
-    policy = RetryPolicy(0.01, 0.05, attempts, sleep=sleeps or Sleeps(), rand=rand)
+    # Backoff on a fake clock: recorded, not waited (the simulator enforces no pause).
+    policy = RetryPolicy(0.01, 0.05, attempts, clock=clock or FakeClock(), rand=rand)
     return NbiaClient(source, transfer, policy=policy)
 
 
@@ -117,12 +108,12 @@ async def test_concurrent_queries_near_expiry_make_one_refresh(sim: SimServer) -
 
 async def test_queries_are_retried_through_5xx_and_429(sim_archive: SimArchive) -> None:
     faults = SimFaults(error_5xx=0.25, rate_429=0.2, retry_after=0.05, seed=3)
-    sleeps = Sleeps()
+    clock = FakeClock()
     expected = {s.uid for s in sim_archive.series.values()}
     # rand=0: every backoff is zero except where Retry-After sets a floor.
     async with (
         running_sim(sim_archive, faults) as sim,
-        client_for(sim, attempts=12, sleeps=sleeps, rand=lambda: 0.0) as client,
+        client_for(sim, attempts=12, clock=clock, rand=lambda: 0.0) as client,
     ):
         for _ in range(10):
             found = set()
@@ -132,7 +123,7 @@ async def test_queries_are_retried_through_5xx_and_429(sim_archive: SimArchive) 
         sim.faults = SimFaults()  # logout is best effort, not retried: keep it out
     served_5xx = sum(n for status, n in sim.counters.statuses.items() if status >= 500)
     assert served_5xx > 0 and sim.counters.statuses[429] > 0
-    assert sleeps.delays.count(0.05) == sim.counters.statuses[429]
+    assert clock.sleeps.count(0.05) == sim.counters.statuses[429]
 
 
 async def test_download_opening_is_retried_through_5xx_429_and_html(sim: SimServer) -> None:

@@ -51,7 +51,9 @@ class Recorder:
     def bytes_received(self, n: int) -> None:
         self.bytes += n
 
-    def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
+    def series_finished(
+        self, series_uid: str, *, ok: bool, files: int, error: BaseException | None
+    ) -> None:
         self.finished.append((series_uid, ok))
 
 

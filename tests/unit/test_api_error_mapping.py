@@ -16,6 +16,7 @@ from aioresponses import aioresponses
 
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.retry import RetryPolicy
+from nbia_sync.clock import FakeClock
 from nbia_sync.config import SourceSettings, TransferSettings
 from nbia_sync.errors import PermanentError, RetryableError
 
@@ -36,10 +37,7 @@ class _Response(ClientResponse):
 
 @pytest_asyncio.fixture
 async def client() -> AsyncIterator[NbiaClient]:
-    async def no_sleep(_: float) -> None:
-        return None
-
-    policy = RetryPolicy(base_delay=0.0, max_delay=0.0, attempts=1, sleep=no_sleep)
+    policy = RetryPolicy(base_delay=0.0, max_delay=0.0, attempts=1, clock=FakeClock())
     source = SourceSettings(name="t", url=ROOT, api="v4")
     async with NbiaClient(source, TransferSettings(), policy=policy) as c:
         yield c
