@@ -6,6 +6,7 @@ whole object replaced (`server.faults = SimFaults(...)`); each request reads the
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import deque
 from collections.abc import Iterable
@@ -44,6 +45,9 @@ class SimFaults:
     html_instead_of_zip: float = 0.0  # download: 200 text/html instead of the ZIP
     latency: float = 0.0  # seconds added before every response
     bandwidth: int | None = None  # bytes/s cap per download stream
+    # download: after its first bytes the body waits until this event is set, so a test
+    # holds downloads in flight (on its own, fake, clock) for as long as it needs.
+    hold: asyncio.Event | None = field(default=None, compare=False)
     token_ttl: float = 7200.0  # access token life, seconds
     refresh_ttl: float = 7200.0  # refresh token life, seconds
     seed: int = 0
