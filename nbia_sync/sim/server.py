@@ -18,6 +18,7 @@ from types import TracebackType
 import structlog
 from aiohttp import web
 
+from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.sim.archive import SimArchive, SimSeries
 from nbia_sync.sim.counters import SimCounters
 from nbia_sync.sim.downloads import Pipe, SeriesZip, StreamCut, zip_date_time
@@ -79,6 +80,7 @@ class SimServer:
         users: Mapping[str, str] | None = None,
         restricted: Mapping[str, Collection[str]] | None = None,
         compression: Compression = "stored",
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.archive = archive
         self.faults = faults or SimFaults()
@@ -88,7 +90,7 @@ class SimServer:
         self.users = dict(DEFAULT_USERS if users is None else users)
         self.restricted = {k: frozenset(v) for k, v in (restricted or {}).items()}
         self.compression: Compression = compression
-        self._tokens = TokenStore()
+        self._tokens = TokenStore(clock)  # token lifetimes run on this clock
         self._runner: web.AppRunner | None = None
 
     # ---- lifecycle -------------------------------------------------------------------

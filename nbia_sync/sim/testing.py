@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.sim.archive import SimArchive
 from nbia_sync.sim.faults import SimFaults
 from nbia_sync.sim.server import SimServer
@@ -34,6 +35,7 @@ async def running_sim(
     users: Mapping[str, str] | None = None,
     restricted: Mapping[str, Collection[str]] | None = None,
     compression: Compression = "stored",
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[SimServer]:
     """`async with running_sim(archive, SimFaults(reset=0.2)) as sim: ... sim.url ...`"""
     server = SimServer(
@@ -42,6 +44,7 @@ async def running_sim(
         users=users,
         restricted=restricted,
         compression=compression,
+        clock=clock,
     )
     async with server:
         yield server
