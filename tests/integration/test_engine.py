@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from cli_fixtures import FAST_TRANSFER, expected_files, free_port, mirror_files
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -130,6 +131,46 @@ async def test_stop_mid_drain_releases_leases_and_staging(
     assert counts[SeriesState.WANTED][0] + counts[SeriesState.PENDING][0] > 0
     staging = settings.state_dir / "staging"
     assert not [p for p in staging.rglob("*") if p.is_file()]
+    assert await catalog.workers() == []
+
+
+async def test_a_body_cut_mid_listing_ends_the_pass_with_an_error_naming_the_source(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    # A hostile archive: promises 1000 bytes of collection list, sends 10, hangs up.
+    # api/ turns aiohttp's payload error into an ArchiveError; the engine catches only those.
+    async def cut(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": "1000"})
+        resp.content_type = "application/json"
+        await resp.prepare(request)
+        await resp.write(b'[{"Collect')
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/nbia-api/services/v4/getCollectionValues", cut)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        settings = settings_from_dict(
+            {
+                "mirror": {"root": str(tmp_path / "m"), "min_free_bytes": 0},
+                "transfer": {**FAST_TRANSFER, "request_attempts": 2},
+                "sources": [
+                    {"name": "cut", "url": f"http://127.0.0.1:{port}/nbia-api/", "api": "v4"}
+                ],
+            },
+            env={},
+        )
+        report = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
+    finally:
+        await runner.cleanup()
+    assert report.outcome is Outcome.ERROR
+    assert report.error is not None and report.error.startswith("source 'cut'")
     assert await catalog.workers() == []
 
 
