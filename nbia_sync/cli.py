@@ -264,7 +264,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     settings = _setup(args)
     # Imported after the config loaded: a config error must not depend on them.
     from nbia_sync.display import terminal_progress
-    from nbia_sync.engine import ERROR, OK, run_pass
+    from nbia_sync.engine import run_pass
+    from nbia_sync.outcome import Outcome
 
     async def job(stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
@@ -273,14 +274,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 report = await run_pass(settings, catalog, progress=progress, stop=stop)
         finally:
             await catalog.close()
-        if report.outcome == ERROR:
+        if report.outcome is Outcome.ERROR:
             return _fail(report.error or "the pass could not run")
         print(
             f"sync {report.outcome}: {report.done} series placed ({human_bytes(report.bytes)}), "
             f"{report.failed} failed, {report.remaining} waiting; run {report.run_id}",
             flush=True,
         )
-        return EXIT_OK if report.outcome == OK else EXIT_FAILURES
+        return EXIT_OK if report.outcome is Outcome.OK else EXIT_FAILURES
 
     code, signum = run_job(job)
     if signum is not None:

@@ -7,13 +7,10 @@ and logs out; then the HTTP server closes and the loop returns 0.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -21,9 +18,11 @@ import structlog
 from aiohttp import web
 
 from nbia_sync.catalog.repository import Catalog
+from nbia_sync.clock import SYSTEM_CLOCK, Clock, sleep_or_stop
 from nbia_sync.config import Settings
-from nbia_sync.engine import ERROR, PassReport, run_pass
+from nbia_sync.engine import PassReport, run_pass
 from nbia_sync.metrics import CONTENT_TYPE, Metrics, MetricsProgress
+from nbia_sync.outcome import Outcome
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +33,7 @@ _SCRAPE_CATALOG_TIMEOUT = 5.0
 @dataclass(slots=True)
 class LastPass:
     run_id: str | None
-    outcome: str
+    outcome: Outcome
     finished_at: datetime
     duration: float
     done: int
@@ -49,7 +48,7 @@ class Health:
     are its worker heartbeats; while idle, the next pass must start on time.
     """
 
-    def __init__(self, poll_interval: float, grace: float, clock: Callable[[], float]) -> None:
+    def __init__(self, poll_interval: float, grace: float, clock: Clock = SYSTEM_CLOCK) -> None:
         self._poll_interval = poll_interval
         self._grace = grace
         self._clock = clock
@@ -57,29 +56,29 @@ class Health:
         self.pass_started_at: datetime | None = None
         self.last: LastPass | None = None
         self.last_success_at: datetime | None = None
-        self._last_sign = clock()
+        self._last_sign = clock.monotonic()
         self._next_due: float | None = None
 
     def pass_started(self) -> None:
         self.running = True
-        self.pass_started_at = datetime.now(UTC)
-        self._last_sign = self._clock()
+        self.pass_started_at = self._clock.now()
+        self._last_sign = self._clock.monotonic()
 
     def beat(self) -> None:
-        self._last_sign = self._clock()
+        self._last_sign = self._clock.monotonic()
 
     def pass_finished(self, last: LastPass) -> None:
         self.running = False
         self.last = last
-        if last.outcome == "ok":
+        if last.outcome is Outcome.OK:
             self.last_success_at = last.finished_at
-        self._last_sign = self._clock()
+        self._last_sign = self._clock.monotonic()
 
     def waiting(self, seconds: float) -> None:
-        self._next_due = self._clock() + seconds
+        self._next_due = self._clock.monotonic() + seconds
 
     def stuck(self) -> bool:
-        now = self._clock()
+        now = self._clock.monotonic()
         if self.running:
             return now - self._last_sign > self._grace
         return self._next_due is not None and now > self._next_due + self._grace
@@ -87,7 +86,7 @@ class Health:
     def snapshot(self) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON body)."""
         stuck = self.stuck()
-        failed_hard = self.last is not None and self.last.outcome == ERROR
+        failed_hard = self.last is not None and self.last.outcome is Outcome.ERROR
         if stuck:
             status = "stuck"
         elif failed_hard:
@@ -124,7 +123,8 @@ def make_app(health: Health, metrics: Metrics, catalog: Catalog) -> web.Applicat
 
     async def metrics_view(_request: web.Request) -> web.Response:
         try:
-            counts = await asyncio.wait_for(catalog.state_counts(), _SCRAPE_CATALOG_TIMEOUT)
+            with anyio.fail_after(_SCRAPE_CATALOG_TIMEOUT):
+                counts = await catalog.state_counts()
             metrics.set_state_counts(counts)
         except Exception as exc:  # stale gauges beat a failed scrape
             log.warning("metrics_catalog_unavailable", error=str(exc))
@@ -153,9 +153,12 @@ async def run_daemon(
     *,
     stop: anyio.Event,
     metrics: Metrics | None = None,
-    clock: Callable[[], float] = time.monotonic,
 ) -> int:
-    """Sync every `schedule.poll_interval` seconds (start to start) until `stop` is set."""
+    """Sync every `schedule.poll_interval` seconds (start to start) until `stop` is set.
+
+    Time is the catalog's clock (the system clock unless a test gave the catalog another).
+    """
+    clock = catalog.clock
     metrics = metrics or Metrics()
     interval = settings.schedule.poll_interval
     grace = 3 * settings.transfer.heartbeat_interval + 10.0
@@ -167,15 +170,14 @@ async def run_daemon(
     log.info("daemon_started", poll_interval=interval)
     try:
         while not stop.is_set():
-            started = clock()
+            started = clock.monotonic()
             health.pass_started()
             await _one_pass(settings, catalog, health, metrics, progress, stop)
             with contextlib.suppress(Exception):
                 metrics.set_state_counts(await catalog.state_counts())
-            wait = max(0.0, interval - (clock() - started))
+            wait = max(0.0, interval - (clock.monotonic() - started))
             health.waiting(wait)
-            with anyio.move_on_after(wait):
-                await stop.wait()
+            await sleep_or_stop(clock, wait, stop)
     finally:
         await runner.cleanup()
     log.info("daemon_stopped")
@@ -190,7 +192,7 @@ async def _one_pass(
     progress: MetricsProgress,
     stop: anyio.Event,
 ) -> None:
-    t0 = time.monotonic()
+    t0 = catalog.clock.monotonic()
     report: PassReport | None = None
     error: str | None = None
     try:
@@ -205,14 +207,14 @@ async def _one_pass(
     except Exception as exc:  # the daemon outlives a bad pass; /healthz says so
         error = f"{type(exc).__name__}: {exc}"
         log.exception("pass_crashed")
-    duration = time.monotonic() - t0
-    outcome = report.outcome if report else ERROR
+    duration = catalog.clock.monotonic() - t0
+    outcome = report.outcome if report else Outcome.ERROR
     metrics.pass_finished(outcome, duration)
     health.pass_finished(
         LastPass(
             run_id=report.run_id if report else None,
             outcome=outcome,
-            finished_at=datetime.now(UTC),
+            finished_at=catalog.clock.now(),
             duration=duration,
             done=report.done if report else 0,
             failed=report.failed if report else 0,

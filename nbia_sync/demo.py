@@ -17,7 +17,8 @@ import anyio
 from nbia_sync.catalog.repository import Catalog
 from nbia_sync.config import Settings, settings_from_dict
 from nbia_sync.display import terminal_progress
-from nbia_sync.engine import OK, run_pass
+from nbia_sync.engine import run_pass
+from nbia_sync.outcome import Outcome
 from nbia_sync.sim import SimArchive, SimFaults, SimServer
 from nbia_sync.status import human_bytes
 from nbia_sync.verify import verify_mirror
@@ -105,4 +106,4 @@ async def run_demo(directory: Path, *, stop: anyio.Event, out: TextIO) -> int:
         + f".\n\nNext: nbia-sync -c {config} status\n"
         f"      nbia-sync -c {config} verify\n"
     )
-    return 0 if report.outcome == OK and check.ok else 1
+    return 0 if report.outcome is Outcome.OK and check.ok else 1

@@ -73,7 +73,9 @@ class TerminalProgress:
         self.bytes += n
         self._progress.advance(self._task, n)
 
-    def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
+    def series_finished(
+        self, series_uid: str, *, ok: bool, files: int, error: BaseException | None
+    ) -> None:
         if ok:
             self.series_done += 1
             self.files += files

@@ -7,17 +7,14 @@ however the pass ends (leases released, worker unregistered, run row closed).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
-import aiohttp
 import anyio
 import structlog
 
@@ -25,9 +22,18 @@ from nbia_sync.api.client import NbiaClient
 from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.records import RunCounts
 from nbia_sync.catalog.repository import Catalog
+from nbia_sync.clock import sleep_or_stop
 from nbia_sync.config import Settings, SourceSettings, forget_workers_after, stale_after
 from nbia_sync.discovery import discover
-from nbia_sync.errors import ArchiveError, AuthError, CatalogError, DiskSpaceError, NbiaSyncError
+from nbia_sync.errors import (
+    ArchiveError,
+    AuthError,
+    CatalogError,
+    DiskSpaceError,
+    NbiaSyncError,
+    sole_error,
+)
+from nbia_sync.outcome import Outcome
 from nbia_sync.progress import ProgressSink
 from nbia_sync.storage import Mirror
 from nbia_sync.transfer.pool import drain
@@ -36,13 +42,6 @@ log = structlog.get_logger(__name__)
 
 # How often a process waiting for a peer's discovery looks at the lock again (seconds).
 _DISCOVERY_WAIT_POLL = 0.25
-
-# Outcomes written to the run row and mapped to exit codes by the CLI.
-OK = "ok"  # every wanted series is in the mirror
-FAILURES = "failures"  # some series failed permanently (or ran out of attempts)
-INCOMPLETE = "incomplete"  # some series still wait for a retry later
-ERROR = "error"  # the pass could not run: source unreachable, bad credentials
-INTERRUPTED = "interrupted"  # stopped by a signal; placed work is kept
 
 
 class SourceError(NbiaSyncError):
@@ -54,7 +53,7 @@ class PassReport:
     run_id: str
     owner: str
     command: str
-    outcome: str
+    outcome: Outcome
     started_at: datetime
     duration: float  # seconds
     discovered: int = 0  # series new or changed at the archive
@@ -64,7 +63,7 @@ class PassReport:
     remaining: int = 0  # series still wanted or pending after the pass
     bytes: int = 0  # bytes placed by this pass
     discovery_skipped: tuple[str, ...] = ()  # sources another process was discovering
-    error: str | None = None  # what stopped the pass, for outcome "error"
+    error: str | None = None  # what stopped the pass, for Outcome.ERROR
     state_counts: Mapping[SeriesState, tuple[int, int]] = field(default_factory=dict)
 
 
@@ -102,79 +101,82 @@ async def run_pass(
     command: str = "sync",
     on_heartbeat: Callable[[], None] | None = None,
 ) -> PassReport:
-    """Discover then drain. `stop` set (a signal) ends the pass early as "interrupted".
+    """Discover then drain. `stop` set (a signal) ends the pass early as INTERRUPTED.
 
     `owner` is normally left None (a fresh host:pid:run_id); `on_heartbeat` is called
     after every successful worker heartbeat (the daemon's liveness signal).
     """
+    clock = catalog.clock
     host, pid = socket.gethostname(), os.getpid()
     owner = owner or make_owner(host=host, pid=pid)
     run_id = await catalog.start_run(owner, command, run_id_of(owner))
-    started_at, t0 = datetime.now(UTC), time.monotonic()
+    started_at, t0 = clock.now(), clock.monotonic()
     held_locks: set[str] = set()
     log.info("pass_started", run_id=run_id, owner=owner, command=command)
     await catalog.register_worker(owner, host, pid, run_id)
-    heartbeat = asyncio.create_task(
-        _heartbeat(settings, catalog, owner, held_locks, on_heartbeat), name="heartbeat"
-    )
 
-    outcome, error = ERROR, None
+    outcome, error = Outcome.ERROR, None
     discovered = done = files = placed_bytes = 0
     skipped: list[str] = []
     counts: Mapping[SeriesState, tuple[int, int]] = {}
     try:
-        await _forget_dead_workers(settings, catalog)
-        mirror = Mirror(settings.mirror.root)
-        await mirror.clean_staging(await _live_owners(settings, catalog, owner))
-        async with contextlib.AsyncExitStack() as stack:
-            clients: dict[str, NbiaClient] = {}
-            for source in settings.sources:
-                clients[source.name] = await stack.enter_async_context(
-                    NbiaClient(source, settings.transfer)
-                )
-            for source in settings.sources:
-                if stop.is_set():
-                    break
-                found = await _discover_source(
-                    settings, catalog, clients[source.name], source, owner, held_locks, stop
-                )
-                if found is None:
-                    skipped.append(source.name)
-                else:
-                    discovered += found
-            if not stop.is_set():
-                try:
-                    report = await drain(
-                        settings=settings,
-                        catalog=catalog,
-                        clients=clients,
-                        mirror=mirror,
-                        owner=owner,
-                        progress=progress,
-                        stop=stop,
-                    )
-                except AuthError as exc:
-                    # The token could not be renewed mid-drain (password revoked, login
-                    # outage): the claims went back, no series was failed for it.
-                    raise SourceError(str(exc)) from exc
-                done, files, placed_bytes = report.done, report.files, report.bytes
-        counts = await catalog.state_counts()
-        outcome = _outcome(counts, interrupted=stop.is_set())
-    except (SourceError, DiskSpaceError, CatalogError) as exc:
-        # The pass cannot go on; what was placed stays, the rest waits for the next one.
-        error = str(exc)
-        log.error("pass_failed", run_id=run_id, error=error, kind=type(exc).__name__)
-    except asyncio.CancelledError:
-        outcome = INTERRUPTED
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_heartbeat, settings, catalog, owner, held_locks, on_heartbeat)
+            try:
+                await _forget_dead_workers(settings, catalog)
+                mirror = Mirror(settings.mirror.root)
+                await mirror.clean_staging(await _live_owners(settings, catalog, owner))
+                async with contextlib.AsyncExitStack() as stack:
+                    clients: dict[str, NbiaClient] = {}
+                    for source in settings.sources:
+                        clients[source.name] = await stack.enter_async_context(
+                            NbiaClient(source, settings.transfer)
+                        )
+                    for source in settings.sources:
+                        if stop.is_set():
+                            break
+                        found = await _discover_source(
+                            settings, catalog, clients[source.name], source, owner, held_locks, stop
+                        )
+                        if found is None:
+                            skipped.append(source.name)
+                        else:
+                            discovered += found
+                    if not stop.is_set():
+                        try:
+                            report = await drain(
+                                settings=settings,
+                                catalog=catalog,
+                                clients=clients,
+                                mirror=mirror,
+                                owner=owner,
+                                progress=progress,
+                                stop=stop,
+                            )
+                        except AuthError as exc:
+                            # The token could not be renewed mid-drain (password revoked,
+                            # login outage): the claims went back, no series was failed for it.
+                            raise SourceError(str(exc)) from exc
+                        done, files, placed_bytes = report.done, report.files, report.bytes
+                counts = await catalog.state_counts()
+                outcome = _outcome(counts, interrupted=stop.is_set())
+            except (SourceError, DiskSpaceError, CatalogError) as exc:
+                # The pass cannot go on; what was placed stays, the rest waits for the next.
+                error = str(exc)
+                log.error("pass_failed", run_id=run_id, error=error, kind=type(exc).__name__)
+            finally:
+                tg.cancel_scope.cancel()  # the heartbeat ends with the work
+    except ExceptionGroup as group:
+        # The task group wraps even one error (a bug): raise that one.
+        raise sole_error(group) from None
+    except anyio.get_cancelled_exc_class():
+        outcome = Outcome.INTERRUPTED
         raise
     finally:
-        heartbeat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await heartbeat
         # Shielded: a cancelled pass must still give its work back to the fleet.
-        try:
-            await asyncio.shield(
-                _close_pass(
+        with anyio.CancelScope(shield=True):
+            try:
+                await _close_pass(
                     catalog,
                     run_id,
                     owner,
@@ -189,13 +191,12 @@ async def run_pass(
                         bytes=placed_bytes,
                     ),
                 )
-            )
-        except CatalogError as exc:
-            # Likely the error that stopped the pass again; leases and the worker row
-            # expire on their own. The pass ends as an error either way.
-            log.error("pass_close_failed", run_id=run_id, error=str(exc))
-            outcome, error = ERROR, error or str(exc)
-    duration = time.monotonic() - t0
+            except CatalogError as exc:
+                # Likely the error that stopped the pass again; leases and the worker row
+                # expire on their own. The pass ends as an error either way.
+                log.error("pass_close_failed", run_id=run_id, error=str(exc))
+                outcome, error = Outcome.ERROR, error or str(exc)
+    duration = clock.monotonic() - t0
     log.info(
         "pass_finished",
         run_id=run_id,
@@ -263,8 +264,7 @@ async def _discover_source(
         if stop.is_set():
             return None
         log.debug("discovery_waiting", source=source.name, holder=holder)
-        with anyio.move_on_after(_DISCOVERY_WAIT_POLL):
-            await stop.wait()
+        await sleep_or_stop(catalog.clock, _DISCOVERY_WAIT_POLL, stop)
     held_locks.add(lock)
     try:
         if await _discovered_by_fleet(settings, catalog, source_id):
@@ -276,11 +276,12 @@ async def _discover_source(
             )
             return None
         report = await discover(catalog, client, source, source_id, settings.schedule)
-    except (ArchiveError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+    except ArchiveError as exc:  # api/ turns every HTTP and socket failure into one
         raise SourceError(describe_source_failure(source, exc)) from exc
     finally:
         held_locks.discard(lock)
-        await asyncio.shield(catalog.unlock(lock, owner))
+        with anyio.CancelScope(shield=True):
+            await catalog.unlock(lock, owner)
     return report.queued
 
 
@@ -300,7 +301,7 @@ async def _discovered_by_fleet(settings: Settings, catalog: Catalog, source_id: 
     last = await catalog.last_discovery_at(source_id)
     if last is None:
         return False
-    if (datetime.now(UTC) - last).total_seconds() >= settings.schedule.poll_interval:
+    if (catalog.clock.now() - last).total_seconds() >= settings.schedule.poll_interval:
         return False
     limit = stale_after(settings)
     starts = [w.started_at for w in await catalog.workers() if w.heartbeat_age < limit]
@@ -316,7 +317,7 @@ async def _heartbeat(
 ) -> None:
     """Keep the worker row (and any discovery lock) alive; the pool renews series leases."""
     while True:
-        await asyncio.sleep(settings.transfer.heartbeat_interval)
+        await catalog.clock.sleep(settings.transfer.heartbeat_interval)
         try:
             alive = await catalog.worker_heartbeat(owner)
             for lock in list(held_locks):
@@ -354,7 +355,7 @@ async def _close_pass(
     run_id: str,
     owner: str,
     held_locks: set[str],
-    outcome: str,
+    outcome: Outcome,
     counts: Mapping[SeriesState, tuple[int, int]],
     run_counts: RunCounts,
 ) -> None:
@@ -379,12 +380,12 @@ def _queued(counts: Mapping[SeriesState, tuple[int, int]]) -> int:
     return _count(counts, SeriesState.WANTED) + _count(counts, SeriesState.PENDING)
 
 
-def _outcome(counts: Mapping[SeriesState, tuple[int, int]], *, interrupted: bool) -> str:
+def _outcome(counts: Mapping[SeriesState, tuple[int, int]], *, interrupted: bool) -> Outcome:
     if interrupted:
-        return INTERRUPTED
+        return Outcome.INTERRUPTED
     if _count(counts, SeriesState.FAILED):
-        return FAILURES
+        return Outcome.FAILURES
     # Series other processes are downloading are theirs to finish; ours is done.
     if _queued(counts):
-        return INCOMPLETE
-    return OK
+        return Outcome.INCOMPLETE
+    return Outcome.OK

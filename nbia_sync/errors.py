@@ -57,6 +57,10 @@ class HostileArchiveError(PermanentError):
     """A ZIP entry name is absolute, climbs out with '..', or is a link."""
 
 
+class Interrupted(NbiaSyncError):
+    """A series attempt stopped by a signal or a cancelled drain; its claim went back."""
+
+
 class DiskSpaceError(NbiaSyncError):
     """Not enough free space for a series; stops the pass rather than the series."""
 

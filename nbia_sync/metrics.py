@@ -7,7 +7,6 @@ unless we ask for them.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping
 
@@ -17,19 +16,15 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from nbia_sync.catalog.models import SeriesState
+from nbia_sync.outcome import Outcome
 
 CONTENT_TYPE = str(_exposition.CONTENT_TYPE_LATEST)
 
-# An error label must have few values: keep the exception class name the pool reports
-# ("IntegrityError: md5 mismatch ..."), otherwise "other".
-_ERROR_KIND = re.compile(r"^([A-Za-z_][A-Za-z0-9_]{0,60})(?::|$)")
 
-
-def error_kind(error: str | None) -> str:
-    if not error:
-        return "unknown"
-    match = _ERROR_KIND.match(error.strip())
-    return match.group(1) if match else "other"
+def error_kind(error: BaseException | None) -> str:
+    """The error label: the exception's class name. Few values, since the pool reports
+    the project's own errors (errors.py) and, for a bug, the builtin that escaped."""
+    return "unknown" if error is None else type(error).__name__
 
 
 class Metrics:
@@ -93,12 +88,12 @@ class Metrics:
             self.series.labels(state.value).set(count)
             self.series_bytes.labels(state.value).set(nbytes)
 
-    def pass_finished(self, outcome: str, duration: float, *, now: float | None = None) -> None:
+    def pass_finished(self, outcome: Outcome, duration: float, *, now: float | None = None) -> None:
         finished = time.time() if now is None else now
         self.passes.labels(outcome).inc()
         self.pass_duration.observe(duration)
         self.last_pass.set(finished)
-        if outcome == "ok":
+        if outcome is Outcome.OK:
             self.last_success.set(finished)
 
     def render(self) -> bytes:
@@ -152,7 +147,9 @@ class MetricsProgress:
     def bytes_received(self, n: int) -> None:
         self._m.bytes_downloaded.inc(n)
 
-    def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
+    def series_finished(
+        self, series_uid: str, *, ok: bool, files: int, error: BaseException | None
+    ) -> None:
         self._running.discard(series_uid)
         self._m.in_flight.set(len(self._running))
         if ok:

@@ -18,8 +18,12 @@ class ProgressSink(Protocol):
 
     def bytes_received(self, n: int) -> None: ...
 
-    def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
-        """ok=False with error set when the attempt failed (it may be retried later)."""
+    def series_finished(
+        self, series_uid: str, *, ok: bool, files: int, error: BaseException | None
+    ) -> None:
+        """ok=False with the error when the attempt failed (it may be retried later).
+
+        The exception itself, not its message: sinks sort failures by its type."""
 
 
 class NullProgress:
@@ -34,7 +38,9 @@ class NullProgress:
     def bytes_received(self, n: int) -> None:
         pass
 
-    def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
+    def series_finished(
+        self, series_uid: str, *, ok: bool, files: int, error: BaseException | None
+    ) -> None:
         pass
 
 
@@ -56,6 +62,8 @@ class FanOut:
         for s in self._sinks:
             s.bytes_received(n)
 
-    def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
+    def series_finished(
+        self, series_uid: str, *, ok: bool, files: int, error: BaseException | None
+    ) -> None:
         for s in self._sinks:
             s.series_finished(series_uid, ok=ok, files=files, error=error)

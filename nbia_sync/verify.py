@@ -7,7 +7,6 @@ Hashing runs in worker threads so the event loop stays free and both cores are u
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterable, Callable
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+import anyio
 import structlog
 
 from nbia_sync.catalog.records import InstanceRecord
@@ -105,8 +105,7 @@ async def verify_mirror(
     report = VerifyReport()
     known: set[str] = set()
     # Bounds both the threads in use and the records held in memory at once.
-    slots = asyncio.Semaphore(max(1, threads))
-    pending: set[asyncio.Task[None]] = set()
+    slots = anyio.Semaphore(max(1, threads))
 
     def record(problem: Problem) -> None:
         report.problems.append(problem)
@@ -115,7 +114,7 @@ async def verify_mirror(
 
     async def check(rec: InstanceRecord) -> None:
         try:
-            result = await asyncio.to_thread(_check, root, rec)
+            result = await anyio.to_thread.run_sync(_check, root, rec)
         finally:
             slots.release()
         if isinstance(result, Problem):
@@ -124,18 +123,15 @@ async def verify_mirror(
             report.matched += 1
             report.bytes += result
 
-    async for _series_uid, instances in catalog.iter_done_instances():
-        for rec in instances:
-            report.checked += 1
-            known.add(rec.path)
-            await slots.acquire()
-            task = asyncio.create_task(check(rec))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-    if pending:
-        await asyncio.gather(*pending)
+    async with anyio.create_task_group() as tg:
+        async for _series_uid, instances in catalog.iter_done_instances():
+            for rec in instances:
+                report.checked += 1
+                known.add(rec.path)
+                await slots.acquire()
+                tg.start_soon(check, rec)
 
-    for rel in sorted(await asyncio.to_thread(_walk, root)):
+    for rel in sorted(await anyio.to_thread.run_sync(_walk, root)):
         if rel not in known:
             record(Problem("extra", rel))
     log.info(

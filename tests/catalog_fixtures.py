@@ -20,6 +20,7 @@ import pytest_asyncio
 
 from nbia_sync.api.models import SeriesInfo
 from nbia_sync.catalog import Catalog
+from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.config import SourceSettings
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -70,9 +71,16 @@ def catalog_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     return url
 
 
+@pytest.fixture
+def clock() -> Clock:
+    """The catalog's clock: the system clock, unless a test module overrides this fixture
+    (with a FakeClock, for leases and backoff that expire without waiting)."""
+    return SYSTEM_CLOCK
+
+
 @pytest_asyncio.fixture
-async def catalog(catalog_url: str) -> AsyncIterator[Catalog]:
-    cat = await Catalog.open(catalog_url)
+async def catalog(catalog_url: str, clock: Clock) -> AsyncIterator[Catalog]:
+    cat = await Catalog.open(catalog_url, clock=clock)
     if not cat.database.is_sqlite:
         # The PostgreSQL database is shared by the session: start each test empty.
         async with cat.database.engine.begin() as conn:

@@ -1,7 +1,6 @@
 """Shared fixtures. Each area registers its fixture module in pytest_plugins below."""
 
 pytest_plugins: list[str] = [
-    "api_fake",  # tests/api_fake.py: a scripted loopback archive for tests/test_api_*.py
     "catalog_fixtures",  # tests/catalog_fixtures.py: `catalog` on SQLite and PostgreSQL
     "nbia_sync.sim.testing",  # `sim_archive`, `sim` (a running NBIA simulator)
     "cli_fixtures",  # tests/cli_fixtures.py: `sim_mirror`, config writing, CLI runners

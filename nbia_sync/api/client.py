@@ -23,6 +23,7 @@ from nbia_sync.api.auth import TokenSession
 from nbia_sync.api.dates import new_since_param, updated_series_param
 from nbia_sync.api.models import PatientInfo, SeriesInfo, SeriesSize, StudyInfo
 from nbia_sync.api.retry import RetryPolicy, error_for_exception, error_for_status
+from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.config import SourceSettings, TransferSettings
 from nbia_sync.errors import RetryableError
 
@@ -47,8 +48,10 @@ class NbiaClient:
         *,
         session: aiohttp.ClientSession | None = None,
         policy: RetryPolicy | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.source = source
+        self._clock = clock  # token lifetimes (the policy has its own for backoff)
         self.transfer = transfer
         self.policy = policy or RetryPolicy.from_settings(transfer)
         self._api_root = f"{source.url}services/{source.api}/"
@@ -80,7 +83,7 @@ class NbiaClient:
         if self._http is None:
             self._http = self._new_session()
         if self.source.needs_token and self._auth is None:
-            self._auth = TokenSession(self.source, self._http)
+            self._auth = TokenSession(self.source, self._http, clock=self._clock.monotonic)
 
     async def close(self) -> None:
         """Log out (v1/v2), then close the HTTP session if this client made it."""

@@ -8,7 +8,6 @@ a series' next try in the catalog, so a restart resumes the same schedule.
 
 from __future__ import annotations
 
-import asyncio
 import random as _random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import TypeVar
 import aiohttp
 import structlog
 
+from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.config import TransferSettings
 from nbia_sync.errors import ArchiveError, PermanentError, RetryableError
 
@@ -35,8 +35,8 @@ class RetryPolicy:
     base_delay: float
     max_delay: float
     attempts: int
-    # Injectable for tests: how to wait, and a source of uniform numbers in [0, 1).
-    sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep, repr=False)
+    # Injectable for tests: the clock to wait on, and a source of uniform numbers in [0, 1).
+    clock: Clock = field(default=SYSTEM_CLOCK, repr=False)
     rand: Callable[[], float] = field(default=_random.random, repr=False)
 
     def __post_init__(self) -> None:
@@ -50,14 +50,14 @@ class RetryPolicy:
         cls,
         transfer: TransferSettings,
         *,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Clock = SYSTEM_CLOCK,
         rand: Callable[[], float] = _random.random,
     ) -> RetryPolicy:
         return cls(
             base_delay=transfer.retry_base_delay,
             max_delay=transfer.retry_max_delay,
             attempts=transfer.request_attempts,
-            sleep=sleep,
+            clock=clock,
             rand=rand,
         )
 
@@ -101,7 +101,7 @@ class RetryPolicy:
                 delay=round(wait, 3),
                 error=str(error),
             )
-            await self.sleep(wait)
+            await self.clock.sleep(wait)
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -28,6 +27,8 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from nbia_sync.api.retry import RetryPolicy
+from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.errors import CatalogError
 
 log = structlog.get_logger(__name__)
@@ -41,6 +42,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 _PG_TRANSIENT = frozenset({"40001", "40P01", "55P03"})
 _SQLITE_TRANSIENT = ("database is locked", "database is busy", "database table is locked")
 RETRY_ATTEMPTS = 8
+# The one backoff (full jitter, so colliding writers in several processes spread out).
+_BACKOFF = RetryPolicy(base_delay=0.02, max_delay=2.0, attempts=RETRY_ATTEMPTS)
 
 
 def describe_url(url: URL) -> str:
@@ -64,11 +67,6 @@ def is_transient(exc: BaseException) -> bool:
         return True
     message = str(orig).lower()
     return any(text in message for text in _SQLITE_TRANSIENT)
-
-
-def _retry_delay(attempt: int) -> float:
-    # Full jitter so colliding writers in several processes spread out.
-    return random.uniform(0, min(2.0, 0.02 * (2**attempt)))
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -121,8 +119,10 @@ def create_engine(url: str) -> AsyncEngine:
 class Database:
     """One engine plus the transaction discipline every catalog operation goes through."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, clock: Clock = SYSTEM_CLOCK) -> None:
         self.engine = engine
+        # Every timestamp the catalog writes or compares (leases, locks, heartbeats).
+        self.clock = clock
         self.url = engine.url
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
@@ -131,10 +131,10 @@ class Database:
         self.source_names: dict[int, str] = {}
 
     @classmethod
-    async def connect(cls, url: str) -> Database:
+    async def connect(cls, url: str, clock: Clock = SYSTEM_CLOCK) -> Database:
         """Create the engine and prove the database answers (CatalogError if not)."""
         engine = create_engine(url)
-        db = cls(engine)
+        db = cls(engine, clock)
         try:
             for attempt in range(RETRY_ATTEMPTS):
                 try:
@@ -146,7 +146,7 @@ class Database:
                     # losers see "database is locked" without the busy handler.
                     if not is_transient(exc) or attempt == RETRY_ATTEMPTS - 1:
                         raise
-                    await asyncio.sleep(_retry_delay(attempt))
+                    await clock.sleep(_BACKOFF.delay(attempt))
         except (OSError, DBAPIError, TimeoutError) as exc:
             await engine.dispose()
             raise CatalogError(
@@ -194,7 +194,7 @@ class Database:
                 if not is_transient(exc) or attempt == RETRY_ATTEMPTS - 1:
                     raise self.error(exc) from exc
                 log.debug("catalog.retry", attempt=attempt + 1, error=type(exc.orig).__name__)
-                await asyncio.sleep(_retry_delay(attempt))
+                await self.clock.sleep(_BACKOFF.delay(attempt))
         raise AssertionError("unreachable")
 
     def error(self, exc: DBAPIError) -> CatalogError:

@@ -8,7 +8,7 @@ same code works on SQLite and survives a holder that dies: its lease simply runs
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import cast
 
 from sqlalchemy import Table, delete, func, insert, or_, select, update
@@ -25,10 +25,6 @@ LOCKS = cast(Table, Lock.__table__)
 SERIES = cast(Table, Series.__table__)
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 # ---- runs -------------------------------------------------------------------------------
 
 
@@ -42,7 +38,7 @@ async def start_run(db: Database, owner: str, command: str, run_id: str | None =
                 run_id=run_id,
                 owner=owner,
                 command=command,
-                started_at=utcnow(),
+                started_at=db.clock.now(),
                 discovered=0,
                 queued=0,
                 done=0,
@@ -61,7 +57,7 @@ async def finish_run(db: Database, run_id: str, outcome: str, counts: RunCounts)
             update(RUNS)
             .where(RUNS.c.run_id == run_id)
             .values(
-                finished_at=utcnow(),
+                finished_at=db.clock.now(),
                 outcome=outcome,
                 discovered=counts.discovered,
                 queued=counts.queued,
@@ -103,7 +99,7 @@ async def last_run(db: Database) -> RunInfo | None:
 
 async def register_worker(db: Database, owner: str, host: str, pid: int, run_id: str) -> None:
     async def op(conn: AsyncConnection) -> None:
-        now = utcnow()
+        now = db.clock.now()
         # A restarted process may reuse an owner name: replace, do not fail.
         await conn.execute(delete(WORKERS).where(WORKERS.c.owner == owner))
         await conn.execute(
@@ -120,7 +116,7 @@ async def worker_heartbeat(db: Database, owner: str) -> bool:
 
     async def op(conn: AsyncConnection) -> bool:
         result = await conn.execute(
-            update(WORKERS).where(WORKERS.c.owner == owner).values(heartbeat_at=utcnow())
+            update(WORKERS).where(WORKERS.c.owner == owner).values(heartbeat_at=db.clock.now())
         )
         return result.rowcount > 0
 
@@ -139,7 +135,7 @@ async def prune_workers(db: Database, older_than: float) -> list[str]:
     (processes killed without unregistering); returns their owners."""
 
     async def op(conn: AsyncConnection) -> list[str]:
-        cutoff = utcnow() - timedelta(seconds=older_than)
+        cutoff = db.clock.now() - timedelta(seconds=older_than)
         gone = await conn.execute(
             delete(WORKERS).where(WORKERS.c.heartbeat_at < cutoff).returning(WORKERS.c.owner)
         )
@@ -157,7 +153,7 @@ async def workers(db: Database) -> list[WorkerInfo]:
         )
         in_flight = {str(lease_owner): int(n) for lease_owner, n in counted}
         rows = (await conn.execute(select(WORKERS).order_by(WORKERS.c.started_at))).all()
-        now = utcnow()
+        now = db.clock.now()
         return [
             WorkerInfo(
                 owner=r.owner,
@@ -182,7 +178,7 @@ async def try_lock(db: Database, name: str, owner: str, ttl: float) -> bool:
     """Take (or re-take) a named lease; True when `owner` holds it afterwards."""
 
     async def op(conn: AsyncConnection) -> bool:
-        now = utcnow()
+        now = db.clock.now()
         expires = now + timedelta(seconds=ttl)
         taken = await conn.execute(
             update(LOCKS)
@@ -208,7 +204,7 @@ async def renew_lock(db: Database, name: str, owner: str, ttl: float) -> bool:
         result = await conn.execute(
             update(LOCKS)
             .where(LOCKS.c.name == name, LOCKS.c.owner == owner)
-            .values(expires_at=utcnow() + timedelta(seconds=ttl))
+            .values(expires_at=db.clock.now() + timedelta(seconds=ttl))
         )
         return result.rowcount > 0
 
@@ -220,7 +216,7 @@ async def lock_holder(db: Database, name: str) -> str | None:
 
     async def op(conn: AsyncConnection) -> str | None:
         owner = await conn.scalar(
-            select(LOCKS.c.owner).where(LOCKS.c.name == name, LOCKS.c.expires_at >= utcnow())
+            select(LOCKS.c.owner).where(LOCKS.c.name == name, LOCKS.c.expires_at >= db.clock.now())
         )
         return None if owner is None else str(owner)
 

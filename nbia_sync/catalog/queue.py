@@ -29,7 +29,6 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.catalog.db import Database
-from nbia_sync.catalog.fleet import utcnow
 from nbia_sync.catalog.models import Instance, Series, SeriesState, Source
 from nbia_sync.catalog.records import Claim, InstanceRecord
 from nbia_sync.errors import CatalogError
@@ -159,7 +158,7 @@ async def _claim_in(
     source_ids: Collection[int] | None,
 ) -> list[Claim]:
     """The claim, inside the caller's write transaction."""
-    now = utcnow()
+    now = db.clock.now()
     queries = _ready_queries(now)
     if source_ids is not None:
         queries = [q.where(SERIES.c.source_id.in_(list(source_ids))) for q in queries]
@@ -263,7 +262,7 @@ async def heartbeat(
     )
 
     async def op(conn: AsyncConnection) -> set[int]:
-        expires = utcnow() + timedelta(seconds=lease_seconds)
+        expires = db.clock.now() + timedelta(seconds=lease_seconds)
         if conn.dialect.name == "sqlite":
             result = await conn.execute(
                 update(SERIES).where(mine).values(lease_expires_at=expires).returning(SERIES.c.id)
@@ -300,11 +299,11 @@ async def _lock_owned_row(conn: AsyncConnection, claim: Claim, owner: str) -> An
     ).first()
 
 
-async def _requeue(conn: AsyncConnection, series_id: int) -> None:
+async def _requeue(conn: AsyncConnection, series_id: int, now: datetime) -> None:
     await conn.execute(
         update(SERIES)
         .where(SERIES.c.id == series_id)
-        .values(state=SeriesState.WANTED, next_try_at=None, updated_at=utcnow(), **_UNLEASED)
+        .values(state=SeriesState.WANTED, next_try_at=None, updated_at=now, **_UNLEASED)
     )
 
 
@@ -323,14 +322,14 @@ async def placing(db: Database, claim: Claim, owner: str) -> AsyncIterator[Place
         if row.generation != claim.generation:
             # The archive changed the series while we fetched it: queue the new version now
             # rather than leave it leased to us until the lease runs out.
-            await _requeue(conn, claim.series_id)
+            await _requeue(conn, claim.series_id, db.clock.now())
             changed = True
         else:
             guard = PlacementGuard()
             yield guard
             if guard.instances is None or guard.placed_path is None:
                 raise CatalogError("placing block ended without guard.done(): nothing recorded")
-            await _complete(conn, claim, guard)
+            await _complete(conn, claim, guard, db.clock.now())
     if changed:
         raise LeaseLostError(f"series {claim.series_uid}: changed on the archive; re-queued")
 
@@ -393,13 +392,16 @@ async def placing_many(
                 update(SERIES)
                 .where(SERIES.c.id.in_(changed))
                 .values(
-                    state=SeriesState.WANTED, next_try_at=None, updated_at=utcnow(), **_UNLEASED
+                    state=SeriesState.WANTED,
+                    next_try_at=None,
+                    updated_at=db.clock.now(),
+                    **_UNLEASED,
                 )
             )
         batch = BatchPlacement(held, lost)
         yield batch
         if batch.placed:
-            await _complete_many(conn, list(batch.placed.values()))
+            await _complete_many(conn, list(batch.placed.values()), db.clock.now())
         claimed = (
             await _claim_in(conn, db, owner, claim_next, lease_seconds, source_ids)
             if claim_next > 0
@@ -409,10 +411,9 @@ async def placing_many(
 
 
 async def _complete_many(
-    conn: AsyncConnection, placed: Sequence[tuple[Claim, PlacementGuard]]
+    conn: AsyncConnection, placed: Sequence[tuple[Claim, PlacementGuard]], now: datetime
 ) -> None:
     """Mark series done and replace their instances: three statements for any number."""
-    now = utcnow()
     await conn.execute(
         update(SERIES)
         .where(SERIES.c.id == bindparam("b_id"))
@@ -449,8 +450,9 @@ async def _complete_many(
         await conn.execute(insert(INSTANCES), rows)
 
 
-async def _complete(conn: AsyncConnection, claim: Claim, guard: PlacementGuard) -> None:
-    now = utcnow()
+async def _complete(
+    conn: AsyncConnection, claim: Claim, guard: PlacementGuard, now: datetime
+) -> None:
     await conn.execute(
         update(SERIES)
         .where(SERIES.c.id == claim.series_id)
@@ -504,9 +506,9 @@ async def fail(
             return SeriesState(current) if current is not None else SeriesState.WANTED
         if row.generation != claim.generation:
             # A failure fetching a version that no longer exists says nothing about the new one.
-            await _requeue(conn, claim.series_id)
+            await _requeue(conn, claim.series_id, db.clock.now())
             return SeriesState.WANTED
-        now = utcnow()
+        now = db.clock.now()
         attempts = row.attempts + 1
         give_up = not retryable or attempts >= max_attempts
         state = SeriesState.FAILED if give_up else SeriesState.PENDING
@@ -534,7 +536,9 @@ async def release(db: Database, claim: Claim, owner: str) -> bool:
         result = await conn.execute(
             update(SERIES)
             .where(_owned(claim.series_id, owner))
-            .values(state=SeriesState.WANTED, next_try_at=None, updated_at=utcnow(), **_UNLEASED)
+            .values(
+                state=SeriesState.WANTED, next_try_at=None, updated_at=db.clock.now(), **_UNLEASED
+            )
         )
         return result.rowcount > 0
 
@@ -546,7 +550,9 @@ async def release_leases(db: Database, owner: str) -> int:
         result = await conn.execute(
             update(SERIES)
             .where(SERIES.c.state == SeriesState.DOWNLOADING, SERIES.c.lease_owner == owner)
-            .values(state=SeriesState.WANTED, next_try_at=None, updated_at=utcnow(), **_UNLEASED)
+            .values(
+                state=SeriesState.WANTED, next_try_at=None, updated_at=db.clock.now(), **_UNLEASED
+            )
         )
         return int(result.rowcount)
 
@@ -564,7 +570,7 @@ async def retry_failed(db: Database, source_id: int | None = None) -> int:
                 attempts=0,
                 next_try_at=None,
                 last_error=None,
-                updated_at=utcnow(),
+                updated_at=db.clock.now(),
             )
         )
         return int(result.rowcount)
@@ -585,7 +591,7 @@ async def next_ready_at(db: Database, source_ids: Collection[int] | None = None)
             scoped(select(SERIES.c.id).where(SERIES.c.state == SeriesState.WANTED).limit(1))
         )
         if wanted is not None:
-            return utcnow()
+            return db.clock.now()
         times = [
             await conn.scalar(
                 scoped(

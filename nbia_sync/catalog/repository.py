@@ -33,6 +33,7 @@ from nbia_sync.catalog.records import (
     UpsertResult,
     WorkerInfo,
 )
+from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.config import SourceSettings
 from nbia_sync.errors import CatalogError
 
@@ -53,9 +54,9 @@ class Catalog:
     # ---- lifecycle ----------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, url: str) -> Catalog:
+    async def open(cls, url: str, *, clock: Clock = SYSTEM_CLOCK) -> Catalog:
         """Connect and migrate to the newest schema (CatalogError when impossible)."""
-        db = await Database.connect(url)
+        db = await Database.connect(url, clock)
         try:
             await migrate.upgrade(db)
         except CatalogError:
@@ -71,6 +72,11 @@ class Catalog:
 
     async def close(self) -> None:
         await self._db.dispose()
+
+    @property
+    def clock(self) -> Clock:
+        """The clock of every catalog timestamp; the engine compares against it."""
+        return self._db.clock
 
     async def __aenter__(self) -> Self:
         return self
@@ -140,7 +146,7 @@ class Catalog:
         """Record a committed discovery pass: its watermark (None keeps the old one)."""
 
         async def op(conn: AsyncConnection) -> None:
-            now = fleet.utcnow()
+            now = self._db.clock.now()
             values: dict[str, Any] = {"last_discovery_at": now}
             if value is not None:
                 values["watermark"] = upsert.as_utc(value)

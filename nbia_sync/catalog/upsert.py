@@ -23,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.api.models import PatientInfo, SeriesInfo, StudyInfo
 from nbia_sync.catalog.db import Database
-from nbia_sync.catalog.fleet import utcnow
 from nbia_sync.catalog.models import Collection, Patient, Series, SeriesState, Study
 from nbia_sync.catalog.records import UpsertResult
 
@@ -136,16 +135,15 @@ async def upsert_series(db: Database, source_id: int, series: Sequence[SeriesInf
     for batch in _chunks(unique, BATCH):
 
         async def op(conn: AsyncConnection, b: Sequence[SeriesInfo] = batch) -> UpsertResult:
-            return await _upsert_batch(conn, source_id, b)
+            return await _upsert_batch(conn, source_id, b, db.clock.now())
 
         total += await db.run_write(op)
     return total
 
 
 async def _upsert_batch(
-    conn: AsyncConnection, source_id: int, batch: Sequence[SeriesInfo]
+    conn: AsyncConnection, source_id: int, batch: Sequence[SeriesInfo], now: datetime
 ) -> UpsertResult:
-    now = utcnow()
     existing = {
         row.series_uid: row
         for row in await conn.execute(
@@ -203,13 +201,13 @@ async def _upsert_batch(
 
 
 async def record_collections(db: Database, source_id: int, names: Iterable[str]) -> None:
-    now = utcnow()
+    now = db.clock.now()
     rows = [{"source_id": source_id, "name": n, "discovered_at": now} for n in sorted(set(names))]
     await _insert_absent(db, COLLECTIONS, rows, ["source_id", "name"])
 
 
 async def record_patients(db: Database, source_id: int, patients: Iterable[PatientInfo]) -> None:
-    now = utcnow()
+    now = db.clock.now()
     keys = sorted({(p.collection, p.patient_id) for p in patients})
     rows = [
         {"source_id": source_id, "collection": c, "patient_id": p, "discovered_at": now}
@@ -219,7 +217,7 @@ async def record_patients(db: Database, source_id: int, patients: Iterable[Patie
 
 
 async def record_studies(db: Database, source_id: int, studies: Iterable[StudyInfo]) -> None:
-    now = utcnow()
+    now = db.clock.now()
     by_uid = {s.study_uid: s for s in studies}
     rows = [
         {

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from nbia_sync.sim.archive import SimArchive, SimInstance, SimPatient, SimSeries, SimStudy
     from nbia_sync.sim.counters import SimCounters
-    from nbia_sync.sim.faults import STREAM_FAULTS, SimFaults, StreamFault
-    from nbia_sync.sim.server import SimServer
+    from nbia_sync.sim.faults import STREAM_FAULTS, SimFaults, SimReply, StreamFault
+    from nbia_sync.sim.server import SimRequest, SimServer
 
 _MODULES = {
     "SimArchive": "archive",
@@ -27,8 +27,10 @@ _MODULES = {
     "SimCounters": "counters",
     "STREAM_FAULTS": "faults",
     "SimFaults": "faults",
+    "SimReply": "faults",
     "StreamFault": "faults",
     "SimServer": "server",
+    "SimRequest": "server",
 }
 
 __all__ = [
@@ -38,6 +40,8 @@ __all__ = [
     "SimFaults",
     "SimInstance",
     "SimPatient",
+    "SimReply",
+    "SimRequest",
     "SimSeries",
     "SimServer",
     "SimStudy",

@@ -98,6 +98,9 @@ class Pipe:
         await self._response.write(bytes(piece))
         self.sent += len(piece)
         self._counters.bytes_sent += len(piece)
+        hold = self._faults.hold
+        if hold is not None:
+            await hold.wait()
         await self._pace(len(piece))
 
     async def _pace(self, sent: int) -> None:

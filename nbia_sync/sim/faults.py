@@ -6,6 +6,7 @@ whole object replaced (`server.faults = SimFaults(...)`); each request reads the
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import deque
 from collections.abc import Iterable
@@ -28,6 +29,18 @@ _ROLLED: tuple[tuple[StreamFault, str], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class SimReply:
+    """One scripted answer (see SimFaults.script_endpoint): what a misbehaving or odd
+    archive sends instead of the simulator's own answer."""
+
+    status: int = 200
+    body: bytes | str = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds before answering
+
+
 @dataclass
 class SimFaults:
     """Rates are probabilities per request in [0, 1]."""
@@ -44,10 +57,16 @@ class SimFaults:
     html_instead_of_zip: float = 0.0  # download: 200 text/html instead of the ZIP
     latency: float = 0.0  # seconds added before every response
     bandwidth: int | None = None  # bytes/s cap per download stream
+    # download: after its first bytes the body waits until this event is set, so a test
+    # holds downloads in flight (on its own, fake, clock) for as long as it needs.
+    hold: asyncio.Event | None = field(default=None, compare=False)
     token_ttl: float = 7200.0  # access token life, seconds
     refresh_ttl: float = 7200.0  # refresh token life, seconds
     seed: int = 0
     _scripts: dict[str, deque[StreamFault]] = field(default_factory=dict, init=False, repr=False)
+    _replies: dict[str, deque[SimReply | None]] = field(
+        default_factory=dict, init=False, repr=False
+    )
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +90,21 @@ class SimFaults:
         if not script:
             del self._scripts[uid]
         return step
+
+    def script_endpoint(self, name: str, replies: Iterable[SimReply | None]) -> None:
+        """The next requests to endpoint ``name`` ("getSeries", "oauth/token", "logout")
+        get these replies in order (None: the simulator's own answer), then normal ones."""
+        self._replies.setdefault(name, deque()).extend(replies)
+
+    def scripted_reply(self, name: str) -> SimReply | None:
+        """Pop the next scripted reply for a request to ``name``, if any."""
+        script = self._replies.get(name)
+        if not script:
+            return None
+        reply = script.popleft()
+        if not script:
+            del self._replies[name]
+        return reply
 
     def roll(self, rate: float) -> bool:
         return rate > 0 and self._rng.random() < rate

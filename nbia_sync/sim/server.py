@@ -23,15 +23,17 @@ import csv
 import io
 import json
 from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 
 import structlog
 from aiohttp import web
 
+from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.sim.archive import SimArchive, SimSeries
 from nbia_sync.sim.counters import SimCounters
 from nbia_sync.sim.downloads import Pipe, SeriesZip, StreamCut, zip_date_time
-from nbia_sync.sim.faults import SimFaults, StreamFault
+from nbia_sync.sim.faults import SimFaults, SimReply, StreamFault
 from nbia_sync.sim.queries import DOWNLOADS, SPECS, BadRequest, Row, check_params, run_query
 from nbia_sync.sim.tokens import Grant, TokenStore
 from nbia_sync.sim.zipstream import Compression, ZipStreamWriter
@@ -52,6 +54,31 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _json_error(status: int, error: str, description: str) -> web.Response:
     body = json.dumps({"error": error, "error_description": description})
     return web.Response(status=status, text=body, content_type="application/json")
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    method: str
+    endpoint: str  # as counted: "getSeries", "oauth/token", "logout"
+    query: dict[str, str]
+    headers: dict[str, str]
+    form: dict[str, str]
+
+
+async def _recorded(request: web.Request, name: str) -> SimRequest:
+    form = {k: str(v) for k, v in (await request.post()).items()}  # cached for the handler
+    return SimRequest(request.method, name, dict(request.query), dict(request.headers), form)
+
+
+async def _scripted_response(reply: SimReply) -> web.Response:
+    if reply.delay:
+        await asyncio.sleep(reply.delay)
+    body = reply.body.encode() if isinstance(reply.body, str) else reply.body
+    return web.Response(
+        status=reply.status,
+        body=body,
+        headers={"Content-Type": reply.content_type, **reply.headers},
+    )
 
 
 def _seconds(value: float) -> int | float:
@@ -92,6 +119,7 @@ class SimServer:
         restricted: Mapping[str, Collection[str]] | None = None,
         compression: Compression = "stored",
         keycloak: bool = True,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.archive = archive
         self.keycloak = keycloak
@@ -102,7 +130,9 @@ class SimServer:
         self.users = dict(DEFAULT_USERS if users is None else users)
         self.restricted = {k: frozenset(v) for k, v in (restricted or {}).items()}
         self.compression: Compression = compression
-        self._tokens = TokenStore()
+        self._tokens = TokenStore(clock)  # token lifetimes run on this clock
+        # Set to a list to record every request (tests: what exactly the client sent).
+        self.recorded: list[SimRequest] | None = None
         self._runner: web.AppRunner | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -176,12 +206,17 @@ class SimServer:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         name = request.match_info.get("endpoint") or request.path.removeprefix(ROOT)
         self.counters.requests[name] += 1
+        if self.recorded is not None:
+            self.recorded.append(await _recorded(request, name))
         if self.faults.latency > 0:
             await asyncio.sleep(self.faults.latency)
         response: web.StreamResponse
+        scripted = self.faults.scripted_reply(name)
         # Downloads roll their own faults after the token check (see _download).
-        rolled = None if name in DOWNLOADS else self.faults.roll_request()
-        if rolled is not None:
+        rolled = None if name in DOWNLOADS or scripted else self.faults.roll_request()
+        if scripted is not None:
+            response = await _scripted_response(scripted)
+        elif rolled is not None:
             response = self._fault_response(rolled)
         else:
             try:

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.sim.archive import SimArchive
 from nbia_sync.sim.faults import SimFaults
 from nbia_sync.sim.server import SimServer
@@ -35,6 +36,7 @@ async def running_sim(
     restricted: Mapping[str, Collection[str]] | None = None,
     compression: Compression = "stored",
     keycloak: bool = True,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[SimServer]:
     """`async with running_sim(archive, SimFaults(reset=0.2)) as sim: ... sim.url ...`"""
     server = SimServer(
@@ -44,6 +46,7 @@ async def running_sim(
         restricted=restricted,
         compression=compression,
         keycloak=keycloak,
+        clock=clock,
     )
     async with server:
         yield server

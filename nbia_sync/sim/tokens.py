@@ -9,15 +9,16 @@ admin revocation in the middle of a client's run); tokens issued later work.
 from __future__ import annotations
 
 import secrets
-import time
 from dataclasses import dataclass
+
+from nbia_sync.clock import SYSTEM_CLOCK, Clock
 
 
 @dataclass(slots=True)
 class _Token:
     username: str
     session: str
-    expires_at: float  # time.monotonic()
+    expires_at: float  # on the store's clock.monotonic()
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +31,8 @@ class Grant:
 
 
 class TokenStore:
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
         self._access: dict[str, _Token] = {}
         self._refresh: dict[str, _Token] = {}
         self._sessions: set[str] = set()
@@ -41,7 +43,7 @@ class TokenStore:
     ) -> Grant:
         session = session or secrets.token_hex(16)
         self._sessions.add(session)
-        now = time.monotonic()
+        now = self._clock.monotonic()
         access = secrets.token_urlsafe(32)
         refresh = secrets.token_urlsafe(32)
         self._access[access] = _Token(username, session, now + token_ttl)
@@ -85,7 +87,7 @@ class TokenStore:
         token = table.get(value)
         if token is None or token.session not in self._sessions:
             return None
-        if token.expires_at <= time.monotonic():
+        if token.expires_at <= self._clock.monotonic():
             return None
         return token.username
 

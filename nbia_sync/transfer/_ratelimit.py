@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import anyio
+
+from nbia_sync.clock import SYSTEM_CLOCK, Clock
 
 
 class TokenBucket:
@@ -20,7 +19,7 @@ class TokenBucket:
         rate: float,
         burst: float | None = None,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
@@ -28,12 +27,12 @@ class TokenBucket:
         self.burst = float(burst if burst is not None else rate)
         self._clock = clock
         self._tokens = self.burst
-        self._stamp = clock()
+        self._stamp = clock.monotonic()
         # Serialises waiters so that a big request is not starved by small ones.
         self._lock = anyio.Lock()
 
     def _refill(self) -> None:
-        now = self._clock()
+        now = self._clock.monotonic()
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 
@@ -42,4 +41,4 @@ class TokenBucket:
             self._refill()
             self._tokens -= n
             if self._tokens < 0:
-                await anyio.sleep(-self._tokens / self.rate)
+                await self._clock.sleep(-self._tokens / self.rate)

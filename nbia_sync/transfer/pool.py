@@ -35,7 +35,6 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -49,6 +48,7 @@ from nbia_sync.errors import (
     AuthError,
     CatalogError,
     DiskSpaceError,
+    Interrupted,
     PermanentError,
     RetryableError,
     sole_error,
@@ -123,7 +123,9 @@ class _Drain:
         self.policy = RetryPolicy.from_settings(settings.transfer)
         limit = settings.transfer.bandwidth_limit
         self.limiter = (
-            TokenBucket(limit, burst=max(limit, settings.transfer.chunk_size)) if limit else None
+            TokenBucket(limit, burst=max(limit, settings.transfer.chunk_size), clock=catalog.clock)
+            if limit
+            else None
         )
         workers = settings.transfer.workers
         self.slots = {
@@ -285,7 +287,7 @@ class _Drain:
                 self._finished = True
                 self._notify()
                 return False
-            wait = (ready - datetime.now(UTC)).total_seconds()
+            wait = (ready - self.catalog.clock.now()).total_seconds()
         else:
             wait = MAX_IDLE_POLL  # a running job will wake us when it ends
         with anyio.move_on_after(min(max(wait, MIN_IDLE_POLL), MAX_IDLE_POLL)):
@@ -333,20 +335,20 @@ class _Drain:
             await self.mirror.remove_staging(staging)
             self.report.lease_lost += 1
             log.warning("series_lease_lost", series_uid=claim.series_uid, reason=str(exc))
-            self._finish(claim, ok=False, files=0, error=str(exc))
+            self._finish(claim, ok=False, files=0, error=exc)
         except (DiskSpaceError, CatalogError, AuthError) as exc:
             # Not this series' fault, and no other series will do better: give it back
             # (no attempt counted) and stop the drain. AuthError: the token could not be
             # renewed (password revoked, login outage), so every later download fails too.
             await self._give_back(claim, staging)
-            self._finish(claim, ok=False, files=0, error=str(exc))
+            self._finish(claim, ok=False, files=0, error=exc)
             self._abort(exc)
         except (RetryableError, PermanentError) as exc:
             await self.mirror.remove_staging(staging)
             await self._failed(claim, exc)
         except anyio.get_cancelled_exc_class():
             await self._give_back(claim, staging)
-            self._finish(claim, ok=False, files=0, error="interrupted")
+            self._finish(claim, ok=False, files=0, error=Interrupted("interrupted"))
             raise
         except Exception as exc:  # a bug or a local I/O error: count it, keep draining
             log.exception("series_crashed", series_uid=claim.series_uid)
@@ -493,8 +495,7 @@ class _Drain:
                 delay=round(delay, 3),
                 attempts=claim.attempts + 1,
             )
-        # The class name first: metrics count errors by kind (see metrics.error_kind).
-        self._finish(claim, ok=False, files=0, error=f"{type(exc).__name__}: {error}")
+        self._finish(claim, ok=False, files=0, error=exc)
 
     async def _give_back(self, claim: Claim, staging: Path) -> None:
         with anyio.CancelScope(shield=True):
@@ -504,14 +505,14 @@ class _Drain:
             except CatalogError as exc:
                 log.warning("release_failed", series_uid=claim.series_uid, error=str(exc))
 
-    def _finish(self, claim: Claim, *, ok: bool, files: int, error: str | None) -> None:
+    def _finish(self, claim: Claim, *, ok: bool, files: int, error: BaseException | None) -> None:
         self.progress.series_finished(claim.series_uid, ok=ok, files=files, error=error)
 
     # -- leases -----------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await anyio.sleep(self.transfer.heartbeat_interval)
+            await self.catalog.clock.sleep(self.transfer.heartbeat_interval)
             ids = list(self.jobs) + [c.series_id for c in self._prefetched]
             if not ids:
                 continue

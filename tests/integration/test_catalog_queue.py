@@ -1,16 +1,25 @@
-"""The work queue: claims, leases, placement, failure and release."""
+"""The work queue: claims, leases, placement, failure and release.
+
+The catalog runs on a FakeClock: a lease or a backoff runs out when the test advances
+the clock, never by sleeping, and expiry times are exact."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from catalog_fixtures import make_series, make_source
 
 from nbia_sync.catalog import Catalog, Claim, InstanceRecord, LeaseLostError, SeriesState
+from nbia_sync.clock import FakeClock
 
 pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 async def _queue(catalog: Catalog, n: int, source: str = "main") -> int:
@@ -56,10 +65,12 @@ async def test_claim_is_limited_to_the_given_sources(catalog: Catalog) -> None:
     assert {c.source_name for c in claims} == {"b"} and len(claims) == 2
 
 
-async def test_expired_lease_is_reclaimed_and_counts_an_attempt(catalog: Catalog) -> None:
+async def test_expired_lease_is_reclaimed_and_counts_an_attempt(
+    catalog: Catalog, clock: FakeClock
+) -> None:
     await _queue(catalog, 1)
     lost = await _claim_one(catalog, "dead", lease=0.05)
-    await asyncio.sleep(0.1)
+    clock.advance(0.1)
     taken = await _claim_one(catalog, "other")
     assert (taken.series_id, taken.attempts) == (lost.series_id, 1)
 
@@ -70,25 +81,27 @@ async def test_leased_series_is_not_claimable(catalog: Catalog) -> None:
     assert await catalog.claim("other", limit=1, lease_seconds=60) == []
 
 
-async def test_heartbeat_extends_the_lease(catalog: Catalog) -> None:
-    # No sleeps: the new expiry is read back, so a slow machine cannot change the outcome.
+async def test_heartbeat_extends_the_lease(catalog: Catalog, clock: FakeClock) -> None:
     await _queue(catalog, 1)
     claim = await _claim_one(catalog, "w", lease=60)
+    clock.advance(30)
     assert await catalog.heartbeat("w", [claim.series_id], 3600) == {claim.series_id}
-    expires = await catalog.next_ready_at()
-    assert expires is not None and expires > datetime.now(UTC) + timedelta(seconds=3000)
+    assert await catalog.next_ready_at() == clock.now() + timedelta(seconds=3600)
 
 
-async def test_heartbeat_of_a_lease_held_by_another_owner_extends_nothing(catalog: Catalog) -> None:
+async def test_heartbeat_of_a_lease_held_by_another_owner_extends_nothing(
+    catalog: Catalog, clock: FakeClock
+) -> None:
     await _queue(catalog, 1)
     claim = await _claim_one(catalog, "w", lease=60)
+    start = clock.now()
+    clock.advance(30)
     assert await catalog.heartbeat("other", [claim.series_id], 3600) == set()
-    expires = await catalog.next_ready_at()
-    assert expires is not None and expires < datetime.now(UTC) + timedelta(seconds=120)
+    assert await catalog.next_ready_at() == start + timedelta(seconds=60)
 
 
 async def test_heartbeat_does_not_wait_behind_a_placement_holding_row_locks(
-    catalog: Catalog,
+    catalog: Catalog, clock: FakeClock
 ) -> None:
     # PostgreSQL: a group commit keeps its rows locked across renames and fsyncs; the
     # heartbeat of the other in-flight series must not queue behind it (their leases
@@ -104,8 +117,8 @@ async def test_heartbeat_does_not_wait_behind_a_placement_holding_row_locks(
         batch.done(placed, [], "p", 0)
     # The locked row is still ours (its placement is finishing it): not reported lost.
     assert held == {placed.series_id, running.series_id}
-    expires = await catalog.next_ready_at()  # only `running` is still leased
-    assert expires is not None and expires > datetime.now(UTC) + timedelta(seconds=3000)
+    # Only `running` is still leased.
+    assert await catalog.next_ready_at() == clock.now() + timedelta(seconds=3600)
 
 
 async def test_placing_marks_done_and_replaces_instances(catalog: Catalog) -> None:
@@ -136,10 +149,10 @@ async def test_placing_block_that_raises_changes_nothing(catalog: Catalog) -> No
     assert await catalog.heartbeat("w", [claim.series_id], 60) == {claim.series_id}
 
 
-async def test_placing_rejects_a_lost_lease(catalog: Catalog) -> None:
+async def test_placing_rejects_a_lost_lease(catalog: Catalog, clock: FakeClock) -> None:
     await _queue(catalog, 1)
     claim = await _claim_one(catalog, "slow", lease=0.05)
-    await asyncio.sleep(0.1)
+    clock.advance(0.1)
     await _claim_one(catalog, "other")
     with pytest.raises(LeaseLostError):
         async with catalog.placing(claim, "slow") as guard:
@@ -156,7 +169,9 @@ async def test_placing_without_done_is_an_error(catalog: Catalog) -> None:
     assert (await catalog.state_counts())[SeriesState.DONE][0] == 0
 
 
-async def test_retryable_failure_backs_off_then_is_claimable(catalog: Catalog) -> None:
+async def test_retryable_failure_backs_off_then_is_claimable(
+    catalog: Catalog, clock: FakeClock
+) -> None:
     await _queue(catalog, 1)
     claim = await _claim_one(catalog)
     state = await catalog.fail(
@@ -164,9 +179,11 @@ async def test_retryable_failure_backs_off_then_is_claimable(catalog: Catalog) -
     )
     assert state is SeriesState.PENDING
     ready_at = await catalog.next_ready_at()
-    assert ready_at is not None and ready_at > datetime.now(UTC)
+    assert ready_at == clock.now() + timedelta(seconds=0.2)
     assert await catalog.claim("w", limit=1, lease_seconds=60) == []
-    await asyncio.sleep(0.25)
+    clock.advance(0.19)
+    assert await catalog.claim("w", limit=1, lease_seconds=60) == []
+    clock.advance(0.01)
     retry = await _claim_one(catalog)
     assert retry.attempts == 1
 
@@ -196,10 +213,10 @@ async def test_permanent_failure_is_final_at_once(catalog: Catalog) -> None:
     assert state is SeriesState.FAILED
 
 
-async def test_fail_after_losing_the_lease_is_a_no_op(catalog: Catalog) -> None:
+async def test_fail_after_losing_the_lease_is_a_no_op(catalog: Catalog, clock: FakeClock) -> None:
     await _queue(catalog, 1)
     claim = await _claim_one(catalog, "slow", lease=0.05)
-    await asyncio.sleep(0.1)
+    clock.advance(0.1)
     await _claim_one(catalog, "other")
     state = await catalog.fail(claim, "slow", error="x", retryable=True, max_attempts=5, delay=0)
     assert state is SeriesState.DOWNLOADING
@@ -226,24 +243,23 @@ async def test_release_gives_back_without_an_attempt(catalog: Catalog) -> None:
     assert len(claims) == 3 and all(c.attempts == 0 for c in claims)
 
 
-async def test_next_ready_at_reports_foreign_lease_expiry(catalog: Catalog) -> None:
+async def test_next_ready_at_reports_foreign_lease_expiry(
+    catalog: Catalog, clock: FakeClock
+) -> None:
     assert await catalog.next_ready_at() is None
     await _queue(catalog, 1)
-    now = datetime.now(UTC)
-    ready = await catalog.next_ready_at()
-    assert ready is not None and abs(ready - now) < timedelta(seconds=5)
+    assert await catalog.next_ready_at() == clock.now()  # claimable now
     await _claim_one(catalog, "other", lease=120)
-    ready = await catalog.next_ready_at()
-    assert ready is not None and ready > now + timedelta(seconds=100)
+    assert await catalog.next_ready_at() == clock.now() + timedelta(seconds=120)
 
 
 async def test_placing_many_rejects_one_lost_lease_without_affecting_the_others(
-    catalog: Catalog,
+    catalog: Catalog, clock: FakeClock
 ) -> None:
     sid = await _queue(catalog, 3)
     claims = await catalog.claim("w", limit=2, lease_seconds=60)
     slow = await _claim_one(catalog, "slow", lease=0.05)
-    await asyncio.sleep(0.1)
+    clock.advance(0.1)
     taken = await _claim_one(catalog, "other")  # the expired lease changes hands
     assert taken.series_id == slow.series_id
     kept, changed = claims

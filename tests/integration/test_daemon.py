@@ -18,21 +18,16 @@ from aiohttp.test_utils import TestClient, TestServer
 from cli_fixtures import REPO, SimMirror, free_port, write_config
 
 from nbia_sync.catalog import Catalog, SeriesState
+from nbia_sync.clock import FakeClock
 from nbia_sync.daemon import Health, LastPass, make_app
+from nbia_sync.errors import HostileArchiveError, IntegrityError
 from nbia_sync.metrics import Metrics, MetricsProgress, error_kind
+from nbia_sync.outcome import Outcome
 
 pytestmark = pytest.mark.asyncio
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def last_pass(outcome: str) -> LastPass:
+def last_pass(outcome: Outcome) -> LastPass:
     return LastPass("r1", outcome, datetime.now(UTC), 1.5, 3, 0, None)
 
 
@@ -40,54 +35,54 @@ def last_pass(outcome: str) -> LastPass:
 
 
 async def test_health_is_starting_before_the_first_pass() -> None:
-    status, body = Health(60, 10, Clock()).snapshot()
+    status, body = Health(60, 10, FakeClock()).snapshot()
     assert (status, body["status"], body["last_pass"]) == (200, "starting", None)
 
 
 async def test_health_is_ok_after_a_good_pass() -> None:
-    health = Health(60, 10, Clock())
+    health = Health(60, 10, FakeClock())
     health.pass_started()
-    health.pass_finished(last_pass("ok"))
+    health.pass_finished(last_pass(Outcome.OK))
     status, body = health.snapshot()
     assert (status, body["status"]) == (200, "ok")
     assert body["last_pass"]["outcome"] == "ok" and body["last_success_at"] is not None
 
 
 async def test_health_is_503_after_a_hard_failure() -> None:
-    health = Health(60, 10, Clock())
+    health = Health(60, 10, FakeClock())
     health.pass_started()
-    health.pass_finished(last_pass("error"))
+    health.pass_finished(last_pass(Outcome.ERROR))
     status, body = health.snapshot()
     assert (status, body["status"]) == (503, "failing")
 
 
 async def test_series_failures_alone_keep_health_200() -> None:
-    health = Health(60, 10, Clock())
-    health.pass_finished(last_pass("failures"))
+    health = Health(60, 10, FakeClock())
+    health.pass_finished(last_pass(Outcome.FAILURES))
     assert health.snapshot()[0] == 200
 
 
 async def test_running_pass_without_heartbeats_is_stuck() -> None:
-    clock = Clock()
+    clock = FakeClock()
     health = Health(60, 10, clock)
     health.pass_started()
-    clock.now += 9
+    clock.advance(9)
     health.beat()
-    clock.now += 9
+    clock.advance(9)
     assert health.snapshot()[0] == 200
-    clock.now += 2
+    clock.advance(2)
     status, body = health.snapshot()
     assert (status, body["status"]) == (503, "stuck")
 
 
 async def test_idle_loop_that_misses_its_next_pass_is_stuck() -> None:
-    clock = Clock()
+    clock = FakeClock()
     health = Health(60, 10, clock)
-    health.pass_finished(last_pass("ok"))
+    health.pass_finished(last_pass(Outcome.OK))
     health.waiting(60)
-    clock.now += 69
+    clock.advance(69)
     assert health.snapshot()[0] == 200
-    clock.now += 2
+    clock.advance(2)
     assert health.snapshot()[1]["status"] == "stuck"
 
 
@@ -104,7 +99,7 @@ async def test_progress_sink_counts_bytes_files_errors_and_retries() -> None:
     sink = MetricsProgress(metrics)
     sink.series_started("a", 100)
     sink.bytes_received(60)
-    sink.series_finished("a", ok=False, files=0, error="IntegrityError: md5 mismatch")
+    sink.series_finished("a", ok=False, files=0, error=IntegrityError("md5 mismatch"))
     sink.series_started("a", 100)  # again after a failure: a retry
     sink.bytes_received(100)
     sink.series_finished("a", ok=True, files=4, error=None)
@@ -116,16 +111,18 @@ async def test_progress_sink_counts_bytes_files_errors_and_retries() -> None:
     assert sample(metrics, "nbia_sync_series_in_flight") == 0
 
 
-async def test_error_kind_keeps_label_values_few() -> None:
-    assert error_kind("HostileArchiveError: entry ../x") == "HostileArchiveError"
-    assert error_kind("series 1.2.3: connection reset by peer") == "other"
+async def test_error_kind_is_the_class_of_the_error_not_its_message() -> None:
+    assert error_kind(HostileArchiveError("IntegrityError: entry ../x")) == "HostileArchiveError"
+    assert error_kind(ConnectionResetError("series 1.2.3: reset by peer")) == (
+        "ConnectionResetError"
+    )
     assert error_kind(None) == "unknown"
 
 
 async def test_pass_metrics_record_duration_and_last_success() -> None:
     metrics = Metrics()
-    metrics.pass_finished("ok", 2.5, now=1234.0)
-    metrics.pass_finished("error", 1.0, now=2000.0)
+    metrics.pass_finished(Outcome.OK, 2.5, now=1234.0)
+    metrics.pass_finished(Outcome.ERROR, 1.0, now=2000.0)
     assert sample(metrics, "nbia_sync_last_success_timestamp_seconds") == 1234.0
     assert sample(metrics, "nbia_sync_last_pass_timestamp_seconds") == 2000.0
     assert sample(metrics, "nbia_sync_passes_total", outcome="error") == 1
@@ -149,7 +146,7 @@ class CountsOnly:
 
 
 async def test_http_endpoints_serve_health_and_prometheus_text() -> None:
-    health = Health(60, 10, Clock())
+    health = Health(60, 10, FakeClock())
     counts = {SeriesState.DONE: (7, 7000), SeriesState.FAILED: (1, 10)}
     app = make_app(health, Metrics(), CountsOnly(counts))  # type: ignore[arg-type]
     async with TestClient(TestServer(app)) as client:
@@ -163,7 +160,7 @@ async def test_http_endpoints_serve_health_and_prometheus_text() -> None:
 
 
 async def test_metrics_are_served_when_the_catalog_is_down() -> None:
-    app = make_app(Health(60, 10, Clock()), Metrics(), CountsOnly(None))  # type: ignore[arg-type]
+    app = make_app(Health(60, 10, FakeClock()), Metrics(), CountsOnly(None))  # type: ignore[arg-type]
     async with TestClient(TestServer(app)) as client:
         resp = await client.get("/metrics")
         assert resp.status == 200

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from cli_fixtures import FAST_TRANSFER, expected_files, free_port, mirror_files
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -20,14 +21,12 @@ from nbia_sync.catalog import Catalog, SeriesState
 from nbia_sync.catalog.fleet import WORKERS
 from nbia_sync.config import Settings, settings_from_dict
 from nbia_sync.engine import (
-    ERROR,
-    INTERRUPTED,
-    OK,
     discovery_lock,
     make_owner,
     run_id_of,
     run_pass,
 )
+from nbia_sync.outcome import Outcome
 from nbia_sync.progress import NullProgress
 from nbia_sync.sim import SimArchive, SimServer
 
@@ -72,7 +71,7 @@ async def test_pass_mirrors_the_archive_and_closes_its_books(
 ) -> None:
     settings = settings_for(tmp_path / "m", sim.url)
     report = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
-    assert report.outcome == OK
+    assert report.outcome == Outcome.OK
     total = len(sim_archive.series)
     assert (report.discovered, report.done, report.failed, report.remaining) == (total, total, 0, 0)
     expected = expected_files(sim_archive, settings.mirror.root)
@@ -80,7 +79,7 @@ async def test_pass_mirrors_the_archive_and_closes_its_books(
     assert mirror_files(settings.mirror.root) == set(expected)
     run = await catalog.last_run()
     assert run is not None and run.run_id == report.run_id
-    assert (run.outcome, run.done, run.discovered) == (OK, total, total)
+    assert (run.outcome, run.done, run.discovered) == (Outcome.OK, total, total)
     assert run.finished_at is not None and run.owner == report.owner
     assert await catalog.workers() == []
 
@@ -113,10 +112,10 @@ async def test_stop_before_the_pass_downloads_nothing(
     stop = anyio.Event()
     stop.set()
     report = await run_pass(settings, catalog, progress=NullProgress(), stop=stop)
-    assert report.outcome == INTERRUPTED
+    assert report.outcome == Outcome.INTERRUPTED
     assert sum(sim.counters.downloads_started.values()) == 0
     run = await catalog.last_run()
-    assert run is not None and run.outcome == INTERRUPTED
+    assert run is not None and run.outcome == Outcome.INTERRUPTED
 
 
 async def test_stop_mid_drain_releases_leases_and_staging(
@@ -126,12 +125,52 @@ async def test_stop_mid_drain_releases_leases_and_staging(
     settings = settings_for(tmp_path / "m", sim.url)
     stop = anyio.Event()
     report = await run_pass(settings, catalog, progress=StopAfterFirstStart(stop), stop=stop)
-    assert report.outcome == INTERRUPTED
+    assert report.outcome == Outcome.INTERRUPTED
     counts = await catalog.state_counts()
     assert counts[SeriesState.DOWNLOADING][0] == 0
     assert counts[SeriesState.WANTED][0] + counts[SeriesState.PENDING][0] > 0
     staging = settings.state_dir / "staging"
     assert not [p for p in staging.rglob("*") if p.is_file()]
+    assert await catalog.workers() == []
+
+
+async def test_a_body_cut_mid_listing_ends_the_pass_with_an_error_naming_the_source(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    # A hostile archive: promises 1000 bytes of collection list, sends 10, hangs up.
+    # api/ turns aiohttp's payload error into an ArchiveError; the engine catches only those.
+    async def cut(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": "1000"})
+        resp.content_type = "application/json"
+        await resp.prepare(request)
+        await resp.write(b'[{"Collect')
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/nbia-api/services/v4/getCollectionValues", cut)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        settings = settings_from_dict(
+            {
+                "mirror": {"root": str(tmp_path / "m"), "min_free_bytes": 0},
+                "transfer": {**FAST_TRANSFER, "request_attempts": 2},
+                "sources": [
+                    {"name": "cut", "url": f"http://127.0.0.1:{port}/nbia-api/", "api": "v4"}
+                ],
+            },
+            env={},
+        )
+        report = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
+    finally:
+        await runner.cleanup()
+    assert report.outcome is Outcome.ERROR
+    assert report.error is not None and report.error.startswith("source 'cut'")
     assert await catalog.workers() == []
 
 
@@ -142,10 +181,10 @@ async def test_unreachable_source_ends_the_pass_with_an_error_naming_it(
         tmp_path / "m", f"http://127.0.0.1:{free_port()}/nbia-api/", request_attempts=1
     )
     report = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
-    assert report.outcome == ERROR
+    assert report.outcome == Outcome.ERROR
     assert report.error is not None and report.error.startswith("source 'sim'")
     run = await catalog.last_run()
-    assert run is not None and run.outcome == ERROR
+    assert run is not None and run.outcome == Outcome.ERROR
     assert await catalog.workers() == []
     assert await catalog.try_lock(discovery_lock(settings.sources[0]), "next:1:z", 60)
 
@@ -195,5 +234,5 @@ async def test_pass_forgets_workers_dead_for_a_day_and_keeps_recently_stale_ones
 
         await catalog.database.run_write(op)
     report = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
-    assert report.outcome == OK
+    assert report.outcome == Outcome.OK
     assert [w.owner for w in await catalog.workers()] == ["h:2:killed-just-now"]

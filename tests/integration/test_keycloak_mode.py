@@ -26,9 +26,10 @@ from nbia_sync.api.retry import RetryPolicy
 from nbia_sync.catalog import Catalog, SeriesState
 from nbia_sync.config import ScheduleSettings, SourceSettings, TransferSettings, settings_from_dict
 from nbia_sync.discovery import add_manifest, discover
-from nbia_sync.engine import OK, run_pass
+from nbia_sync.engine import run_pass
 from nbia_sync.errors import RetryableError
 from nbia_sync.metrics import Metrics
+from nbia_sync.outcome import Outcome
 from nbia_sync.progress import NullProgress
 from nbia_sync.sim import SimArchive, SimServer
 from nbia_sync.sim.testing import guest_token
@@ -350,13 +351,13 @@ async def test_passes_survive_server_side_revocation_with_no_change_missed(
         env={},
     )
     first = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
-    assert first.outcome == OK
+    assert first.outcome == Outcome.OK
     sim_archive.add_patient("SIM-MR")
     sim_archive.update_series(sorted(sim_archive.series)[0])
     sim.revoke_all_tokens()  # between the passes: Keycloak restarted, an admin's action
     sim.revoke_tokens_after(1)  # and again once the next pass has made its first query
     second = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
-    assert second.outcome == OK
+    assert second.outcome == Outcome.OK
     assert second.discovered == 3  # two new series, one changed
     assert sim.counters.dead_token_queries > 0
     expected = expected_files(sim_archive, settings.mirror.root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.models import SeriesInfo
 from nbia_sync.catalog import Catalog, SeriesState
 from nbia_sync.catalog import queue as catalog_queue
+from nbia_sync.clock import SYSTEM_CLOCK, Clock, FakeClock
 from nbia_sync.config import Settings, settings_from_dict
 from nbia_sync.errors import AuthError, CatalogError, DiskSpaceError
 from nbia_sync.sim import SimArchive, SimFaults, SimServer
@@ -25,6 +27,13 @@ from nbia_sync.storage import Mirror
 from nbia_sync.transfer.pool import DrainReport, drain
 
 pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+def clock(request: pytest.FixtureRequest) -> Clock:
+    """The catalog's clock; a test parametrized with "fake" gets a FakeClock it advances."""
+    return FakeClock(autojump=False) if getattr(request, "param", None) == "fake" else SYSTEM_CLOCK
+
 
 OWNER = "test-host:1:run"
 
@@ -51,7 +60,9 @@ class Recorder:
     def bytes_received(self, n: int) -> None:
         self.bytes += n
 
-    def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
+    def series_finished(
+        self, series_uid: str, *, ok: bool, files: int, error: BaseException | None
+    ) -> None:
         self.finished.append((series_uid, ok))
 
 
@@ -233,33 +244,44 @@ async def test_stop_cancels_in_flight_downloads_and_releases_them(
     assert len(placed) == report.done
 
 
+@pytest.mark.parametrize("clock", ["fake"], indirect=True)
 async def test_heartbeat_keeps_leases_of_slow_downloads(
-    catalog: Catalog, sim_archive: SimArchive, tmp_path: Path
+    catalog: Catalog, clock: FakeClock, sim_archive: SimArchive, tmp_path: Path
 ) -> None:
-    async with running_sim(sim_archive, SimFaults(bandwidth=10_000)) as sim:
+    # The downloads are held in flight while the catalog's clock runs through four of
+    # their 0.3 s leases, one heartbeat interval at a time; a thief tries after each beat.
+    gate = asyncio.Event()
+    async with running_sim(sim_archive, SimFaults(hold=gate)) as sim:
         settings = make_settings(
-            tmp_path / "mirror", sim, workers=8, lease_seconds=0.3, heartbeat_interval=0.1
+            tmp_path / "mirror",
+            sim,
+            workers=8,
+            lease_seconds=0.3,
+            heartbeat_interval=0.1,
+            read_timeout=60.0,
         )
         await queue_all(catalog, settings, sim_archive)
         stolen: list[object] = []
+        in_flight_at_release: list[int] = []
         progress = Recorder()
 
-        async def thief() -> None:
-            # Another process: would take any series whose lease ran out.
+        async def run_the_clock() -> None:
             await progress.all_started.wait()
-            while not finished.is_set():
+            for _ in range(12):
+                await clock.until_sleeping()  # the pool's heartbeat waits for its next beat
+                clock.advance(0.1)
+                await clock.until_sleeping()  # ... and has renewed the leases
                 stolen.extend(await catalog.claim("thief", limit=8, lease_seconds=60))
-                with anyio.move_on_after(0.05):
-                    await finished.wait()
+            in_flight_at_release.append(8 - sum(sim.counters.downloads_completed.values()))
+            gate.set()
 
-        finished = anyio.Event()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(thief)
-            report = await run_drain(settings, catalog, progress)
-            finished.set()  # not a cancel: a claim cut half way could wedge the catalog
+            tg.start_soon(run_the_clock)
+            with anyio.fail_after(30):  # a stolen series would be waited for in fake time
+                report = await run_drain(settings, catalog, progress)
     assert stolen == []
+    assert in_flight_at_release == [8]
     assert (report.done, report.lease_lost) == (8, 0)
-    assert report.duration > 1.0  # downloads outlived their 0.3 s lease several times
 
 
 @pytest.mark.chaos

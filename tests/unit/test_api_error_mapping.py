@@ -9,6 +9,7 @@ import types
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import ClientResponse
@@ -16,6 +17,7 @@ from aioresponses import aioresponses
 
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.retry import RetryPolicy
+from nbia_sync.clock import FakeClock
 from nbia_sync.config import SourceSettings, TransferSettings
 from nbia_sync.errors import PermanentError, RetryableError
 
@@ -36,10 +38,7 @@ class _Response(ClientResponse):
 
 @pytest_asyncio.fixture
 async def client() -> AsyncIterator[NbiaClient]:
-    async def no_sleep(_: float) -> None:
-        return None
-
-    policy = RetryPolicy(base_delay=0.0, max_delay=0.0, attempts=1, sleep=no_sleep)
+    policy = RetryPolicy(base_delay=0.0, max_delay=0.0, attempts=1, clock=FakeClock())
     source = SourceSettings(name="t", url=ROOT, api="v4")
     async with NbiaClient(source, TransferSettings(), policy=policy) as c:
         yield c
@@ -108,3 +107,32 @@ async def test_html_where_a_zip_was_expected_is_retryable(client: NbiaClient) ->
             async with client.stream_series("1.2.3") as chunks:
                 async for _ in chunks:
                     pass
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        aiohttp.ClientConnectionError("refused"),
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientPayloadError("body cut short"),
+        TimeoutError(),
+    ],
+    ids=["connection", "disconnected", "payload", "timeout"],
+)
+async def test_no_aiohttp_exception_leaves_a_query(client: NbiaClient, raised: Exception) -> None:
+    with aioresponses() as m:
+        m.get(API + "getCollectionValues", exception=raised)
+        with pytest.raises(RetryableError) as caught:
+            await client.collections()
+    assert not isinstance(caught.value, aiohttp.ClientError)
+
+
+async def test_no_aiohttp_exception_leaves_a_download_opening(client: NbiaClient) -> None:
+    with aioresponses() as m:
+        m.get(
+            API + "getImage?SeriesInstanceUID=1.2.3&IncludeMD5=Yes",
+            exception=aiohttp.ClientOSError(104, "Connection reset by peer"),
+        )
+        with pytest.raises(RetryableError, match="ClientOSError"):
+            async with client.stream_series("1.2.3"):
+                pass

@@ -14,26 +14,19 @@ from nbia_sync.api.retry import (
     error_for_status,
     parse_retry_after,
 )
+from nbia_sync.clock import FakeClock
 from nbia_sync.config import TransferSettings
 from nbia_sync.errors import PermanentError, RetryableError
 
 pytestmark = pytest.mark.asyncio
 
 
-class Sleeps:
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-
-
-def policy(attempts: int = 4, rand: float = 1.0, sleeps: Sleeps | None = None) -> RetryPolicy:
+def policy(attempts: int = 4, rand: float = 1.0, clock: FakeClock | None = None) -> RetryPolicy:
     return RetryPolicy(
         base_delay=1.0,
         max_delay=10.0,
         attempts=attempts,
-        sleep=sleeps or Sleeps(),
+        clock=clock or FakeClock(),
         rand=lambda: rand,
     )
 
@@ -64,7 +57,7 @@ async def test_from_settings_uses_request_attempts_and_delays() -> None:
 
 
 async def test_call_retries_retryable_errors_until_success() -> None:
-    sleeps = Sleeps()
+    clock = FakeClock()
     outcomes: list[Exception | str] = [RetryableError("a"), RetryableError("b"), "ok"]
 
     async def fn() -> str:
@@ -73,8 +66,8 @@ async def test_call_retries_retryable_errors_until_success() -> None:
             raise outcome
         return outcome
 
-    assert await policy(sleeps=sleeps).call(fn, what="test") == "ok"
-    assert sleeps.delays == [1.0, 2.0]
+    assert await policy(clock=clock).call(fn, what="test") == "ok"
+    assert clock.sleeps == [1.0, 2.0] and clock.monotonic() == 3.0
 
 
 async def test_call_gives_up_after_the_attempts_with_the_last_error() -> None:
@@ -117,7 +110,7 @@ async def test_call_treats_raw_connection_errors_as_retryable() -> None:
 
 
 async def test_call_honours_retry_after_of_the_error() -> None:
-    sleeps = Sleeps()
+    clock = FakeClock()
     outcomes = [RetryableError("429", retry_after=12.0)]
 
     async def fn() -> str:
@@ -125,8 +118,8 @@ async def test_call_honours_retry_after_of_the_error() -> None:
             raise outcomes.pop()
         return "ok"
 
-    await policy(rand=0.0, sleeps=sleeps).call(fn, what="test")
-    assert sleeps.delays == [12.0]
+    await policy(rand=0.0, clock=clock).call(fn, what="test")
+    assert clock.sleeps == [12.0]
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 429, 408])

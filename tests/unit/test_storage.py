@@ -183,11 +183,21 @@ async def test_free_bytes_matches_statvfs(tmp_path: Path) -> None:
     assert abs(free - st.f_bavail * st.f_frsize) < 64 << 20
 
 
+def mirror_with_free_space(root: Path, free: int) -> Mirror:
+    """A Mirror that sees `free` bytes free: the real disk changes under parallel work."""
+    m = Mirror(root)
+
+    async def free_bytes() -> int:
+        return free
+
+    m.free_bytes = free_bytes  # type: ignore[method-assign]
+    return m
+
+
 async def test_ensure_space_names_the_numbers(tmp_path: Path) -> None:
-    m = Mirror(tmp_path)
-    free = await m.free_bytes()
-    with pytest.raises(DiskSpaceError, match=r"bytes free.*1234 for the series"):
-        await m.ensure_space(1234, free)
+    m = mirror_with_free_space(tmp_path, 10_000)
+    with pytest.raises(DiskSpaceError, match=r"10000 bytes free.*1234 for the series"):
+        await m.ensure_space(1234, 10_000)
 
 
 async def test_ensure_space_passes_when_it_fits(tmp_path: Path) -> None:
@@ -195,12 +205,11 @@ async def test_ensure_space_passes_when_it_fits(tmp_path: Path) -> None:
 
 
 async def test_reservations_of_running_downloads_count(tmp_path: Path) -> None:
-    m = Mirror(tmp_path)
-    free = await m.free_bytes()
-    async with m.reserve(free // 2 + (64 << 20), 0):
+    m = mirror_with_free_space(tmp_path, 10_000)
+    async with m.reserve(6_000, 0):
         with pytest.raises(DiskSpaceError):
-            await m.ensure_space(free // 2, 0)
-    await m.ensure_space(free // 2, 0)
+            await m.ensure_space(5_000, 0)
+    await m.ensure_space(5_000, 0)
 
 
 async def test_place_many_places_each_series_and_reports_failures_one_by_one(
