@@ -26,11 +26,12 @@ from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.records import RunCounts
 from nbia_sync.catalog.repository import Catalog
 from nbia_sync.config import Settings, SourceSettings, forget_workers_after, stale_after
-from nbia_sync.discovery import discover
+from nbia_sync.discovery import DiscoveryOptions, discover
 from nbia_sync.errors import ArchiveError, AuthError, CatalogError, DiskSpaceError, NbiaSyncError
 from nbia_sync.progress import ProgressSink
 from nbia_sync.storage import Mirror
 from nbia_sync.transfer.pool import drain
+from nbia_sync.withdrawals import remove_withdrawn
 
 log = structlog.get_logger(__name__)
 
@@ -101,12 +102,20 @@ async def run_pass(
     stop: anyio.Event,
     command: str = "sync",
     on_heartbeat: Callable[[], None] | None = None,
+    full: bool = False,
+    allow_mass_withdrawal: bool = False,
 ) -> PassReport:
     """Discover then drain. `stop` set (a signal) ends the pass early as "interrupted".
 
     `owner` is normally left None (a fresh host:pid:run_id); `on_heartbeat` is called
-    after every successful worker heartbeat (the daemon's liveness signal).
+    after every successful worker heartbeat (the daemon's liveness signal). `full`
+    forces a full listing now (`sync --full`), see discovery for withdrawals.
     """
+    options = DiscoveryOptions(
+        full=full,
+        allow_mass_withdrawal=allow_mass_withdrawal,
+        max_withdrawn_share=settings.mirror.max_withdrawn_share,
+    )
     host, pid = socket.gethostname(), os.getpid()
     owner = owner or make_owner(host=host, pid=pid)
     run_id = await catalog.start_run(owner, command, run_id_of(owner))
@@ -124,6 +133,7 @@ async def run_pass(
     counts: Mapping[SeriesState, tuple[int, int]] = {}
     try:
         await _forget_dead_workers(settings, catalog)
+        await _take_back_dead_local(catalog, host, owner)
         mirror = Mirror(settings.mirror.root)
         await mirror.clean_staging(await _live_owners(settings, catalog, owner))
         async with contextlib.AsyncExitStack() as stack:
@@ -136,12 +146,21 @@ async def run_pass(
                 if stop.is_set():
                     break
                 found = await _discover_source(
-                    settings, catalog, clients[source.name], source, owner, held_locks, stop
+                    settings,
+                    catalog,
+                    clients[source.name],
+                    source,
+                    owner,
+                    held_locks,
+                    stop,
+                    options,
                 )
                 if found is None:
                     skipped.append(source.name)
                 else:
                     discovered += found
+            if settings.mirror.on_withdrawn == "delete" and not stop.is_set():
+                await remove_withdrawn(catalog, mirror)
             if not stop.is_set():
                 try:
                     report = await drain(
@@ -233,6 +252,7 @@ async def _discover_source(
     owner: str,
     held_locks: set[str],
     stop: anyio.Event,
+    options: DiscoveryOptions | None = None,
 ) -> int | None:
     """Series found (new or changed), or None when discovery was left to another process.
 
@@ -244,8 +264,9 @@ async def _discover_source(
     """
     lock = discovery_lock(source)
     source_id = await catalog.ensure_source(source)
+    forced = options is not None and options.full  # `sync --full`: not someone else's
     while True:
-        if await _discovered_by_fleet(settings, catalog, source_id):
+        if not forced and await _discovered_by_fleet(settings, catalog, source_id):
             log.info(
                 "discovery_skipped",
                 source=source.name,
@@ -267,7 +288,7 @@ async def _discover_source(
             await stop.wait()
     held_locks.add(lock)
     try:
-        if await _discovered_by_fleet(settings, catalog, source_id):
+        if not forced and await _discovered_by_fleet(settings, catalog, source_id):
             # Committed between our check and our lock: do not repeat it.
             log.info(
                 "discovery_skipped",
@@ -275,7 +296,7 @@ async def _discover_source(
                 reason="discovered by another process of this fleet",
             )
             return None
-        report = await discover(catalog, client, source, source_id, settings.schedule)
+        report = await discover(catalog, client, source, source_id, settings.schedule, options)
     except (ArchiveError, aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise SourceError(describe_source_failure(source, exc)) from exc
     finally:
@@ -341,6 +362,18 @@ async def _forget_dead_workers(settings: Settings, catalog: Catalog) -> None:
         return
     if gone:
         log.info("dead_workers_forgotten", owners=gone)
+
+
+async def _take_back_dead_local(catalog: Catalog, host: str, own: str) -> None:
+    """Leases of this host's processes that are gone (kill -9, crash) are freed now
+    rather than when they expire. Housekeeping: a failure must not fail the pass."""
+    try:
+        gone = await catalog.take_back_dead_local(host, own)
+    except CatalogError as exc:
+        log.warning("dead_local_takeback_failed", error=str(exc))
+        return
+    if gone:
+        log.info("dead_local_workers_taken_back", owners=gone)
 
 
 async def _live_owners(settings: Settings, catalog: Catalog, own: str) -> set[str]:
