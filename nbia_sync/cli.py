@@ -23,20 +23,17 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio
-import structlog
-
 from nbia_sync import __version__
-from nbia_sync.config import DEFAULT_TCIA_URL as TCIA_URL
-from nbia_sync.config import Settings, SourceSettings, load_settings
+from nbia_sync.constants import DEFAULT_TCIA_URL as TCIA_URL
 from nbia_sync.errors import CatalogError, NbiaSyncError, sole_error
-from nbia_sync.log import configure_logging, level_from_flags
-from nbia_sync.status import human_bytes
 
+# Nothing heavy at import time: `--help` and `--version` must stay fast (pydantic,
+# structlog, SQLAlchemy and aiohttp are imported by the commands that use them).
 if TYPE_CHECKING:
-    from nbia_sync.catalog.repository import Catalog
+    import anyio
 
-log = structlog.get_logger(__name__)
+    from nbia_sync.catalog.repository import Catalog
+    from nbia_sync.config import Settings, SourceSettings
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_SOFTWARE = 0, 1, 2, 70
 DEFAULT_CONFIG = "nbia-sync.toml"
@@ -45,7 +42,7 @@ DEFAULT_CONFIG = "nbia-sync.toml"
 STOP_GRACE = 8.0
 
 Command = Callable[[argparse.Namespace], int]
-Job = Callable[[anyio.Event], Coroutine[Any, Any, int]]
+Job = Callable[["anyio.Event"], Coroutine[Any, Any, int]]
 
 
 # ---- argument parsing ----------------------------------------------------------------------
@@ -248,12 +245,16 @@ def config_path(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
 
 def _setup(args: argparse.Namespace) -> Settings:
     """Load the config (ConfigError on any problem) and configure logging from it + flags."""
+    from nbia_sync.config import load_settings
+
     settings = load_settings(config_path(args))
     _configure_logging(args, settings.logging.level, settings.logging.format)
     return settings
 
 
 def _configure_logging(args: argparse.Namespace, level: str, fmt: str) -> None:
+    from nbia_sync.log import configure_logging, level_from_flags
+
     configure_logging(level_from_flags(level, args.verbose, args.quiet), args.log_format or fmt)
 
 
@@ -263,6 +264,10 @@ def run_job(job: Job, *, grace: float = STOP_GRACE) -> tuple[int | None, int | N
     Returns (the job's exit code or None if it had to be cancelled, the signal received).
     A second signal, or the grace period running out, cancels the job outright.
     """
+    import anyio
+    import structlog
+
+    log = structlog.get_logger(__name__)
     received: list[int] = []
 
     async def wrapper() -> int | None:
@@ -320,6 +325,7 @@ def _run_pass_command(
     # Imported after the config loaded: a config error must not depend on them.
     from nbia_sync.display import terminal_progress
     from nbia_sync.engine import ERROR, OK, run_pass
+    from nbia_sync.status import human_bytes
 
     async def job(stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
@@ -391,7 +397,7 @@ def default_fetch_dir(manifest: Path) -> Path:
 
 def _fetch_settings(args: argparse.Namespace, manifest: Path, dest: Path) -> Settings:
     """The settings of a fetch: one source limited to the manifest, the catalog in DIR."""
-    from nbia_sync.config import CatalogSettings, settings_from_dict
+    from nbia_sync.config import CatalogSettings, load_settings, settings_from_dict
     from nbia_sync.errors import ConfigError
 
     if args.config or args.source:
@@ -473,6 +479,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = _setup(args)
     # Imported after the config loaded: a config error must not depend on them.
+    from nbia_sync.status import human_bytes
     from nbia_sync.verify import verify_mirror
 
     async def job(_stop: anyio.Event) -> int:

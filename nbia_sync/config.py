@@ -18,10 +18,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from nbia_sync.constants import DEFAULT_TCIA_URL, GUEST_USER
 from nbia_sync.errors import ConfigError
 
-DEFAULT_TCIA_URL = "https://services.cancerimagingarchive.net/nbia-api/"
-GUEST_USER = "nbia_guest"
+__all__ = ["DEFAULT_TCIA_URL", "GUEST_USER"]  # re-exported: callers import them from here
 
 
 class _Section(BaseModel):
