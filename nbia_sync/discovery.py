@@ -311,7 +311,9 @@ async def _all(*pending: Coroutine[Any, Any, T]) -> list[T]:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(p) for p in pending]
     except BaseExceptionGroup as eg:
-        raise eg.exceptions[0] from None
+        first = eg.exceptions[0]
+        # Its own cause is kept (it says why, e.g. the refused connection); the group is not.
+        raise first from first.__cause__
     return [t.result() for t in tasks]
 
 

@@ -25,6 +25,7 @@ from nbia_sync.api.client import NbiaClient
 from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.records import RunCounts
 from nbia_sync.catalog.repository import Catalog
+from nbia_sync.causes import network_cause
 from nbia_sync.config import Settings, SourceSettings, forget_workers_after, stale_after
 from nbia_sync.discovery import DiscoveryOptions, discover
 from nbia_sync.errors import ArchiveError, AuthError, CatalogError, DiskSpaceError, NbiaSyncError
@@ -88,8 +89,9 @@ def discovery_lock(source: SourceSettings) -> str:
 
 
 def describe_source_failure(source: SourceSettings, exc: BaseException) -> str:
-    """One line naming the source and the problem; never a token (messages carry none)."""
-    detail = str(exc) or type(exc).__name__
+    """One line naming the source and the problem; never a token (messages carry none).
+    A network failure is said in plain words, without the request and library details."""
+    detail = network_cause(exc) or str(exc) or type(exc).__name__
     return f"source {source.name!r} ({source.url}): {detail}"
 
 

@@ -208,3 +208,17 @@ async def series_states(
 
         found.update(await db.run_read(op))
     return found
+
+
+async def planned_files(db: Database) -> int:
+    """Files the queue's series hold, by the archive's image counts (progress totals)."""
+
+    async def op(conn: AsyncConnection) -> int:
+        total = await conn.scalar(
+            select(func.coalesce(func.sum(SERIES.c.image_count), 0)).where(
+                SERIES.c.state.in_([SeriesState.WANTED, SeriesState.PENDING])
+            )
+        )
+        return int(total or 0)
+
+    return await db.run_read(op)

@@ -275,6 +275,9 @@ class Catalog:
     async def series_states(self, source_id: int, uids: Sequence[str]) -> dict[str, SeriesState]:
         return await operations.series_states(self._db, source_id, uids)
 
+    async def planned_files(self) -> int:
+        return await operations.planned_files(self._db)
+
     # ---- reports ------------------------------------------------------------------------
 
     async def state_counts(self) -> dict[SeriesState, tuple[int, int]]:
