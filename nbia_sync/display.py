@@ -53,6 +53,7 @@ class TerminalProgress:
         self.files = 0
         self.files_total: int | None = None
         self.bytes = 0
+        self.bytes_total = 0
         self._count_files = files_total
         self._counting: asyncio.Task[None] | None = None
 
@@ -74,6 +75,7 @@ class TerminalProgress:
 
     def plan(self, series: int, total_bytes: int) -> None:
         self.series_total = series
+        self.bytes_total = total_bytes
         # Unknown sizes (0) leave the bar indeterminate rather than promising an ETA.
         self._progress.update(self._task, total=total_bytes or None, completed=self.bytes)
         self._describe()
@@ -95,6 +97,10 @@ class TerminalProgress:
     def bytes_received(self, n: int) -> None:
         self.bytes += n
         self._progress.advance(self._task, n)
+        if self.bytes_total and self.bytes > self.bytes_total:
+            # The archive's sizes leave out the ZIP framing: never show more than 100 %.
+            self.bytes_total = self.bytes
+            self._progress.update(self._task, total=self.bytes)
 
     def series_finished(self, series_uid: str, *, ok: bool, files: int, error: str | None) -> None:
         if ok:
