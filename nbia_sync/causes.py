@@ -60,3 +60,11 @@ def _words(error: OSError) -> str:
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
     return (error.strerror or type(error).__name__).lower()
+
+
+def without_source(detail: str, name: str) -> str:
+    """The detail of a source failure without its own mention of the source (the line
+    that reports it names the source already): "source 'x': ..." / "... for source 'x'"."""
+    for said in (f"source {name!r}: ", f" for source {name!r}"):
+        detail = detail.replace(said, "")
+    return detail

@@ -25,10 +25,17 @@ from nbia_sync.api.client import NbiaClient
 from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.records import RunCounts
 from nbia_sync.catalog.repository import Catalog
-from nbia_sync.causes import network_cause
+from nbia_sync.causes import network_cause, without_source
 from nbia_sync.config import Settings, SourceSettings, forget_workers_after, stale_after
 from nbia_sync.discovery import DiscoveryOptions, discover
-from nbia_sync.errors import ArchiveError, AuthError, CatalogError, DiskSpaceError, NbiaSyncError
+from nbia_sync.errors import (
+    ArchiveError,
+    AuthError,
+    CatalogError,
+    ConfigError,
+    DiskSpaceError,
+    NbiaSyncError,
+)
 from nbia_sync.progress import ProgressSink
 from nbia_sync.storage import Mirror
 from nbia_sync.transfer.pool import drain
@@ -91,7 +98,7 @@ def discovery_lock(source: SourceSettings) -> str:
 def describe_source_failure(source: SourceSettings, exc: BaseException) -> str:
     """One line naming the source and the problem; never a token (messages carry none).
     A network failure is said in plain words, without the request and library details."""
-    detail = network_cause(exc) or str(exc) or type(exc).__name__
+    detail = network_cause(exc) or without_source(str(exc), source.name) or type(exc).__name__
     return f"source {source.name!r} ({source.url}): {detail}"
 
 
@@ -299,7 +306,8 @@ async def _discover_source(
             )
             return None
         report = await discover(catalog, client, source, source_id, settings.schedule, options)
-    except (ArchiveError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+    except (ArchiveError, ConfigError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        # ConfigError: a manifest of a manifest-limited source cannot be read.
         raise SourceError(describe_source_failure(source, exc)) from exc
     finally:
         held_locks.discard(lock)

@@ -219,3 +219,15 @@ class _serve:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.runner.cleanup()
+
+
+async def test_manifest_source_with_a_missing_manifest_is_one_error(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "nbia-sync.toml", tmp_path / "m", sim.url, source={"manifests": ["gone.tcia"]}
+    )
+    done = await run_subprocess("-c", str(config), "sync")
+    assert done.code == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("nbia-sync: error: source 'sim'") and "gone.tcia" in last

@@ -25,3 +25,31 @@ def test_ago_picks_a_readable_unit() -> None:
         "5 h ago",
         "3 days ago",
     ]
+
+
+def test_text_status_summarises_withdrawn_series() -> None:
+    import io
+
+    from nbia_sync.status import render_status
+
+    status = {
+        "catalog": "sqlite",
+        "mirror": "/m",
+        "series": {},
+        "last_run": None,
+        "failures": [],
+        "workers": [],
+        "withdrawn": [
+            {
+                "series_uid": "1.2.3",
+                "source": "tcia",
+                "collection": "C",
+                "withdrawn_at": _iso(NOW),
+                "files_deleted": False,
+            }
+        ],
+    }
+    out = io.StringIO()
+    render_status(status, out)
+    assert "withdrawn by the archive: 1 series (1 with files kept, 0 deleted" in out.getvalue()
+    assert "tcia/C 1.2.3 2026-12-01 20:33:19 UTC" in out.getvalue()
