@@ -511,6 +511,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+        if report.damaged_series() and not args.repair:
+            print(
+                "verify: to mend it, run `nbia-sync verify --repair`, then `nbia-sync sync`",
+                file=sys.stderr,
+                flush=True,
+            )
         return EXIT_OK if report.ok else EXIT_FAILURES
 
     code, _ = run_job(job)
