@@ -38,7 +38,9 @@ class Problem:
     kind: ProblemKind
     path: str  # relative to the mirror root, '/'-separated
     detail: str = ""
-    series_uid: str = ""  # the series the file belongs to (none for an extra file)
+    # The series the file belongs to (none for an extra file); not part of the problem's
+    # identity: the same file is the same problem.
+    series_uid: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.path}" + (f" ({self.detail})" if self.detail else "")
