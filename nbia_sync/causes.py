@@ -65,6 +65,6 @@ def _words(error: OSError) -> str:
 def without_source(detail: str, name: str) -> str:
     """The detail of a source failure without its own mention of the source (the line
     that reports it names the source already): "source 'x': ..." / "... for source 'x'"."""
-    for said in (f"source {name!r}: ", f" for source {name!r}"):
+    for said in (f" for source {name!r}", f"source {name!r}: "):
         detail = detail.replace(said, "")
     return detail
