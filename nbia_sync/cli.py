@@ -130,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the series go (default: ./<manifest name without extension>)",
     )
     p.add_argument("--url", metavar="API_ROOT", help=f"the NBIA API root (default {TCIA_URL})")
-    p.add_argument("--api", choices=("v4", "v2", "v1"), help="API version (default v4: no login)")
+    p.add_argument(
+        "--api",
+        choices=("v4", "v2", "v1"),
+        help="API version (default v4, no login; v2 when --username is given)",
+    )
     p.add_argument("--username", metavar="NAME", help="log in as NAME (v1/v2; default nbia_guest)")
     p.add_argument("--source", metavar="NAME", help="a source of the -c configuration file")
     command(
@@ -416,7 +420,8 @@ def _fetch_settings(args: argparse.Namespace, manifest: Path, dest: Path) -> Set
     src: dict[str, Any] = {
         "name": source_name_for(url),
         "url": url,
-        "api": args.api or "v4",
+        # A user name means a login, which v4 does not do: v2 then, unless told.
+        "api": args.api or ("v2" if args.username else "v4"),
         "manifests": [str(manifest)],
     }
     if args.username:
