@@ -6,6 +6,8 @@ Also the daemon's form of it: a source limited to manifests (`sources[].manifest
 from __future__ import annotations
 
 import asyncio
+import os
+import pty
 import signal
 import sys
 from pathlib import Path
@@ -231,3 +233,47 @@ async def test_manifest_source_with_a_missing_manifest_is_one_error(
     assert done.code == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("nbia-sync: error: source 'sim'") and "gone.tcia" in last
+
+
+async def test_fetch_on_a_terminal_shows_files_of_the_total_and_ends_on_its_summary(
+    sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    manifest = write_manifest(tmp_path / "m.tcia", two_series(sim_archive))
+    primary, secondary = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nbia_sync",
+        "fetch",
+        str(manifest),
+        "--dest",
+        str(tmp_path / "out"),
+        "--url",
+        sim.url,
+        cwd=REPO,
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+    )
+    os.close(secondary)
+
+    def read_all() -> bytes:
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return b"".join(chunks)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    output = (await asyncio.to_thread(read_all)).decode(errors="replace")
+    os.close(primary)
+    assert await proc.wait() == 0
+    assert "files 6/6" in output  # 2 series of 3 images each: done of the total
+    # The bar is gone at the end: the last lines are the command's summary.
+    lines = [line for line in output.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1].startswith("fetch: 2 of 2 series")
+    assert "waiting for the queue" not in lines[-2]
