@@ -17,6 +17,7 @@ from nbia_sync.api.retry import RetryPolicy
 from nbia_sync.catalog import Catalog, SeriesState
 from nbia_sync.config import ScheduleSettings, SourceSettings, TransferSettings
 from nbia_sync.discovery import DiscoveryOptions, DiscoveryReport, discover
+from nbia_sync.errors import RetryableError
 from nbia_sync.metrics import Metrics
 from nbia_sync.sim import SimArchive, SimServer
 
@@ -121,32 +122,37 @@ async def test_withdrawing_more_than_the_share_needs_the_flag(
 
 
 class FlakyArchive:
-    """Lists two series in collection C until told to answer every listing with []."""
+    """Two series in collection C and one in D. `empty`: every listing answers [];
+    `failing`: D's listing fails (503) while C's no longer returns 1.2.3.2."""
 
     def __init__(self) -> None:
         self.empty = False
+        self.failing = False
         self.records = [
             {
-                "SeriesInstanceUID": f"1.2.3.{n}",
+                "SeriesInstanceUID": uid,
                 "StudyInstanceUID": "1.2.3",
-                "Collection": "C",
+                "Collection": collection,
                 "PatientID": "P",
                 "Modality": "CT",
                 "ImageCount": 1,
                 "FileSize": 10,
             }
-            for n in (1, 2)
+            for uid, collection in (("1.2.3.1", "C"), ("1.2.3.2", "C"), ("1.2.3.3", "D"))
         ]
 
     async def handler(self, request: web.Request) -> web.Response:
         endpoint = request.match_info["endpoint"]
-        body: Any
+        collection = request.query.get("Collection")
+        body: Any = []
         if endpoint == "getCollectionValues":
-            body = [{"Collection": "C"}]
-        elif endpoint == "getSeries":
-            body = [] if self.empty else self.records
-        else:
-            body = []
+            body = [{"Collection": "C"}, {"Collection": "D"}]
+        elif endpoint == "getSeries" and self.failing and collection == "D":
+            return web.Response(status=503, text="try later")
+        elif endpoint == "getSeries" and not self.empty:
+            body = [r for r in self.records if r["Collection"] == collection]
+            if self.failing:
+                body = [r for r in body if r["SeriesInstanceUID"] != "1.2.3.2"]
         return web.Response(text=json.dumps(body), content_type="application/json")
 
 
@@ -175,7 +181,22 @@ async def test_an_empty_listing_withdraws_nothing(
         await discover(catalog, client, source, sid, SCHEDULE, FULL)
         archive.empty = True
         report = await discover(catalog, client, source, sid, SCHEDULE, FULL)
-    assert (report.withdrawn, report.withdrawals_held) == (0, ("C",))
+    assert (report.withdrawn, report.withdrawals_held) == (0, ("C", "D"))
+    assert await catalog.withdrawn() == []
+
+
+async def test_a_failed_listing_of_one_collection_withdraws_nothing_anywhere(
+    catalog: Catalog, flaky: tuple[FlakyArchive, str]
+) -> None:
+    archive, url = flaky
+    source = _source(url, "v4")
+    sid = await catalog.ensure_source(source)
+    settings = TransferSettings(request_attempts=1)
+    async with NbiaClient(source, settings) as client:
+        await discover(catalog, client, source, sid, SCHEDULE, FULL)
+        archive.failing = True
+        with pytest.raises(RetryableError):
+            await discover(catalog, client, source, sid, SCHEDULE, FULL)
     assert await catalog.withdrawn() == []
 
 
