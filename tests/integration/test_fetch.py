@@ -235,7 +235,7 @@ async def test_manifest_source_with_a_missing_manifest_is_one_error(
     assert last.startswith("nbia-sync: error: source 'sim'") and "gone.tcia" in last
 
 
-async def test_fetch_on_a_terminal_shows_files_of_the_total_and_ends_on_its_summary(
+async def test_fetch_on_a_terminal_shows_files_of_the_total_logs_above_and_ends_on_its_summary(
     sim: SimServer, sim_archive: SimArchive, tmp_path: Path
 ) -> None:
     manifest = write_manifest(tmp_path / "m.tcia", two_series(sim_archive))
@@ -250,6 +250,7 @@ async def test_fetch_on_a_terminal_shows_files_of_the_total_and_ends_on_its_summ
         str(tmp_path / "out"),
         "--url",
         sim.url,
+        "-v",  # log lines too: they must scroll above the bar, not through it
         cwd=REPO,
         stdin=secondary,
         stdout=secondary,
@@ -277,3 +278,5 @@ async def test_fetch_on_a_terminal_shows_files_of_the_total_and_ends_on_its_summ
     lines = [line for line in output.replace("\r", "\n").splitlines() if line.strip()]
     assert lines[-1].startswith("fetch: 2 of 2 series")
     assert "waiting for the queue" not in lines[-2]
+    logged = [line for line in lines if "series_done" in line]
+    assert len(logged) == 2 and not any("files " in line for line in logged)
