@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -22,19 +23,17 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio
-import structlog
-
 from nbia_sync import __version__
-from nbia_sync.config import Settings, SourceSettings, load_settings
+from nbia_sync.constants import DEFAULT_TCIA_URL as TCIA_URL
 from nbia_sync.errors import CatalogError, NbiaSyncError, sole_error
-from nbia_sync.log import configure_logging, level_from_flags
-from nbia_sync.status import human_bytes
 
+# Nothing heavy at import time: `--help` and `--version` must stay fast (pydantic,
+# structlog, SQLAlchemy and aiohttp are imported by the commands that use them).
 if TYPE_CHECKING:
-    from nbia_sync.catalog.repository import Catalog
+    import anyio
 
-log = structlog.get_logger(__name__)
+    from nbia_sync.catalog.repository import Catalog
+    from nbia_sync.config import Settings, SourceSettings
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_SOFTWARE = 0, 1, 2, 70
 DEFAULT_CONFIG = "nbia-sync.toml"
@@ -43,7 +42,7 @@ DEFAULT_CONFIG = "nbia-sync.toml"
 STOP_GRACE = 8.0
 
 Command = Callable[[argparse.Namespace], int]
-Job = Callable[[anyio.Event], Coroutine[Any, Any, int]]
+Job = Callable[["anyio.Event"], Coroutine[Any, Any, int]]
 
 
 # ---- argument parsing ----------------------------------------------------------------------
@@ -102,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    command(
+    p = command(
         "sync",
         cmd_sync,
         "One pass: discover new and changed series, then download until the queue is empty",
@@ -111,6 +110,33 @@ def build_parser() -> argparse.ArgumentParser:
         "be used. Ctrl-C stops cleanly (exit 130); what was placed stays and the next run "
         "resumes.",
     )
+    _pass_options(p)
+    p = command(
+        "fetch",
+        cmd_fetch,
+        "Download exactly the series of a manifest into DIR; no configuration needed",
+        "MANIFEST is a TCIA portal manifest (.tcia), a file of series UIDs (one a line) or "
+        "a .csv whose first column holds them. Defaults: TCIA's public v4 API, no login; a "
+        "password, when --api v1/v2 needs one, comes from $NBIA_SYNC_PASSWORD only. With -c "
+        "CONFIG (and --source NAME) a configured source is used. The catalog lives in "
+        "DIR/.nbia-sync/; run it again to resume (or to find it done). Exit codes as sync's; "
+        "1 also when the archive does not know some of the manifest's series.",
+    )
+    p.add_argument("manifest", metavar="MANIFEST", type=Path, help="the manifest or UID list")
+    p.add_argument(
+        "--dest",
+        type=Path,
+        metavar="DIR",
+        help="where the series go (default: ./<manifest name without extension>)",
+    )
+    p.add_argument("--url", metavar="API_ROOT", help=f"the NBIA API root (default {TCIA_URL})")
+    p.add_argument(
+        "--api",
+        choices=("v4", "v2", "v1"),
+        help="API version (default v4, no login; v2 when --username is given)",
+    )
+    p.add_argument("--username", metavar="NAME", help="log in as NAME (v1/v2; default nbia_guest)")
+    p.add_argument("--source", metavar="NAME", help="a source of the -c configuration file")
     command(
         "daemon",
         cmd_daemon,
@@ -138,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads", type=int, default=2, metavar="N", help="files hashed at once (default 2)"
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="also queue every series with a missing or differing file again (the next "
+        "sync re-downloads them); extra files are listed, never touched",
     )
     p = command(
         "add-manifest",
@@ -187,6 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pass_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="list the archive in full now (not only what changed); finds withdrawn series",
+    )
+    p.add_argument(
+        "--allow-mass-withdrawal",
+        action="store_true",
+        help="let a full listing withdraw more than mirror.max_withdrawn_share of a "
+        "collection at once",
+    )
+
+
 # ---- shared plumbing ----------------------------------------------------------------------
 
 
@@ -203,12 +249,16 @@ def config_path(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
 
 def _setup(args: argparse.Namespace) -> Settings:
     """Load the config (ConfigError on any problem) and configure logging from it + flags."""
+    from nbia_sync.config import load_settings
+
     settings = load_settings(config_path(args))
     _configure_logging(args, settings.logging.level, settings.logging.format)
     return settings
 
 
 def _configure_logging(args: argparse.Namespace, level: str, fmt: str) -> None:
+    from nbia_sync.log import configure_logging, level_from_flags
+
     configure_logging(level_from_flags(level, args.verbose, args.quiet), args.log_format or fmt)
 
 
@@ -218,6 +268,10 @@ def run_job(job: Job, *, grace: float = STOP_GRACE) -> tuple[int | None, int | N
     Returns (the job's exit code or None if it had to be cancelled, the signal received).
     A second signal, or the grace period running out, cancels the job outright.
     """
+    import anyio
+    import structlog
+
+    log = structlog.get_logger(__name__)
     received: list[int] = []
 
     async def wrapper() -> int | None:
@@ -261,32 +315,132 @@ async def _open_catalog(settings: Settings) -> Catalog:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    settings = _setup(args)
+    return _run_pass_command(_setup(args), args, "sync")
+
+
+def _run_pass_command(
+    settings: Settings,
+    args: argparse.Namespace,
+    command: str,
+    after: Callable[[Catalog], Coroutine[Any, Any, int]] | None = None,
+) -> int:
+    """One pass (sync, fetch) with a progress display; the pass's exit code, or after()'s
+    when the pass itself ended ok."""
     # Imported after the config loaded: a config error must not depend on them.
     from nbia_sync.display import terminal_progress
     from nbia_sync.engine import run_pass
     from nbia_sync.outcome import Outcome
+    from nbia_sync.status import human_bytes
 
     async def job(stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
         try:
-            with terminal_progress() as progress:
-                report = await run_pass(settings, catalog, progress=progress, stop=stop)
+            with terminal_progress(files_total=catalog.planned_files) as progress:
+                report = await run_pass(
+                    settings,
+                    catalog,
+                    progress=progress,
+                    stop=stop,
+                    command=command,
+                    full=getattr(args, "full", False),
+                    allow_mass_withdrawal=getattr(args, "allow_mass_withdrawal", False),
+                )
+            if report.outcome is Outcome.ERROR:
+                return _fail(report.error or "the pass could not run")
+            print(
+                f"{command} {report.outcome}: {report.done} series placed "
+                f"({human_bytes(report.bytes)}), {report.failed} failed, "
+                f"{report.remaining} waiting; run {report.run_id}",
+                flush=True,
+            )
+            code = EXIT_OK if report.outcome is Outcome.OK else EXIT_FAILURES
+            if after is not None and not stop.is_set():
+                code = max(code, await after(catalog))
+            return code
         finally:
             await catalog.close()
-        if report.outcome is Outcome.ERROR:
-            return _fail(report.error or "the pass could not run")
-        print(
-            f"sync {report.outcome}: {report.done} series placed ({human_bytes(report.bytes)}), "
-            f"{report.failed} failed, {report.remaining} waiting; run {report.run_id}",
-            flush=True,
-        )
-        return EXIT_OK if report.outcome is Outcome.OK else EXIT_FAILURES
 
     code, signum = run_job(job)
     if signum is not None:
         return 128 + signum
     return EXIT_FAILURES if code is None else code
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from nbia_sync.discovery import read_series_list
+
+    manifest = args.manifest.absolute()
+    uids = read_series_list(manifest)  # a bad manifest: one error, before anything exists
+    settings = _fetch_settings(
+        args, manifest, (args.dest or default_fetch_dir(manifest)).absolute()
+    )
+    _configure_logging(args, settings.logging.level, settings.logging.format)
+    source = settings.sources[0]
+
+    async def after(catalog: Catalog) -> int:
+        states = await catalog.series_states(await catalog.ensure_source(source), uids)
+        unknown = [u for u in uids if u not in states]
+        for uid in unknown:
+            print(f"unknown: {uid}", flush=True)
+        done = sum(1 for u in uids if states.get(u) == "done")
+        print(
+            f"fetch: {done} of {len(uids)} series of {args.manifest} in "
+            f"{settings.mirror.root}"
+            + (f", {len(unknown)} unknown to the archive" if unknown else ""),
+            flush=True,
+        )
+        return EXIT_FAILURES if unknown else EXIT_OK
+
+    return _run_pass_command(settings, args, "fetch", after)
+
+
+def default_fetch_dir(manifest: Path) -> Path:
+    """./<manifest name without its extension> (never the manifest itself)."""
+    target = Path(manifest.stem)
+    return target if target.absolute() != manifest else Path(manifest.name + "-series")
+
+
+def _fetch_settings(args: argparse.Namespace, manifest: Path, dest: Path) -> Settings:
+    """The settings of a fetch: one source limited to the manifest, the catalog in DIR."""
+    from nbia_sync.config import CatalogSettings, load_settings, settings_from_dict
+    from nbia_sync.errors import ConfigError
+
+    if args.config or args.source:
+        if args.url or args.api or args.username:
+            raise ConfigError("--url, --api and --username do not go with -c/--source")
+        base = load_settings(config_path(args))
+        source = pick_source(base, args.source, None).model_copy(update={"manifests": [manifest]})
+        return base.model_copy(
+            update={
+                "mirror": base.mirror.model_copy(update={"root": dest}),
+                "catalog": CatalogSettings(),
+                "sources": [source],
+            }
+        )
+    url = args.url or TCIA_URL
+    src: dict[str, Any] = {
+        "name": source_name_for(url),
+        "url": url,
+        # A user name means a login, which v4 does not do: v2 then, unless told.
+        "api": args.api or ("v2" if args.username else "v4"),
+        "manifests": [str(manifest)],
+    }
+    if args.username:
+        src["username"] = args.username
+    if os.environ.get("NBIA_SYNC_PASSWORD"):
+        src["password"] = os.environ["NBIA_SYNC_PASSWORD"]
+    # env={}: a fetch is self-contained (no catalog URL or source secrets from elsewhere).
+    # Quiet by default: the progress line and the summary say what happens (-v for more).
+    raw = {"mirror": {"root": str(dest)}, "logging": {"level": "warning"}, "sources": [src]}
+    return settings_from_dict(raw, env={})
+
+
+def source_name_for(url: str) -> str:
+    """ "tcia" for TCIA's public API, else the URL's host (and port)."""
+    if url.rstrip("/") == TCIA_URL.rstrip("/"):
+        return "tcia"
+    host = re.sub(r"^https?://", "", url).split("/", 1)[0]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", host).lstrip("_.-") or "source"
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -331,6 +485,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = _setup(args)
     # Imported after the config loaded: a config error must not depend on them.
+    from nbia_sync.status import human_bytes
     from nbia_sync.verify import verify_mirror
 
     async def job(_stop: anyio.Event) -> int:
@@ -342,6 +497,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 threads=max(1, args.threads),
                 on_problem=lambda p: print(p, flush=True),
             )
+            if args.repair:
+                damaged = report.damaged_series()
+                queued = await catalog.requeue_done(
+                    damaged, "verify --repair: a file was missing or differed"
+                )
+                print(
+                    f"repair: {queued} series queued again"
+                    + ("; run `nbia-sync sync` to download them" if queued else ""),
+                    flush=True,
+                )
         finally:
             await catalog.close()
         print(
@@ -352,6 +517,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+        if report.damaged_series() and not args.repair:
+            print(
+                "verify: to mend it, run `nbia-sync verify --repair`, then `nbia-sync sync`",
+                file=sys.stderr,
+                flush=True,
+            )
         return EXIT_OK if report.ok else EXIT_FAILURES
 
     code, _ = run_job(job)

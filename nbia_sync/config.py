@@ -26,10 +26,10 @@ from pydantic import (
     model_validator,
 )
 
+from nbia_sync.constants import DEFAULT_TCIA_URL, GUEST_USER
 from nbia_sync.errors import ConfigError
 
-DEFAULT_TCIA_URL = "https://services.cancerimagingarchive.net/nbia-api/"
-GUEST_USER = "nbia_guest"
+__all__ = ["DEFAULT_TCIA_URL", "GUEST_USER"]  # re-exported: callers import them from here
 
 
 class _Section(BaseModel):
@@ -42,6 +42,12 @@ class MirrorSettings(_Section):
     min_free_bytes: int = Field(default=1 << 30, ge=0)
     # Parse every file as DICOM and compare its UIDs before placing it.
     check_dicom: bool = True
+    # A series the archive withdrew: "keep" its files (flagged withdrawn in the catalog)
+    # or "delete" them (moved out of the tree through the trash).
+    on_withdrawn: Literal["keep", "delete"] = "keep"
+    # A full listing that would withdraw more than this share of a collection's series
+    # at once withdraws none of them (a warning) unless `sync --allow-mass-withdrawal`.
+    max_withdrawn_share: float = Field(default=0.5, ge=0, le=1)
 
 
 class CatalogSettings(_Section):
@@ -100,6 +106,10 @@ class SourceSettings(_Section):
     modalities: list[str] = Field(default_factory=list)  # empty: every modality
     body_parts: list[str] = Field(default_factory=list)
     patients: list[str] = Field(default_factory=list)
+    # Portal manifests (.tcia) or lists of series UIDs (one a line, or the first column
+    # of a .csv): when set, the source wants exactly these series (kept up to date),
+    # nothing else. Relative paths are relative to the configuration file.
+    manifests: list[Path] = Field(default_factory=list)
     verify_tls: bool = True
     # Concurrent connections to this source; None: the transfer worker count.
     max_connections: int | None = Field(default=None, ge=1)
@@ -239,9 +249,23 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
-        return settings_from_dict(raw, env)
+        return settings_from_dict(_manifests_beside(raw, path.parent), env)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _manifests_beside(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative `sources[].manifests` paths are relative to the configuration file."""
+    sources = raw.get("sources")
+    if not isinstance(sources, list):
+        return raw
+    patched = []
+    for src in sources:
+        files = src.get("manifests") if isinstance(src, dict) else None
+        if isinstance(files, list):
+            src = {**src, "manifests": [base / f if isinstance(f, str) else f for f in files]}
+        patched.append(src)
+    return {**raw, "sources": patched}
 
 
 def stale_after(settings: Settings) -> float:

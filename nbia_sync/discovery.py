@@ -15,21 +15,38 @@ An empty answer is not trusted on a v2 source (the real server answers a dead to
 an empty 200): see nbia_sync.witness. Before the watermark moves, a witness query proves
 the token alive; if it cannot, discovery logs in afresh and lists in full, and fails
 (nothing moved) when even that gets nothing.
+
+Withdrawals: a series the catalog holds that a successful full listing of its collection
+no longer returns becomes withdrawn, once every collection has been listed (a series
+moved to another collection is found there instead). An empty listing of a collection the
+catalog holds series of withdraws nothing (the real server answers an empty 200 when it
+is unwell), nor does one that would withdraw more than `mirror.max_withdrawn_share` of a
+collection at once, unless the operator allows it (`sync --full --allow-mass-withdrawal`).
+
+A source limited to manifests (`sources[].manifests`) wants exactly their series: a
+full pass looks each one up (getSeries by SeriesInstanceUID), an increment asks
+getUpdatedSeries and keeps the manifests' series of it, plus looks up those not in the
+catalog yet. It never lists a collection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import structlog
 
+from nbia_sync.api.manifest import ManifestError, is_dicom_uid, parse_manifest
 from nbia_sync.api.models import PatientInfo, SeriesInfo, StudyInfo
 from nbia_sync.catalog import Catalog, UpsertResult
 from nbia_sync.config import ScheduleSettings, SourceSettings
+from nbia_sync.errors import ConfigError
 from nbia_sync.witness import Watched, trusting
 
 log = structlog.get_logger(__name__)
@@ -70,12 +87,24 @@ class DiscoveryReport:
     changed: int = 0
     unchanged: int = 0
     full: bool = False
-    # Manifest UIDs the archive does not know (add_manifest only).
+    # Manifest UIDs the archive does not know (add_manifest, manifest-limited sources).
     unknown: tuple[str, ...] = field(default=())
+    withdrawn: int = 0  # series this pass found withdrawn
+    # Collections whose withdrawals were held back (empty listing, or too many at once).
+    withdrawals_held: tuple[str, ...] = field(default=())
 
     @property
     def queued(self) -> int:
         return self.new + self.changed
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryOptions:
+    """What the operator asked of this pass (`sync --full`, `--allow-mass-withdrawal`)."""
+
+    full: bool = False  # a full listing now, whatever the schedule says
+    allow_mass_withdrawal: bool = False
+    max_withdrawn_share: float = 0.5  # mirror.max_withdrawn_share
 
 
 class _Filter:
@@ -120,6 +149,10 @@ class _Pass:
         self.result = UpsertResult()
         self.newest: datetime | None = None
         self._limit = asyncio.Semaphore(QUERY_CONCURRENCY)
+        # Per collection listed in full: the held series its listing no longer returned.
+        self.absent: dict[str, set[str]] = {}
+        self.held_counts: dict[str, int] = {}
+        self.unknown: tuple[str, ...] = ()
 
     async def query(self, pending: Awaitable[T]) -> T:
         """Await an archive query (a not-yet-started coroutine) within the concurrency cap."""
@@ -162,9 +195,83 @@ class _Pass:
         async def one(collection: str) -> None:
             # Stored collection by collection: a full listing of the whole archive is
             # never held in memory at once.
-            await self.store(await self.list_collection(collection))
+            listed = await self.list_collection(collection)
+            await self.store(listed)
+            held = await self.catalog.held_in_collection(
+                self.source_id, collection, sorted(self.source.patients)
+            )
+            absent = held - {s.series_uid for s in listed}
+            if held and not listed:
+                self.absent[collection] = set()  # held back, see withdraw_absent
+                log.warning(
+                    "discovery.empty_listing",
+                    source=self.source.name,
+                    collection=collection,
+                    held=len(held),
+                    action="nothing withdrawn",
+                )
+            elif absent:
+                self.absent[collection] = absent
+                self.held_counts[collection] = len(held)
 
         await _all(*(one(c) for c in collections))
+
+    async def withdraw_absent(self, options: DiscoveryOptions) -> tuple[int, list[str]]:
+        """Withdraw what full listings no longer returned; (withdrawn, collections held back).
+
+        Run after every collection was listed and stored: a series moved between
+        collections has its new collection by then and is not withdrawn."""
+        withdrawn, held_back = 0, []
+        for collection, absent in sorted(self.absent.items()):
+            if not absent:  # an empty listing (warned about above)
+                held_back.append(collection)
+                continue
+            share = len(absent) / self.held_counts[collection]
+            if share > options.max_withdrawn_share and not options.allow_mass_withdrawal:
+                held_back.append(collection)
+                log.warning(
+                    "discovery.mass_withdrawal_held",
+                    source=self.source.name,
+                    collection=collection,
+                    absent=len(absent),
+                    held=self.held_counts[collection],
+                    hint="if the archive really withdrew them: "
+                    "nbia-sync sync --full --allow-mass-withdrawal",
+                )
+                continue
+            count = await self.catalog.withdraw(self.source_id, collection, sorted(absent))
+            if count:
+                log.warning(
+                    "discovery.withdrawn",
+                    source=self.source.name,
+                    collection=collection,
+                    count=count,
+                    first=min(absent),
+                )
+            withdrawn += count
+        return withdrawn, held_back
+
+    async def manifests(self, uids: Sequence[str], since: date | None) -> None:
+        """A manifest-limited source: its series, kept up to date; nothing else."""
+        wanted = set(uids)
+        lookup: Sequence[str] = uids
+        if since is not None:
+            updated = await self.query(self.client.updated_series(since))
+            await self.store(s for s in updated if s.series_uid in wanted)
+            known = await self.catalog.series_states(self.source_id, uids)
+            lookup = [u for u in uids if u not in known]
+        found = await _lookup(self.client, lookup)
+        returned = {s.series_uid for s in found}
+        self.unknown = tuple(u for u in lookup if u not in returned)
+        if self.unknown:
+            log.warning(
+                "discovery.manifest_unknown",
+                source=self.source.name,
+                count=len(self.unknown),
+                first=self.unknown[0],
+            )
+        await self.catalog.record_collections(self.source_id, sorted({s.collection for s in found}))
+        await self.store(found)
 
     async def increments(self, collections: Sequence[str], since: date) -> None:
         known = {c.casefold() for c in await self.catalog.known_collections(self.source_id)}
@@ -210,7 +317,9 @@ async def _all(*pending: Coroutine[Any, Any, T]) -> list[T]:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(p) for p in pending]
     except BaseExceptionGroup as eg:
-        raise eg.exceptions[0] from None
+        first = eg.exceptions[0]
+        # Its own cause is kept (it says why, e.g. the refused connection); the group is not.
+        raise first from first.__cause__
     return [t.result() for t in tasks]
 
 
@@ -260,13 +369,17 @@ async def discover(
     source: SourceSettings,
     source_id: int,
     schedule: ScheduleSettings,
+    options: DiscoveryOptions | None = None,
 ) -> DiscoveryReport:
     """One discovery pass for `source`; returns what it queued."""
+    options = options or DiscoveryOptions()
 
     async def run(watched: Watched, again: bool) -> DiscoveryReport:
         # Asked again after a doubted token: in full, as an increment may have recorded
         # a collection as known from an answer that cannot be trusted.
-        return await _discover_once(catalog, watched, source, source_id, schedule, again)
+        return await _discover_once(
+            catalog, watched, source, source_id, schedule, options, full_listing=again
+        )
 
     return await trusting(client, f"discovery of source {source.name!r}", run)
 
@@ -277,21 +390,33 @@ async def _discover_once(
     source: SourceSettings,
     source_id: int,
     schedule: ScheduleSettings,
+    options: DiscoveryOptions,
+    *,
     full_listing: bool,
 ) -> DiscoveryReport:
     started = datetime.now(UTC)
     watermark = _not_after(await catalog.get_watermark(source_id), started)
-    full = full_listing or _full_listing_due(
-        watermark, await catalog.last_full_listing_at(source_id), schedule
+    full = (
+        full_listing
+        or options.full
+        or _full_listing_due(watermark, await catalog.last_full_listing_at(source_id), schedule)
     )
-    collections = await _collections(client, source)
     work = _Pass(catalog, client, source, source_id)
-    if full or watermark is None:
-        await work.full_listing(collections)
-    else:
+    since = None
+    if not (full or watermark is None):
         since = (watermark - timedelta(days=schedule.overlap_days)).date()
-        await work.increments(collections, since)
+    withdrawn, held_back = 0, list[str]()
+    listed = False
+    if source.manifests:
+        await work.manifests(read_series_lists(source.manifests), since)
+    elif since is None:
+        await work.full_listing(await _collections(client, source))
+        listed = True
+    else:
+        await work.increments(await _collections(client, source), since)
     await client.confirm()  # before anything trusts an empty answer
+    if listed:
+        withdrawn, held_back = await work.withdraw_absent(options)
     # Only now, with every batch committed, may the watermark move forward.
     newest = (
         work.newest if watermark is None or work.newest is None else max(watermark, work.newest)
@@ -303,6 +428,9 @@ async def _discover_once(
         changed=work.result.changed,
         unchanged=work.result.unchanged,
         full=full,
+        unknown=work.unknown,
+        withdrawn=withdrawn,
+        withdrawals_held=tuple(held_back),
     )
     log.info(
         "discovery.done",
@@ -311,6 +439,7 @@ async def _discover_once(
         new=report.new,
         changed=report.changed,
         unchanged=report.unchanged,
+        withdrawn=report.withdrawn,
         watermark=newest.isoformat() if newest else None,
     )
     return report
@@ -326,6 +455,38 @@ async def _lookup(client: DiscoveryClient, uids: Sequence[str]) -> list[SeriesIn
 
     answers = await _all(*(one(u) for u in uids))
     return [s for answer in answers for s in answer]
+
+
+def read_series_list(path: Path) -> list[str]:
+    """The series UIDs of a portal manifest (.tcia), a plain list (one UID a line), or a
+    CSV file (.csv: the first column; a first row that is not a UID is a header).
+    Any problem is a ConfigError naming the file (and line)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(f"cannot read manifest {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a manifest or a list of UIDs)") from None
+    if path.suffix.lower() != ".csv":
+        return parse_manifest(text, name=str(path)).series_uids
+    uids: dict[str, None] = {}
+    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        cell = row[0].strip() if row else ""
+        if not cell:
+            continue
+        if not is_dicom_uid(cell):
+            if number == 1:
+                continue  # the header
+            raise ManifestError(f"{path}, line {number}: not a DICOM series UID: {cell[:80]!r}")
+        uids.setdefault(cell, None)
+    if not uids:
+        raise ManifestError(f"{path}: lists no series UIDs")
+    return list(uids)
+
+
+def read_series_lists(paths: Iterable[Path]) -> list[str]:
+    """Every UID of every file, first-seen order, each once."""
+    return list(dict.fromkeys(u for p in paths for u in read_series_list(p)))
 
 
 async def add_manifest(

@@ -1,14 +1,18 @@
 """Live progress on a terminal (series, files, bytes, rate, ETA); nothing elsewhere.
 
 Non-terminal runs (cron, containers, CI) rely on the JSON logs instead: a redrawn
-progress bar in a log file is noise.
+progress bar in a log file is noise. While the bar is shown, rich redirects stderr, and
+the log handler looks stderr up at each write, so log lines scroll above the bar. The
+bar is transient: once the pass ends it is gone, and the command's summary (or its
+error) is the last thing on the screen.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, TextIO
 
 from nbia_sync.progress import NullProgress, ProgressSink
@@ -21,7 +25,9 @@ if TYPE_CHECKING:  # rich is imported only when there is a terminal to draw on
 class TerminalProgress:
     """A ProgressSink drawing one rich progress line; use as a context manager."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(
+        self, console: Console, files_total: Callable[[], Awaitable[int]] | None = None
+    ) -> None:
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -38,32 +44,51 @@ class TerminalProgress:
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             console=console,
-            transient=False,
+            transient=True,
         )
         self._task: TaskID = self._progress.add_task("waiting for the queue", total=None)
         self.series_total = 0
         self.series_done = 0
         self.series_failed = 0
         self.files = 0
+        self.files_total: int | None = None
         self.bytes = 0
+        self.bytes_total = 0
+        self._count_files = files_total
+        self._counting: asyncio.Task[None] | None = None
 
     def __enter__(self) -> TerminalProgress:
         self._progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._counting is not None:
+            self._counting.cancel()
         self._progress.stop()
 
     def _describe(self) -> None:
-        text = f"series {self.series_done}/{self.series_total}  files {self.files}"
+        files = f"{self.files}" if self.files_total is None else f"{self.files}/{self.files_total}"
+        text = f"series {self.series_done}/{self.series_total}  files {files}"
         if self.series_failed:
             text += f"  [red]failed attempts {self.series_failed}[/red]"
         self._progress.update(self._task, description=text)
 
     def plan(self, series: int, total_bytes: int) -> None:
         self.series_total = series
+        self.bytes_total = total_bytes
         # Unknown sizes (0) leave the bar indeterminate rather than promising an ETA.
         self._progress.update(self._task, total=total_bytes or None, completed=self.bytes)
+        self._describe()
+        if self._count_files is not None:
+            # plan() is called on the event loop; the count is one catalog read.
+            self._counting = asyncio.get_running_loop().create_task(self._load_files_total())
+
+    async def _load_files_total(self) -> None:
+        assert self._count_files is not None
+        try:
+            self.files_total = self.files + await self._count_files()
+        except Exception:  # a display nicety: never worth failing the pass for
+            return
         self._describe()
 
     def series_started(self, series_uid: str, expected_bytes: int | None) -> None:
@@ -72,6 +97,10 @@ class TerminalProgress:
     def bytes_received(self, n: int) -> None:
         self.bytes += n
         self._progress.advance(self._task, n)
+        if self.bytes_total and self.bytes > self.bytes_total:
+            # The archive's sizes leave out the ZIP framing: never show more than 100 %.
+            self.bytes_total = self.bytes
+            self._progress.update(self._task, total=self.bytes)
 
     def series_finished(
         self, series_uid: str, *, ok: bool, files: int, error: BaseException | None
@@ -85,15 +114,18 @@ class TerminalProgress:
 
 
 @contextlib.contextmanager
-def terminal_progress(stream: TextIO | None = None) -> Iterator[ProgressSink]:
-    """A live display when `stream` (default stderr) is a terminal, else a sink that is silent."""
+def terminal_progress(
+    stream: TextIO | None = None, files_total: Callable[[], Awaitable[int]] | None = None
+) -> Iterator[ProgressSink]:
+    """A live display when `stream` (default stderr) is a terminal, else a sink that is
+    silent. `files_total` reads how many files the queue holds once the pass plans."""
     out = sys.stderr if stream is None else stream
     if not _is_tty(out):
         yield NullProgress()
         return
     from rich.console import Console
 
-    with TerminalProgress(Console(file=out)) as display:
+    with TerminalProgress(Console(file=out), files_total) as display:
         yield display
 
 

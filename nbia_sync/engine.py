@@ -22,13 +22,15 @@ from nbia_sync.api.client import NbiaClient
 from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.records import RunCounts
 from nbia_sync.catalog.repository import Catalog
+from nbia_sync.causes import network_cause, without_source
 from nbia_sync.clock import sleep_or_stop
 from nbia_sync.config import Settings, SourceSettings, forget_workers_after, stale_after
-from nbia_sync.discovery import discover
+from nbia_sync.discovery import DiscoveryOptions, discover
 from nbia_sync.errors import (
     ArchiveError,
     AuthError,
     CatalogError,
+    ConfigError,
     DiskSpaceError,
     NbiaSyncError,
     sole_error,
@@ -37,6 +39,7 @@ from nbia_sync.outcome import Outcome
 from nbia_sync.progress import ProgressSink
 from nbia_sync.storage import Mirror
 from nbia_sync.transfer.pool import drain
+from nbia_sync.withdrawals import remove_withdrawn
 
 log = structlog.get_logger(__name__)
 
@@ -86,8 +89,9 @@ def discovery_lock(source: SourceSettings) -> str:
 
 
 def describe_source_failure(source: SourceSettings, exc: BaseException) -> str:
-    """One line naming the source and the problem; never a token (messages carry none)."""
-    detail = str(exc) or type(exc).__name__
+    """One line naming the source and the problem; never a token (messages carry none).
+    A network failure is said in plain words, without the request and library details."""
+    detail = network_cause(exc) or without_source(str(exc), source.name) or type(exc).__name__
     return f"source {source.name!r} ({source.url}): {detail}"
 
 
@@ -100,13 +104,21 @@ async def run_pass(
     stop: anyio.Event,
     command: str = "sync",
     on_heartbeat: Callable[[], None] | None = None,
+    full: bool = False,
+    allow_mass_withdrawal: bool = False,
 ) -> PassReport:
     """Discover then drain. `stop` set (a signal) ends the pass early as INTERRUPTED.
 
     `owner` is normally left None (a fresh host:pid:run_id); `on_heartbeat` is called
-    after every successful worker heartbeat (the daemon's liveness signal).
+    after every successful worker heartbeat (the daemon's liveness signal). `full`
+    forces a full listing now (`sync --full`), see discovery for withdrawals.
     """
     clock = catalog.clock
+    options = DiscoveryOptions(
+        full=full,
+        allow_mass_withdrawal=allow_mass_withdrawal,
+        max_withdrawn_share=settings.mirror.max_withdrawn_share,
+    )
     host, pid = socket.gethostname(), os.getpid()
     owner = owner or make_owner(host=host, pid=pid)
     run_id = await catalog.start_run(owner, command, run_id_of(owner))
@@ -124,6 +136,7 @@ async def run_pass(
             tg.start_soon(_heartbeat, settings, catalog, owner, held_locks, on_heartbeat)
             try:
                 await _forget_dead_workers(settings, catalog)
+                await _take_back_dead_local(catalog, host, owner)
                 mirror = Mirror(settings.mirror.root)
                 await mirror.clean_staging(await _live_owners(settings, catalog, owner))
                 async with contextlib.AsyncExitStack() as stack:
@@ -136,12 +149,21 @@ async def run_pass(
                         if stop.is_set():
                             break
                         found = await _discover_source(
-                            settings, catalog, clients[source.name], source, owner, held_locks, stop
+                            settings,
+                            catalog,
+                            clients[source.name],
+                            source,
+                            owner,
+                            held_locks,
+                            stop,
+                            options,
                         )
                         if found is None:
                             skipped.append(source.name)
                         else:
                             discovered += found
+                    if settings.mirror.on_withdrawn == "delete" and not stop.is_set():
+                        await remove_withdrawn(catalog, mirror)
                     if not stop.is_set():
                         try:
                             report = await drain(
@@ -234,6 +256,7 @@ async def _discover_source(
     owner: str,
     held_locks: set[str],
     stop: anyio.Event,
+    options: DiscoveryOptions | None = None,
 ) -> int | None:
     """Series found (new or changed), or None when discovery was left to another process.
 
@@ -245,8 +268,9 @@ async def _discover_source(
     """
     lock = discovery_lock(source)
     source_id = await catalog.ensure_source(source)
+    forced = options is not None and options.full  # `sync --full`: not someone else's
     while True:
-        if await _discovered_by_fleet(settings, catalog, source_id):
+        if not forced and await _discovered_by_fleet(settings, catalog, source_id):
             log.info(
                 "discovery_skipped",
                 source=source.name,
@@ -267,7 +291,7 @@ async def _discover_source(
         await sleep_or_stop(catalog.clock, _DISCOVERY_WAIT_POLL, stop)
     held_locks.add(lock)
     try:
-        if await _discovered_by_fleet(settings, catalog, source_id):
+        if not forced and await _discovered_by_fleet(settings, catalog, source_id):
             # Committed between our check and our lock: do not repeat it.
             log.info(
                 "discovery_skipped",
@@ -275,8 +299,10 @@ async def _discover_source(
                 reason="discovered by another process of this fleet",
             )
             return None
-        report = await discover(catalog, client, source, source_id, settings.schedule)
-    except ArchiveError as exc:  # api/ turns every HTTP and socket failure into one
+        report = await discover(catalog, client, source, source_id, settings.schedule, options)
+    except (ArchiveError, ConfigError) as exc:
+        # api/ turns every HTTP and socket failure into an ArchiveError; ConfigError: a
+        # manifest of a manifest-limited source cannot be read.
         raise SourceError(describe_source_failure(source, exc)) from exc
     finally:
         held_locks.discard(lock)
@@ -342,6 +368,18 @@ async def _forget_dead_workers(settings: Settings, catalog: Catalog) -> None:
         return
     if gone:
         log.info("dead_workers_forgotten", owners=gone)
+
+
+async def _take_back_dead_local(catalog: Catalog, host: str, own: str) -> None:
+    """Leases of this host's processes that are gone (kill -9, crash) are freed now
+    rather than when they expire. Housekeeping: a failure must not fail the pass."""
+    try:
+        gone = await catalog.take_back_dead_local(host, own)
+    except CatalogError as exc:
+        log.warning("dead_local_takeback_failed", error=str(exc))
+        return
+    if gone:
+        log.info("dead_local_workers_taken_back", owners=gone)
 
 
 async def _live_owners(settings: Settings, catalog: Catalog, own: str) -> set[str]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
 from nbia_sync.catalog.models import SeriesState
+from nbia_sync.catalog.operations import WithdrawnInfo
 from nbia_sync.catalog.records import FailureInfo, RunInfo, WorkerInfo
 from nbia_sync.config import Settings, stale_after
 
@@ -17,10 +18,30 @@ class StatusSource(Protocol):
     async def last_run(self) -> RunInfo | None: ...
     async def failures(self, limit: int = 50) -> list[FailureInfo]: ...
     async def workers(self) -> list[WorkerInfo]: ...
+    async def withdrawn(self) -> list[WithdrawnInfo]: ...
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
+    # Whole seconds: microseconds say nothing to a reader and break `date -d` round trips.
+    return value.replace(microsecond=0).isoformat() if value is not None else None
+
+
+def when(iso: str | None, now: datetime | None = None) -> str:
+    """'2026-12-01 20:33:19 UTC (3 min ago)' from an ISO time of the status document."""
+    if iso is None:
+        return "-"
+    value = datetime.fromisoformat(iso).astimezone(UTC)
+    age = ((now or datetime.now(UTC)) - value).total_seconds()
+    return f"{value:%Y-%m-%d %H:%M:%S} UTC ({ago(age)})"
+
+
+def ago(seconds: float) -> str:
+    if seconds < 0:
+        return "in the future"
+    for limit, unit, size in ((120, "s", 1), (7200, "min", 60), (172800, "h", 3600)):
+        if seconds < limit:
+            return f"{seconds // size:.0f} {unit} ago"
+    return f"{seconds // 86400:.0f} days ago"
 
 
 async def collect_status(
@@ -79,6 +100,16 @@ async def collect_status(
             }
             for w in await catalog.workers()
         ],
+        "withdrawn": [
+            {
+                "series_uid": w.series_uid,
+                "source": w.source_name,
+                "collection": w.collection,
+                "withdrawn_at": _iso(w.withdrawn_at),
+                "files_deleted": w.files_deleted,
+            }
+            for w in await catalog.withdrawn()
+        ],
     }
 
 
@@ -102,8 +133,8 @@ def render_status(status: dict[str, Any], out: TextIO) -> None:
         w("none yet\n")
     else:
         w(
-            f"{run['command']} {run['run_id']} started {run['started_at']}, "
-            f"{'finished ' + run['finished_at'] if run['finished_at'] else 'not finished'}, "
+            f"{run['command']} {run['run_id']} started {when(run['started_at'])}, "
+            f"{'finished ' + when(run['finished_at']) if run['finished_at'] else 'not finished'}, "
             f"outcome {run['outcome'] or 'running'}: {run['done']} placed, {run['failed']} failed, "
             f"{human_bytes(run['bytes'])}\n"
         )
@@ -114,6 +145,16 @@ def render_status(status: dict[str, Any], out: TextIO) -> None:
                 f"  {f['state']:<8} {f['source']}/{f['collection']} {f['series_uid']} "
                 f"(attempts {f['attempts']}): {f['last_error'] or '-'}\n"
             )
+    withdrawn = status.get("withdrawn") or []
+    if withdrawn:
+        deleted = sum(1 for x in withdrawn if x["files_deleted"])
+        w(
+            f"\nwithdrawn by the archive: {len(withdrawn)} series "
+            f"({len(withdrawn) - deleted} with files kept, {deleted} deleted; "
+            "`status --json` lists them all)\n"
+        )
+        for x in withdrawn[:10]:
+            w(f"  {x['source']}/{x['collection']} {x['series_uid']} {when(x['withdrawn_at'])}\n")
     w("\nprocesses:\n" if status["workers"] else "\nprocesses: none running\n")
     for wk in status["workers"]:
         state = "alive" if wk["alive"] else "STALE"

@@ -254,6 +254,22 @@ class Mirror:
             _rmtree(old)
         log.debug("series_placed", path=self.relative(final_dir), replaced=old is not None)
 
+    async def discard_series(self, series_dir: Path) -> bool:
+        """Take a placed series out of the tree (a withdrawn one): one rename into the
+        trash, as a replaced copy leaves; False when it was not there."""
+        return await anyio.to_thread.run_sync(self._discard_sync, series_dir)
+
+    def _discard_sync(self, series_dir: Path) -> bool:
+        if not series_dir.is_dir():
+            return False
+        self.trash_root.mkdir(parents=True, exist_ok=True)
+        old = self.trash_root / f"{series_dir.name}.{uuid.uuid4().hex}"
+        os.rename(series_dir, old)
+        _fsync_path(series_dir.parent, directory=True)
+        _fsync_path(self.trash_root, directory=True)
+        _rmtree(old)
+        return True
+
     async def remove_staging(self, staged_dir: Path) -> None:
         """Delete one series' staging; safe to call under cancellation."""
         with anyio.CancelScope(shield=True):

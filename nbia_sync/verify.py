@@ -7,6 +7,7 @@ Hashing runs in worker threads so the event loop stays free and both cores are u
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import AsyncIterable, Callable
@@ -37,6 +38,9 @@ class Problem:
     kind: ProblemKind
     path: str  # relative to the mirror root, '/'-separated
     detail: str = ""
+    # The series the file belongs to (none for an extra file); not part of the problem's
+    # identity: the same file is the same problem.
+    series_uid: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.path}" + (f" ({self.detail})" if self.detail else "")
@@ -55,6 +59,11 @@ class VerifyReport:
 
     def count(self, kind: ProblemKind) -> int:
         return sum(1 for p in self.problems if p.kind == kind)
+
+    def damaged_series(self) -> list[str]:
+        """Series with a missing or differing file: what `verify --repair` queues again."""
+        kinds = ("missing", "differs")
+        return sorted({p.series_uid for p in self.problems if p.kind in kinds and p.series_uid})
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
@@ -112,24 +121,24 @@ async def verify_mirror(
         if on_problem is not None:
             on_problem(problem)
 
-    async def check(rec: InstanceRecord) -> None:
+    async def check(series_uid: str, rec: InstanceRecord) -> None:
         try:
             result = await anyio.to_thread.run_sync(_check, root, rec)
         finally:
             slots.release()
         if isinstance(result, Problem):
-            record(result)
+            record(dataclasses.replace(result, series_uid=series_uid))
         else:
             report.matched += 1
             report.bytes += result
 
     async with anyio.create_task_group() as tg:
-        async for _series_uid, instances in catalog.iter_done_instances():
+        async for series_uid, instances in catalog.iter_done_instances():
             for rec in instances:
                 report.checked += 1
                 known.add(rec.path)
                 await slots.acquire()
-                tg.start_soon(check, rec)
+                tg.start_soon(check, series_uid, rec)
 
     for rel in sorted(await anyio.to_thread.run_sync(_walk, root)):
         if rel not in known:

@@ -7,8 +7,11 @@ same code works on SQLite and survives a holder that dies: its lease simply runs
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import cast
 
 from sqlalchemy import Table, delete, func, insert, or_, select, update
@@ -97,14 +100,57 @@ async def last_run(db: Database) -> RunInfo | None:
 # ---- workers ----------------------------------------------------------------------------
 
 
+def process_start(pid: int) -> int | None:
+    """The start time of process `pid` in clock ticks since boot (Linux: field 22 of
+    /proc/<pid>/stat), or None when it cannot be read (no such process, not Linux).
+
+    With the PID it names one process for good: a PID reused after a crash (or a reboot)
+    comes with another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may itself hold spaces or ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])  # fields after the name start at field 3: 22 - 3 = 19
+    except (IndexError, ValueError):
+        return None
+
+
+def process_gone(pid: int, started: int | None) -> bool:
+    """True when no process `pid` runs on this host, or when the one that does is not the
+    one that started at `started` (its PID was reused). Unknown start time: only a
+    missing PID counts as gone."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # it exists, under another user
+    now = process_start(pid)
+    return started is not None and now is not None and now != started
+
+
 async def register_worker(db: Database, owner: str, host: str, pid: int, run_id: str) -> None:
+    # Only a process on this host can be told apart from a later one with its PID.
+    started = process_start(pid) if host == socket.gethostname() else None
+
     async def op(conn: AsyncConnection) -> None:
         now = db.clock.now()
         # A restarted process may reuse an owner name: replace, do not fail.
         await conn.execute(delete(WORKERS).where(WORKERS.c.owner == owner))
         await conn.execute(
             insert(WORKERS).values(
-                owner=owner, host=host, pid=pid, run_id=run_id, started_at=now, heartbeat_at=now
+                owner=owner,
+                host=host,
+                pid=pid,
+                run_id=run_id,
+                started_at=now,
+                heartbeat_at=now,
+                process_start=started,
             )
         )
 
@@ -142,6 +188,43 @@ async def prune_workers(db: Database, older_than: float) -> list[str]:
         return sorted(str(owner) for owner in gone.scalars())
 
     return await db.run_write(op)
+
+
+async def take_back_dead_local(db: Database, host: str, own: str) -> list[str]:
+    """Free at once what processes of this host that are gone (killed -9, crashed, or
+    their PID now another process's) held: their leases expire now, so the next claim
+    takes their series (counting an attempt, as any reclaim does), their locks are
+    released and their worker rows deleted (so their staging is cleaned). Returns their
+    owners. Processes of other hosts are left to their lease expiry.
+
+    Safe only when one host name means one PID namespace: containers sharing a host
+    name (`--uts=host`, `--network=host`) must not share a catalog.
+    """
+
+    async def read(conn: AsyncConnection) -> list[tuple[str, int, int | None]]:
+        rows = await conn.execute(
+            select(WORKERS.c.owner, WORKERS.c.pid, WORKERS.c.process_start).where(
+                WORKERS.c.host == host, WORKERS.c.owner != own
+            )
+        )
+        return [(str(o), int(p), None if s is None else int(s)) for o, p, s in rows]
+
+    dead = [owner for owner, pid, started in await db.run_read(read) if process_gone(pid, started)]
+    if not dead:
+        return []
+
+    async def op(conn: AsyncConnection) -> None:
+        now = db.clock.now()
+        await conn.execute(
+            update(SERIES)
+            .where(SERIES.c.state == SeriesState.DOWNLOADING, SERIES.c.lease_owner.in_(dead))
+            .values(lease_expires_at=now - timedelta(seconds=1))
+        )
+        await conn.execute(delete(LOCKS).where(LOCKS.c.owner.in_(dead)))
+        await conn.execute(delete(WORKERS).where(WORKERS.c.owner.in_(dead)))
+
+    await db.run_write(op)
+    return sorted(dead)
 
 
 async def workers(db: Database) -> list[WorkerInfo]:

@@ -19,10 +19,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.api.models import PatientInfo, SeriesInfo, StudyInfo
-from nbia_sync.catalog import fleet, migrate, queue, upsert
+from nbia_sync.catalog import fleet, migrate, operations, queue, upsert
 from nbia_sync.catalog.db import Database, describe_url
 from nbia_sync.catalog.models import Collection as CollectionRow
 from nbia_sync.catalog.models import Instance, Series, SeriesState, Source
+from nbia_sync.catalog.operations import PlacedWithdrawn, WithdrawnInfo
 from nbia_sync.catalog.queue import BatchPlacement, PlacementGuard
 from nbia_sync.catalog.records import (
     Claim,
@@ -255,6 +256,34 @@ class Catalog:
     async def next_ready_at(self, source_ids: Collection[int] | None = None) -> datetime | None:
         return await queue.next_ready_at(self._db, source_ids)
 
+    # ---- operator jobs: withdrawals, repairs, manifests (see operations.py) --------------
+
+    async def held_in_collection(
+        self, source_id: int, collection: str, patients: Collection[str] = ()
+    ) -> set[str]:
+        return await operations.held_in_collection(self._db, source_id, collection, patients)
+
+    async def withdraw(self, source_id: int, collection: str, uids: Sequence[str]) -> int:
+        return await operations.withdraw(self._db, source_id, collection, uids)
+
+    async def withdrawn(self) -> list[WithdrawnInfo]:
+        return await operations.withdrawn(self._db)
+
+    async def placed_withdrawn(self) -> list[PlacedWithdrawn]:
+        return await operations.placed_withdrawn(self._db)
+
+    async def forget_placement(self, series_id: int) -> bool:
+        return await operations.forget_placement(self._db, series_id)
+
+    async def requeue_done(self, uids: Sequence[str], reason: str) -> int:
+        return await operations.requeue_done(self._db, uids, reason)
+
+    async def series_states(self, source_id: int, uids: Sequence[str]) -> dict[str, SeriesState]:
+        return await operations.series_states(self._db, source_id, uids)
+
+    async def planned_files(self) -> int:
+        return await operations.planned_files(self._db)
+
     # ---- reports ------------------------------------------------------------------------
 
     async def state_counts(self) -> dict[SeriesState, tuple[int, int]]:
@@ -319,7 +348,12 @@ class Catalog:
                 series = (
                     await conn.execute(
                         select(SERIES.c.id, SERIES.c.series_uid)
-                        .where(SERIES.c.state == SeriesState.DONE, SERIES.c.id > after)
+                        # Withdrawn series kept in the mirror are checked too.
+                        .where(
+                            SERIES.c.state.in_([SeriesState.DONE, SeriesState.WITHDRAWN]),
+                            SERIES.c.placed_path.is_not(None),
+                            SERIES.c.id > after,
+                        )
                         .order_by(SERIES.c.id)
                         .limit(_VERIFY_PAGE)
                     )
@@ -358,6 +392,9 @@ class Catalog:
 
     async def worker_heartbeat(self, owner: str) -> bool:
         return await fleet.worker_heartbeat(self._db, owner)
+
+    async def take_back_dead_local(self, host: str, own: str) -> list[str]:
+        return await fleet.take_back_dead_local(self._db, host, own)
 
     async def unregister_worker(self, owner: str) -> None:
         await fleet.unregister_worker(self._db, owner)

@@ -115,6 +115,7 @@ _REQUEUE = (
         last_error=None,
         lease_owner=None,
         lease_expires_at=None,
+        withdrawn_at=None,
         generation=SERIES.c.generation + 1,
         **_META_VALUES,
     )
@@ -181,7 +182,8 @@ async def _upsert_batch(
                     **_metadata(info, now),
                 }
             )
-        elif is_changed(row, info):
+        elif is_changed(row, info) or row.state == SeriesState.WITHDRAWN:
+            # A withdrawn series listed again is wanted again.
             params = {"b_id": row.id, **{f"b_{k}": v for k, v in _metadata(info, now).items()}}
             (bump if row.state == SeriesState.DOWNLOADING else requeue).append(params)
     if new_rows:

@@ -8,8 +8,6 @@ import contextlib
 import signal
 import sys
 
-import structlog
-
 # Light: `nbia-sync` builds its parser with add_arguments on every start. The archive
 # generator and the server (pydicom, aiohttp.web) are imported by `serve` only.
 from nbia_sync.sim.faults import SimFaults
@@ -135,5 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nbia_sync.sim", description=__doc__)
     add_arguments(parser)
     # Standalone: logs to stderr so stdout carries only the URL for scripts to read.
+    import structlog
+
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     return asyncio.run(serve(parser.parse_args(argv)))

@@ -69,7 +69,15 @@ async def test_status_json_shape(sim_mirror: SimMirror) -> None:
     sim_mirror.server.faults.script_series(victim, ["hostile"])
     assert await run_main("-c", str(sim_mirror.config), "sync") == 1
     status = await status_json(sim_mirror)
-    assert set(status) == {"catalog", "mirror", "series", "last_run", "failures", "workers"}
+    assert set(status) == {
+        "catalog",
+        "mirror",
+        "series",
+        "last_run",
+        "failures",
+        "workers",
+        "withdrawn",
+    }
     series = status["series"]
     assert isinstance(series, dict)
     assert set(series) == {s.value for s in SeriesState}
