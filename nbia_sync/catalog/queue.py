@@ -517,7 +517,7 @@ async def fail(
                 state=state,
                 attempts=attempts,
                 last_error=error[:MAX_ERROR_CHARS],
-                next_try_at=None if give_up else now + timedelta(seconds=max(0.0, delay)),
+                next_try_at=None if give_up else now + _retry_delay(delay),
                 updated_at=now,
                 **_UNLEASED,
             )
@@ -525,6 +525,11 @@ async def fail(
         return state
 
     return await db.run_write(op)
+
+
+def _retry_delay(seconds: float) -> timedelta:
+    # Clamped (and NaN-proof): a delay from a hostile Retry-After must not overflow datetime.
+    return timedelta(seconds=min(max(0.0, seconds), 366 * 24 * 3600.0))
 
 
 async def release(db: Database, claim: Claim, owner: str) -> bool:
