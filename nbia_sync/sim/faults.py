@@ -44,6 +44,17 @@ class SimFaults:
     html_instead_of_zip: float = 0.0  # download: 200 text/html instead of the ZIP
     latency: float = 0.0  # seconds added before every response
     bandwidth: int | None = None  # bytes/s cap per download stream
+    # Hostile-server knobs (see sim/hostile.py):
+    # every response body (queries, downloads, the token endpoint) sent at this many bytes/s
+    trickle: int | None = None
+    # the Retry-After header verbatim instead of `retry_after` ("inf", an HTTP date, ...)
+    retry_after_header: str | None = None
+    # every services request answered with this status, the body echoing the bearer token
+    echo_token_status: int | None = None
+    # queries: gzip-encoded answers padded with this many bytes of whitespace when inflated
+    gzip_bomb: int | None = None
+    # downloads: the ZIP sent with Content-Encoding: gzip
+    gzip_downloads: bool = False
     token_ttl: float = 7200.0  # access token life, seconds
     refresh_ttl: float = 7200.0  # refresh token life, seconds
     seed: int = 0

@@ -22,6 +22,7 @@ from nbia_sync.sim.archive import SimArchive, SimSeries
 from nbia_sync.sim.counters import SimCounters
 from nbia_sync.sim.downloads import Pipe, SeriesZip, StreamCut, zip_date_time
 from nbia_sync.sim.faults import SimFaults, StreamFault
+from nbia_sync.sim.hostile import gzip_padded, trickle
 from nbia_sync.sim.queries import DOWNLOADS, SPECS, BadRequest, Row, check_params, run_query
 from nbia_sync.sim.tokens import Grant, TokenStore
 from nbia_sync.sim.zipstream import Compression, ZipStreamWriter
@@ -159,11 +160,13 @@ class SimServer:
         self.counters.statuses[response.status] += 1
         if response.status == 401:
             self.counters.unauthorized += 1
+        if self.faults.trickle and isinstance(response, web.Response):
+            return await trickle(request, response, self.faults.trickle)
         return response
 
     def _fault_response(self, fault: StreamFault) -> web.Response:
         if fault == "429":
-            retry_after = f"{self.faults.retry_after:g}"
+            retry_after = self.faults.retry_after_header or f"{self.faults.retry_after:g}"
             return web.Response(
                 status=429, text="Too Many Requests", headers={"Retry-After": retry_after}
             )
@@ -247,6 +250,12 @@ class SimServer:
             user = self._bearer_user(request)
             if user is None:
                 return _json_error(401, "invalid_token", "Token is not active")
+        if self.faults.echo_token_status is not None:
+            # A server whose error page quotes the credentials it was given.
+            echoed = request.headers.get("Authorization", "").partition(" ")[2]
+            return web.Response(
+                status=self.faults.echo_token_status, text=f"access denied for token {echoed}"
+            )
         params = dict(request.query)
         try:
             check_params(version, endpoint, params)
@@ -258,6 +267,12 @@ class SimServer:
         fmt = params.get("format", "json").lower()
         if fmt not in ("json", "csv"):
             return web.Response(status=400, text=f"Unsupported format: {fmt}")
+        if self.faults.gzip_bomb is not None:
+            body = gzip_padded(b"[", self.faults.gzip_bomb, json.dumps(rows)[1:].encode())
+            return web.Response(
+                body=body,
+                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            )
         return _render(rows, fmt)
 
     def _series_for(self, params: dict[str, str], user: str | None) -> SimSeries | None:
@@ -293,6 +308,9 @@ class SimServer:
                 "Content-Disposition": f'attachment; filename="{uid}.zip"',
             },
         )
+        encode = self.faults.gzip_downloads and series is not None
+        if encode:
+            response.headers["Content-Encoding"] = "gzip"
         response.enable_chunked_encoding()
         await response.prepare(request)
         self.counters.stream_opened()
@@ -305,11 +323,12 @@ class SimServer:
                 await writer.finish()
                 return response
             job = SeriesZip(series, endpoint, params, fault, self.compression)
-            pipe = Pipe(response, self.counters, self.faults, job.cut_at())
+            pipe = Pipe(response, self.counters, self.faults, job.cut_at(), gzip=encode)
             writer = ZipStreamWriter(
                 pipe.write, compression=self.compression, date_time=zip_date_time(series)
             )
             await job.write(writer)
+            await pipe.close()
             await response.write_eof()
             if fault == "ok":
                 self.counters.downloads_completed[uid] += 1
