@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import re
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ QUERY_READ_SIZE = 1 << 16
 MAX_RECORD_CHARS = 16 << 20
 # Encodings we ask for on queries; downloads ask for none (a ZIP does not compress).
 QUERY_ACCEPT_ENCODING = "gzip, deflate"
+_SPACE = re.compile(r"[ \t\r\n]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +83,7 @@ class ProgressFloor:
             return
         if self._bytes < self._floor.limit * elapsed:
             raise RetryableError(
-                f"{self._what}: too slow, {self._bytes} bytes in {elapsed:.0f} s "
+                f"{self._what}: too slow, {self._bytes} bytes in {elapsed:.1f} s "
                 f"(below transfer.low_speed_limit = {self._floor.limit} bytes/s for "
                 f"transfer.low_speed_time = {self._floor.period:g} s)"
             )
@@ -279,8 +281,7 @@ class _ArrayParser:
     async def _next_char(self) -> str | None:
         """The next non-whitespace character (not consumed); None at the end of the body."""
         while True:
-            while self._pos < len(self._buf) and self._buf[self._pos] in " \t\r\n":
-                self._pos += 1
+            self._pos = _SPACE.match(self._buf, self._pos).end()  # type: ignore[union-attr]
             if self._pos < len(self._buf):
                 return self._buf[self._pos]
             if self._eof:

@@ -51,6 +51,11 @@ class SimFaults:
     retry_after_header: str | None = None
     # every services request answered with this status, the body echoing the bearer token
     echo_token_status: int | None = None
+    echo_token_endpoints: tuple[str, ...] = ()  # only these endpoints; empty: every one
+    # the token endpoint answers 307 to this URL (a redirect to another origin)
+    token_redirect: str | None = None
+    # the access token issued, verbatim (e.g. with CR/LF in it)
+    token_override: str | None = None
     # queries: gzip-encoded answers padded with this many bytes of whitespace when inflated
     gzip_bomb: int | None = None
     # downloads: the ZIP sent with Content-Encoding: gzip

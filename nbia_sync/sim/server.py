@@ -192,7 +192,7 @@ class SimServer:
 
     def _grant_response(self, grant: Grant) -> web.Response:
         body = {
-            "access_token": grant.access_token,
+            "access_token": self.faults.token_override or grant.access_token,
             "token_type": "bearer",
             "expires_in": _seconds(grant.expires_in),
             "refresh_token": grant.refresh_token,
@@ -204,6 +204,8 @@ class SimServer:
         return web.json_response(body)
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
+        if self.faults.token_redirect is not None:
+            raise web.HTTPTemporaryRedirect(self.faults.token_redirect)
         form = await request.post()
         fields = {k: str(v) for k, v in form.items()}
         client = fields.get("client_id", "")
@@ -250,7 +252,8 @@ class SimServer:
             user = self._bearer_user(request)
             if user is None:
                 return _json_error(401, "invalid_token", "Token is not active")
-        if self.faults.echo_token_status is not None:
+        echo = self.faults.echo_token_endpoints
+        if self.faults.echo_token_status is not None and (not echo or endpoint in echo):
             # A server whose error page quotes the credentials it was given.
             echoed = request.headers.get("Authorization", "").partition(" ")[2]
             return web.Response(
