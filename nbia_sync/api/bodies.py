@@ -36,6 +36,8 @@ QUERY_READ_SIZE = 1 << 16
 MAX_RECORD_CHARS = 16 << 20
 # Encodings we ask for on queries; downloads ask for none (a ZIP does not compress).
 QUERY_ACCEPT_ENCODING = "gzip, deflate"
+# Values up to this long are shared between records (longer ones are rarely repeated).
+_SHARED_CHARS = 256
 _SPACE = re.compile(r"[ \t\r\n]*")
 
 
@@ -221,10 +223,22 @@ class _ArrayParser:
         self._chunks = chunks.__aiter__()
         self._what = what
         self._text = codecs.getincrementaldecoder("utf-8-sig")()
-        self._decoder = json.JSONDecoder()
+        # One copy of each repeated string (keys, collection, licence, modality...) for the
+        # whole answer: json's own memo lasts one raw_decode call, i.e. one record here.
+        self._memo: dict[str, str] = {}
+        self._decoder = json.JSONDecoder(object_pairs_hook=self._shared)
         self._buf = ""
         self._pos = 0
         self._eof = False
+
+    def _shared(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        memo = self._memo
+        return {
+            memo.setdefault(k, k): (
+                memo.setdefault(v, v) if isinstance(v, str) and len(v) <= _SHARED_CHARS else v
+            )
+            for k, v in pairs
+        }
 
     async def items(self) -> AsyncIterator[Any]:
         first = await self._next_char()
