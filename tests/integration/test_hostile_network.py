@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sys
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,9 +18,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
-from cli_fixtures import mirror_files, run_subprocess, write_config
+from cli_fixtures import REPO, free_port, mirror_files, run_subprocess, write_config
 
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.retry import RetryPolicy
@@ -512,3 +514,54 @@ async def test_sync_with_a_malformed_token_exits_2_with_one_line(
         done = await run_subprocess("-c", str(config), "sync")
     assert done.code == 2, done.stderr
     assert "malformed access token" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---- the daemon's health through an absurd wait ------------------------------------------
+
+
+async def test_daemon_health_turns_503_instead_of_waiting_out_an_absurd_retry_after(
+    sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    """Was: every query slept 1e12 s while heartbeats kept /healthz at 200."""
+    port = free_port()
+    faults = SimFaults(rate_429=1.0, retry_after_header="1e12")
+    async with running_sim(sim_archive, faults) as sim:
+        config = write_config(
+            tmp_path / "d.toml",
+            tmp_path / "m",
+            sim.url,
+            sections={
+                "schedule": {"poll_interval": 3600},
+                "daemon": {"listen_host": "127.0.0.1", "listen_port": port},
+            },
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "nbia_sync",
+            "-c",
+            str(config),
+            "daemon",
+            cwd=REPO,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            body = await guarded(health_when(port, lambda b: b["last_pass"] is not None))
+        finally:
+            proc.kill()
+            await proc.wait()
+    assert body["status"] == "failing" and body["last_pass"]["outcome"] == "error"
+
+
+async def health_when(port: int, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    body: dict[str, Any] = await resp.json()
+                if predicate(body):
+                    return body
+            except aiohttp.ClientConnectionError:
+                pass  # not listening yet
+            await asyncio.sleep(0.1)
