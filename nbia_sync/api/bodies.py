@@ -50,7 +50,12 @@ class Floor:
 
     @classmethod
     def from_settings(cls, transfer: TransferSettings) -> Floor:
-        return cls(transfer.low_speed_limit, transfer.low_speed_time)
+        limit = transfer.low_speed_limit
+        if transfer.bandwidth_limit is not None:
+            # Our own throttle must not look like a slow server: at most half of each
+            # worker's share of the bandwidth cap.
+            limit = min(limit, transfer.bandwidth_limit // (2 * transfer.workers))
+        return cls(limit, transfer.low_speed_time)
 
 
 class ProgressFloor:

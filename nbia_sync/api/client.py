@@ -114,7 +114,10 @@ class NbiaClient:
             sock_connect=self.transfer.connect_timeout,
             sock_read=self.transfer.read_timeout,
         )
-        return aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
+        # auto_decompress off: aiohttp inflates a whole chunk at once (see api/bodies.py).
+        return aiohttp.ClientSession(
+            connector=connector, timeout=timeout, raise_for_status=False, auto_decompress=False
+        )
 
     # ---- queries ---------------------------------------------------------------------
 

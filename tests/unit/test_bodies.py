@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbia_sync.api.bodies import Floor, Inflater, ProgressFloor, json_records
+from nbia_sync.config import TransferSettings
 from nbia_sync.errors import RetryableError
 
 
@@ -181,3 +182,9 @@ async def test_a_zero_limit_disables_the_floor() -> None:
     clock.now = 1e9
     floor.record(0)
     assert floor.deadline() is None
+
+
+def test_the_floor_stays_below_each_workers_share_of_the_bandwidth_cap() -> None:
+    transfer = TransferSettings(workers=4, bandwidth_limit=4000, low_speed_limit=1024)
+    assert Floor.from_settings(transfer).limit == 500
+    assert Floor.from_settings(TransferSettings(low_speed_limit=1024)).limit == 1024
