@@ -343,6 +343,12 @@ async def test_sim_gzip_encoded_download_arrives_whole_in_bounded_chunks() -> No
             sim.faults.gzip_downloads = True
             async with client.stream_series(uid) as chunks:
                 encoded = await guarded(drain(chunks))
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as http,
+            http.get(sim.url + "services/v4/getImage", params={"SeriesInstanceUID": uid}) as raw,
+        ):
+            sent = await raw.read()
+    assert raw.headers["Content-Encoding"] == "gzip" and len(sent) < plain[0]
     assert encoded[0] == plain[0] and encoded[2] == plain[2]
     assert encoded[1] <= 16384
 
