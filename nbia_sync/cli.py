@@ -28,7 +28,7 @@ import structlog
 from nbia_sync import __version__
 from nbia_sync.config import Settings, SourceSettings, load_settings
 from nbia_sync.errors import CatalogError, NbiaSyncError, sole_error
-from nbia_sync.log import configure_logging, level_from_flags
+from nbia_sync.log import configure_logging, level_from_flags, redact_text
 from nbia_sync.status import human_bytes
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    line = " ".join(message.split())  # always one line
+    line = redact_text(" ".join(message.split()))  # always one line, never a live secret
     print(f"nbia-sync: error: {line}", file=sys.stderr, flush=True)
     return code
 

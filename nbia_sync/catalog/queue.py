@@ -33,6 +33,7 @@ from nbia_sync.catalog.fleet import utcnow
 from nbia_sync.catalog.models import Instance, Series, SeriesState, Source
 from nbia_sync.catalog.records import Claim, InstanceRecord
 from nbia_sync.errors import CatalogError
+from nbia_sync.log import redact_text
 
 SERIES = cast(Table, Series.__table__)
 SOURCES = cast(Table, Source.__table__)
@@ -516,7 +517,7 @@ async def fail(
             .values(
                 state=state,
                 attempts=attempts,
-                last_error=error[:MAX_ERROR_CHARS],
+                last_error=redact_text(error)[:MAX_ERROR_CHARS],  # before cutting: no fragments
                 next_try_at=None if give_up else now + _retry_delay(delay),
                 updated_at=now,
                 **_UNLEASED,
