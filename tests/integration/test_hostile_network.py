@@ -292,6 +292,22 @@ async def test_sim_gzip_bomb_query_is_refused_naming_the_limit() -> None:
             await guarded(client.series())
 
 
+async def test_sim_1mb_gzip_that_inflates_to_1gb_is_refused_in_bounded_memory() -> None:
+    """The issue's reproduction, at the default limit: was 2.1 GB of RSS."""
+    async with (
+        running_sim(faults=SimFaults(gzip_bomb=1 << 30)) as sim,
+        client_for(sim.url) as client,
+    ):
+        tracemalloc.start()
+        try:
+            with pytest.raises(PermanentError, match="max_query_bytes"):
+                await guarded(client.series())
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 16 << 20
+
+
 async def test_sim_gzip_answer_under_the_limit_parses_in_bounded_memory() -> None:
     async with running_sim(faults=SimFaults()) as sim:
         async with client_for(sim.url) as client:
