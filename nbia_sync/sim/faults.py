@@ -52,6 +52,9 @@ class SimFaults:
     # every services request answered with this status, the body echoing the bearer token
     echo_token_status: int | None = None
     echo_token_endpoints: tuple[str, ...] = ()  # only these endpoints; empty: every one
+    # every services request answered with a 9000-byte header quoting the bearer token
+    # (aiohttp refuses lines over 8190 bytes and quotes the start of the line)
+    echo_token_header: bool = False
     # the token endpoint answers 307 to this URL (a redirect to another origin)
     token_redirect: str | None = None
     # the access token issued, verbatim (e.g. with CR/LF in it)

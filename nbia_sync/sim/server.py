@@ -259,6 +259,9 @@ class SimServer:
             return web.Response(
                 status=self.faults.echo_token_status, text=f"access denied for token {echoed}"
             )
+        if self.faults.echo_token_header:
+            quoted = request.headers.get("Authorization", "")
+            return web.Response(headers={"X-Echo": quoted + "." * 9000}, text="")
         params = dict(request.query)
         try:
             check_params(version, endpoint, params)

@@ -444,6 +444,17 @@ async def test_hostile_error_body_echoing_the_token_is_redacted() -> None:
     assert seen and seen[0] not in str(caught.value) and REDACTED in str(caught.value)
 
 
+async def test_sim_oversized_header_echoing_the_token_is_redacted() -> None:
+    async with (
+        running_sim(faults=SimFaults(echo_token_header=True)) as sim,
+        client_for(sim.url, api="v2") as client,
+    ):
+        with pytest.raises(RetryableError, match="Got more than") as caught:
+            await guarded(client.series())
+        tokens = live_tokens(sim)
+    assert tokens and not any(t[:12] in str(caught.value) for t in tokens)
+
+
 async def test_hostile_oversized_header_echoing_the_token_is_redacted() -> None:
     """aiohttp's own 'Got more than 8190 bytes when reading' quotes the header line."""
 
