@@ -324,6 +324,22 @@ async def test_sim_gzip_answer_under_the_limit_parses_in_bounded_memory() -> Non
     assert peak < 8 << 20  # 48 MiB of answer, never more than a few chunks held
 
 
+async def test_downloads_ask_for_no_encoding_and_queries_for_gzip_or_deflate() -> None:
+    asked: dict[str, str] = {}
+
+    async def record(request: web.Request) -> web.Response:
+        asked[request.path.rsplit("/", 1)[-1]] = request.headers.get("Accept-Encoding", "")
+        return web.Response(body=b"", content_type="application/json")
+
+    routes = {"services/v4/getSeries": record, "services/v4/getImage": record}
+    async with hostile(routes) as url, client_for(url) as client:
+        await guarded(client.series())
+        with pytest.raises(RetryableError, match="expected data"):
+            async with client.stream_series("1.2.3"):
+                pass
+    assert asked == {"getSeries": "gzip, deflate", "getImage": "identity"}
+
+
 def gzip_of_spaces(prefix: bytes, mib: int) -> bytes:
     """Built here with plain zlib, independently of the simulator's helper."""
     c = zlib.compressobj(9, zlib.DEFLATED, 31)
