@@ -237,7 +237,9 @@ def _pass_options(p: argparse.ArgumentParser) -> None:
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    line = " ".join(message.split())  # always one line
+    from nbia_sync.log import redact_text
+
+    line = redact_text(" ".join(message.split()))  # always one line, never a live secret
     print(f"nbia-sync: error: {line}", file=sys.stderr, flush=True)
     return code
 

@@ -28,6 +28,7 @@ from pydantic import (
 
 from nbia_sync.constants import DEFAULT_TCIA_URL, GUEST_USER
 from nbia_sync.errors import ConfigError
+from nbia_sync.log import register_secret
 
 __all__ = ["DEFAULT_TCIA_URL", "GUEST_USER"]  # re-exported: callers import them from here
 
@@ -66,6 +67,16 @@ class TransferSettings(_Section):
     connect_timeout: float = Field(default=30.0, gt=0)
     # A stream that sends nothing for this long is cut and retried.
     read_timeout: float = Field(default=120.0, gt=0)
+    # curl's floor on progress: a download, query or token request slower than
+    # low_speed_limit bytes/s for low_speed_time seconds is cut and retried. 0 disables.
+    low_speed_limit: int = Field(default=1024, ge=0)
+    low_speed_time: float = Field(default=120.0, gt=0)
+    # Total deadline of one query attempt / one token request, headers and body (seconds).
+    query_timeout: float = Field(default=900.0, gt=0)
+    token_timeout: float = Field(default=60.0, gt=0)
+    # A query answer larger than this after decompression is refused (bytes; the largest
+    # real listing, NLST getSeries, is a few hundred MB).
+    max_query_bytes: int = Field(default=1 << 29, ge=1 << 16)
     lease_seconds: float = Field(default=300.0, gt=0)
     heartbeat_interval: float = Field(default=30.0, gt=0)
     # Bytes per second over all downloads of this process; None = unlimited.
@@ -231,9 +242,13 @@ def _describe(error: ValidationError) -> str:
 def settings_from_dict(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
     merged = _apply_env(dict(raw), os.environ if env is None else env)
     try:
-        return Settings.model_validate(merged)
+        settings = Settings.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
+    for source in settings.sources:
+        # Redacted literally from every log line and error message from now on.
+        register_secret(source.password.get_secret_value())
+    return settings
 
 
 def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:

@@ -2,14 +2,21 @@
 
 The retry policy, the transfer pool and the CLI's exit codes all decide on the class
 alone, so a new failure mode only has to pick the right base class.
-Messages never contain tokens or passwords.
+Messages never contain tokens or passwords: ``str()`` of every error here is redacted
+(live secret values and credential-shaped text), whatever a server echoed into it.
 """
 
 from __future__ import annotations
 
+from nbia_sync.log import redact_text
+
 
 class NbiaSyncError(Exception):
     """Base of every error nbia-sync raises on purpose."""
+
+    def __str__(self) -> str:
+        # The one place every message passes (CLI error line, last_error, logs).
+        return redact_text(super().__str__())
 
 
 class ConfigError(NbiaSyncError):

@@ -27,11 +27,14 @@ from typing import Any
 
 import aiohttp
 import structlog
+import yarl
 from pydantic import SecretStr
 
+from nbia_sync.api import bodies
 from nbia_sync.api.retry import error_for_exception, error_for_status
-from nbia_sync.config import SourceSettings
+from nbia_sync.config import SourceSettings, TransferSettings
 from nbia_sync.errors import AuthError, RetryableError
+from nbia_sync.log import register_secret
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +45,11 @@ REFRESH_CLIENT_ID = "nbia"
 # A token whose server says nothing about its life is renewed after this long.
 _DEFAULT_LIFETIME = 300.0
 _LOGOUT_TIMEOUT = aiohttp.ClientTimeout(total=10)
+# A grant answer is a few KB; anything near this is not one.
+_MAX_GRANT_BYTES = 1 << 20
+# What may stand in an Authorization header after "Bearer " (RFC 6750 b64token is
+# narrower; any visible ASCII is accepted so odd but harmless tokens still work).
+_HEADER_SAFE = frozenset(chr(c) for c in range(0x21, 0x7F))
 
 # Grant requests of this process by (source, grant, outcome "granted" | "refused"), for
 # the daemon's nbia_sync_token_grants_total (read by nbia_sync.metrics on each scrape).
@@ -78,10 +86,12 @@ class TokenSession:
         http: aiohttp.ClientSession,
         *,
         clock: Callable[[], float] = time.monotonic,
+        transfer: TransferSettings | None = None,
     ) -> None:
         self._source = source
         self._http = http
         self._clock = clock
+        self._transfer = transfer or TransferSettings()
         self._token_url = f"{source.url}oauth/token"
         self._logout_url = f"{source.url}logout"
         self._grant: _Grant | None = None
@@ -193,13 +203,35 @@ class TokenSession:
         """POST the grant; None when the server refuses it (400/401), errors otherwise."""
         what = f"token {kind} grant for source {self._source.name!r}"
         started = self._clock()
+        deadline = self._transfer.token_timeout
         try:
-            async with self._http.post(self._token_url, data=form) as resp:
-                body = await resp.read()
-                status = resp.status
-                headers = dict(resp.headers)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            async with asyncio.timeout(deadline):
+                # Never follow a redirect: it would re-send the credentials elsewhere.
+                async with self._http.post(
+                    self._token_url, data=form, allow_redirects=False, auto_decompress=False
+                ) as resp:
+                    status = resp.status
+                    headers = dict(resp.headers)
+                    body = b""
+                    if status < 300:
+                        body = await bodies.read_all(
+                            resp,
+                            what,
+                            bodies.Floor.from_settings(self._transfer),
+                            max_bytes=_MAX_GRANT_BYTES,
+                        )
+        except TimeoutError:
+            raise RetryableError(
+                f"{what}: no answer within transfer.token_timeout = {deadline:g} s"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
             raise error_for_exception(exc, what) from exc
+        if 300 <= status < 400:
+            raise AuthError(
+                f"{what}: the token endpoint answered HTTP {status}, a redirect to "
+                f"{_origin(headers.get('Location', ''))}; credentials are only sent to "
+                f"{self._token_url} (fix the source's url)"
+            )
         if status in (400, 401):
             self.refused[kind] += 1
             GRANT_TOTALS[(self._source.name, kind, "refused")] += 1
@@ -221,6 +253,17 @@ class TokenSession:
         return grant
 
 
+def _origin(location: str) -> str:
+    """scheme://host[:port] of a redirect target, for the message (never its path/query)."""
+    try:
+        url = yarl.URL(location)
+    except (ValueError, TypeError):
+        return "an unreadable location"
+    if not url.is_absolute():
+        return "a path on the same server"
+    return str(url.origin())
+
+
 def _parse_grant(body: bytes, obtained_at: float, what: str) -> _Grant:
     try:
         data: Any = json.loads(body)
@@ -229,6 +272,14 @@ def _parse_grant(body: bytes, obtained_at: float, what: str) -> _Grant:
     if not isinstance(data, dict) or not isinstance(data.get("access_token"), str):
         raise RetryableError(f"{what}: the answer has no access_token")
     refresh = data.get("refresh_token")
+    register_secret(data["access_token"])
+    register_secret(refresh if isinstance(refresh, str) else None)
+    if not data["access_token"] or not set(data["access_token"]) <= _HEADER_SAFE:
+        # Sent as a header it would be refused (CR/LF) or split into two headers.
+        raise AuthError(
+            f"{what}: the archive sent a malformed access token (empty, or characters that "
+            "cannot stand in an HTTP header)"
+        )
     return _Grant(
         access=SecretStr(data["access_token"]),
         refresh=SecretStr(refresh) if isinstance(refresh, str) and refresh else None,

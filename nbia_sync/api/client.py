@@ -1,24 +1,29 @@
 """NbiaClient: the endpoints of one archive source, as typed records and byte streams.
 
 One aiohttp session per source, its connector sized for the transfer workers plus a few
-queries. ``sock_read`` bounds the silence of a stream (a stall is cut and retried) while
-``total`` stays unbounded, because a multi-GB series legitimately takes hours.
+queries. ``sock_read`` bounds the silence of a stream (a stall is cut and retried) and
+the progress floor (transfer.low_speed_limit/low_speed_time) bounds a trickle, while a
+download's total time stays unbounded, because a multi-GB series legitimately takes hours;
+a query attempt has a total deadline (transfer.query_timeout). Bodies are read through
+api/bodies.py: bounded inflation, a size cap on queries, JSON parsed record by record.
 Queries are retried by the RetryPolicy; a download is retried only while opening, since a
 broken stream can only restart from the first byte and that is the caller's decision.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import date
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 import aiohttp
 import structlog
 
 from nbia_sync.api import _records as records
+from nbia_sync.api import bodies
 from nbia_sync.api.auth import TokenSession
 from nbia_sync.api.dates import new_since_param, updated_series_param
 from nbia_sync.api.models import PatientInfo, SeriesInfo, SeriesSize, StudyInfo
@@ -26,8 +31,11 @@ from nbia_sync.api.retry import RetryPolicy, error_for_exception, error_for_stat
 from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.config import SourceSettings, TransferSettings
 from nbia_sync.errors import RetryableError
+from nbia_sync.log import redact_text
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 # Connections beyond the download workers, so discovery queries never queue behind streams.
 QUERY_CONNECTIONS = 4
@@ -58,6 +66,7 @@ class NbiaClient:
         self._given_session = session
         self._http: aiohttp.ClientSession | None = session
         self._auth: TokenSession | None = None
+        self._floor = bodies.Floor.from_settings(transfer)
 
     def __repr__(self) -> str:
         return f"NbiaClient(source={self.source.name!r}, url={self.source.url!r})"
@@ -83,7 +92,9 @@ class NbiaClient:
         if self._http is None:
             self._http = self._new_session()
         if self.source.needs_token and self._auth is None:
-            self._auth = TokenSession(self.source, self._http, clock=self._clock.monotonic)
+            self._auth = TokenSession(
+                self.source, self._http, clock=self._clock.monotonic, transfer=self.transfer
+            )
 
     async def close(self) -> None:
         """Log out (v1/v2), then close the HTTP session if this client made it."""
@@ -108,27 +119,36 @@ class NbiaClient:
             sock_connect=self.transfer.connect_timeout,
             sock_read=self.transfer.read_timeout,
         )
-        return aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
+        # auto_decompress off: aiohttp inflates a whole chunk at once (see api/bodies.py).
+        return aiohttp.ClientSession(
+            connector=connector, timeout=timeout, raise_for_status=False, auto_decompress=False
+        )
 
     # ---- queries ---------------------------------------------------------------------
 
     async def collections(self) -> list[str]:
         what = "getCollectionValues"
-        rows = await self._query("getCollectionValues", {}, what)
-        return [records.collection_name(r, what, i) for i, r in enumerate(rows)]
+        return await self._query(
+            "getCollectionValues", {}, what, lambda r, i: records.collection_name(r, what, i)
+        )
 
     async def patients(self, collection: str) -> list[PatientInfo]:
         what = f"getPatient Collection={collection}"
-        rows = await self._query("getPatient", {"Collection": collection}, what)
-        return [records.patient_info(r, what, i, collection) for i, r in enumerate(rows)]
+        return await self._query(
+            "getPatient",
+            {"Collection": collection},
+            what,
+            lambda r, i: records.patient_info(r, what, i, collection),
+        )
 
     async def patient_studies(
         self, collection: str, patient_id: str | None = None, study_uid: str | None = None
     ) -> list[StudyInfo]:
         params = {"Collection": collection, "PatientID": patient_id, "StudyInstanceUID": study_uid}
         what = _describe("getPatientStudy", params)
-        rows = await self._query("getPatientStudy", params, what)
-        return [records.study_info(r, what, i, collection) for i, r in enumerate(rows)]
+        return await self._query(
+            "getPatientStudy", params, what, lambda r, i: records.study_info(r, what, i, collection)
+        )
 
     async def series(
         self,
@@ -148,22 +168,31 @@ class NbiaClient:
             "BodyPartExamined": body_part,
         }
         what = _describe("getSeries", params)
-        rows = await self._query("getSeries", params, what)
-        return [records.series_info(r, what, i, collection) for i, r in enumerate(rows)]
+        return await self._query(
+            "getSeries", params, what, lambda r, i: records.series_info(r, what, i, collection)
+        )
 
     async def updated_series(self, since: date) -> list[SeriesInfo]:
         """Series released strictly after ``since`` (the archive's rule)."""
         name, value = updated_series_param(since, self.source.api)
         what = f"getUpdatedSeries {name}={value}"
-        rows = await self._query("getUpdatedSeries", {name: value}, what)
-        return [records.series_info(r, what, i, None) for i, r in enumerate(rows)]
+        return await self._query(
+            "getUpdatedSeries",
+            {name: value},
+            what,
+            lambda r, i: records.series_info(r, what, i, None),
+        )
 
     async def new_patients(self, collection: str, since: date) -> list[PatientInfo]:
         name, value = new_since_param(since, self.source.api)
         params = {"Collection": collection, name: value}
         what = _describe("NewPatientsInCollection", params)
-        rows = await self._query("NewPatientsInCollection", params, what)
-        return [records.patient_info(r, what, i, collection) for i, r in enumerate(rows)]
+        return await self._query(
+            "NewPatientsInCollection",
+            params,
+            what,
+            lambda r, i: records.patient_info(r, what, i, collection),
+        )
 
     async def new_studies(
         self, collection: str, since: date, patient_id: str | None = None
@@ -171,22 +200,30 @@ class NbiaClient:
         name, value = new_since_param(since, self.source.api)
         params = {"Collection": collection, name: value, "PatientID": patient_id}
         what = _describe("NewStudiesInPatientCollection", params)
-        rows = await self._query("NewStudiesInPatientCollection", params, what)
-        return [records.study_info(r, what, i, collection) for i, r in enumerate(rows)]
+        return await self._query(
+            "NewStudiesInPatientCollection",
+            params,
+            what,
+            lambda r, i: records.study_info(r, what, i, collection),
+        )
 
     async def series_size(self, uid: str) -> SeriesSize:
         what = f"getSeriesSize SeriesInstanceUID={uid}"
-        rows = await self._query("getSeriesSize", {"SeriesInstanceUID": uid}, what)
+        rows = await self._rows("getSeriesSize", {"SeriesInstanceUID": uid}, what)
         return records.series_size(rows, what)
 
     async def sop_instance_uids(self, uid: str) -> list[str]:
         what = f"getSOPInstanceUIDs SeriesInstanceUID={uid}"
-        rows = await self._query("getSOPInstanceUIDs", {"SeriesInstanceUID": uid}, what)
-        return [records.required(r, ("SOPInstanceUID",), what, i) for i, r in enumerate(rows)]
+        return await self._query(
+            "getSOPInstanceUIDs",
+            {"SeriesInstanceUID": uid},
+            what,
+            lambda r, i: records.required(r, ("SOPInstanceUID",), what, i),
+        )
 
     async def series_metadata(self, uid: str) -> dict[str, str]:
         what = f"getSeriesMetaData SeriesInstanceUID={uid}"
-        rows = await self._query("getSeriesMetaData", {"SeriesInstanceUID": uid}, what)
+        rows = await self._rows("getSeriesMetaData", {"SeriesInstanceUID": uid}, what)
         return records.flat_strings(rows[0]) if rows else {}
 
     async def single_image(self, series_uid: str, sop_uid: str) -> bytes:
@@ -196,7 +233,7 @@ class NbiaClient:
         async def fetch() -> bytes:
             async with self._open("getSingleImage", params, what) as resp:
                 _refuse_error_page(resp, what)
-                body = await _read_body(resp, what)
+                body = await bodies.read_all(resp, what, self._floor)
             if not body:
                 raise RetryableError(f"{what}: the archive sent an empty file")
             return body
@@ -219,18 +256,20 @@ class NbiaClient:
             endpoint, params = "getImageWithMD5Hash", {"SeriesInstanceUID": uid}
         what = f"{endpoint} SeriesInstanceUID={uid}"
 
-        async def open_zip() -> tuple[aiohttp.ClientResponse, bytes]:
-            resp = await self._send(endpoint, params, what)
+        async def open_zip() -> tuple[aiohttp.ClientResponse, AsyncIterator[bytes], bytes]:
+            # No Content-Encoding is asked for; one sent anyway is inflated in bounded steps.
+            resp = await self._send(endpoint, params, what, accept_encoding="identity")
+            body = bodies.body_chunks(resp, what, self._floor, size=self.transfer.chunk_size)
             try:
-                head = await _zip_head(resp, what)
+                head = await _zip_head(resp, body, what)
             except BaseException:
                 resp.close()
                 raise
-            return resp, head
+            return resp, body, head
 
-        resp, head = await self.policy.call(open_zip, what=what)
+        resp, body, head = await self.policy.call(open_zip, what=what)
         log.debug("client.stream_opened", series_uid=uid, source=self.source.name)
-        stream = _ZipStream(resp, head, self.transfer.chunk_size, what)
+        stream = _ZipStream(resp, body, head, what)
         chunks = stream.chunks()
         try:
             yield chunks
@@ -241,14 +280,42 @@ class NbiaClient:
     # ---- HTTP plumbing ---------------------------------------------------------------
 
     async def _query(
-        self, endpoint: str, params: Mapping[str, str | None], what: str
-    ) -> list[records.Record]:
-        async def fetch() -> list[records.Record]:
-            async with self._open(endpoint, params, what) as resp:
-                body = await _read_body(resp, what)
-            return records.json_records(body, what)
+        self,
+        endpoint: str,
+        params: Mapping[str, str | None],
+        what: str,
+        convert: Callable[[records.Record, int], T],
+    ) -> list[T]:
+        """Each record of the answer converted as soon as it is parsed: the raw body and
+        its dicts never exist all at once. One attempt has transfer.query_timeout."""
+
+        async def fetch() -> list[T]:
+            out: list[T] = []
+            try:
+                async with asyncio.timeout(self.transfer.query_timeout):
+                    async with self._open(endpoint, params, what) as resp:
+                        chunks = bodies.body_chunks(
+                            resp,
+                            what,
+                            self._floor,
+                            max_bytes=self.transfer.max_query_bytes,
+                            limit_name="transfer.max_query_bytes",
+                        )
+                        async for record in bodies.json_records(chunks, what):
+                            out.append(convert(record, len(out)))
+            except TimeoutError:
+                raise RetryableError(
+                    f"{what}: no complete answer within transfer.query_timeout = "
+                    f"{self.transfer.query_timeout:g} s"
+                ) from None
+            return out
 
         return await self.policy.call(fetch, what=what)
+
+    async def _rows(
+        self, endpoint: str, params: Mapping[str, str | None], what: str
+    ) -> list[records.Record]:
+        return await self._query(endpoint, params, what, lambda r, _i: r)
 
     @asynccontextmanager
     async def _open(
@@ -261,7 +328,12 @@ class NbiaClient:
             resp.release()
 
     async def _send(
-        self, endpoint: str, params: Mapping[str, str | None], what: str
+        self,
+        endpoint: str,
+        params: Mapping[str, str | None],
+        what: str,
+        *,
+        accept_encoding: str = bodies.QUERY_ACCEPT_ENCODING,
     ) -> aiohttp.ClientResponse:
         """GET with the bearer token; a 401 renews the token once and replays.
 
@@ -272,13 +344,14 @@ class NbiaClient:
         query = {k: v for k, v in params.items() if v is not None}
         replayed = False
         while True:
-            headers: dict[str, str] = {}
+            headers: dict[str, str] = {"Accept-Encoding": accept_encoding}
             token: str | None = None
             if self._auth is not None:
                 token = await self._auth.token()
                 headers["Authorization"] = f"Bearer {token}"
             try:
-                resp = await http.get(url, params=query, headers=headers)
+                # Never aiohttp's inflation: it inflates a whole chunk at once, unbounded.
+                resp = await http.get(url, params=query, headers=headers, auto_decompress=False)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise error_for_exception(exc, what) from exc
             if 200 <= resp.status < 300:
@@ -305,11 +378,11 @@ class _ZipStream:
     """Iterates a ZIP response; maps every mid-stream failure to RetryableError."""
 
     def __init__(
-        self, resp: aiohttp.ClientResponse, head: bytes, chunk_size: int, what: str
+        self, resp: aiohttp.ClientResponse, body: AsyncIterator[bytes], head: bytes, what: str
     ) -> None:
         self._resp = resp
+        self._body = body
         self._head = head
-        self._chunk_size = chunk_size
         self._what = what
         self._received = 0
         self._complete = False
@@ -318,11 +391,12 @@ class _ZipStream:
         self._received = len(self._head)
         yield self._head
         try:
-            async for chunk in self._resp.content.iter_chunked(self._chunk_size):
+            async for chunk in self._body:
                 self._received += len(chunk)
                 yield chunk
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            reason = "stalled" if isinstance(exc, TimeoutError) else type(exc).__name__
+        except RetryableError as exc:
+            cause = exc.__cause__
+            reason = "stalled" if isinstance(cause, TimeoutError) else "cut"
             raise RetryableError(
                 f"{self._what}: the stream broke after {self._received} bytes ({reason}: {exc})"
             ) from exc
@@ -337,18 +411,14 @@ class _ZipStream:
             self._resp.close()
 
 
-async def _zip_head(resp: aiohttp.ClientResponse, what: str) -> bytes:
+async def _zip_head(resp: aiohttp.ClientResponse, body: AsyncIterator[bytes], what: str) -> bytes:
     """The first bytes of the body, checked to be a ZIP (servers send errors with 200)."""
     _refuse_error_page(resp, what)
     head = b""
-    try:
-        while len(head) < len(ZIP_MAGIC):
-            chunk = await resp.content.readany()
-            if not chunk:
-                break
-            head += chunk
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise error_for_exception(exc, what) from exc
+    async for chunk in body:
+        head += chunk
+        if len(head) >= len(ZIP_MAGIC):
+            break
     if not head.startswith(ZIP_MAGIC):
         shown = _printable(head[:_SNIPPET]) if head else "an empty body"
         raise RetryableError(f"{what}: expected a ZIP archive, got {shown}")
@@ -363,25 +433,23 @@ def _refuse_error_page(resp: aiohttp.ClientResponse, what: str) -> None:
         )
 
 
-async def _read_body(resp: aiohttp.ClientResponse, what: str) -> bytes:
-    try:
-        return await resp.read()
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise error_for_exception(exc, what) from exc
-
-
 async def _snippet(resp: aiohttp.ClientResponse) -> str:
-    """The start of an error body for the message (e.g. 'Invalid query parameter')."""
+    """The start of an error body for the message (e.g. 'Invalid query parameter').
+
+    Redacted before it is cut short, so no secret survives as a fragment."""
     try:
-        body = await resp.content.read(4096)
-    except (aiohttp.ClientError, TimeoutError, OSError):
+        raw = await resp.content.read(4096)
+        inflater = bodies.Inflater(resp.headers.get("Content-Encoding", ""), "error body")
+        body = next(iter(inflater.feed(raw, 4096)), b"")
+    except (aiohttp.ClientError, TimeoutError, OSError, RetryableError):
         return ""
-    return _printable(body[:_SNIPPET])
+    return _printable(body, redact=True)[:_SNIPPET]
 
 
-def _printable(data: bytes) -> str:
+def _printable(data: bytes, *, redact: bool = False) -> str:
     text = data.decode("utf-8", errors="replace")
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return redact_text(text) if redact else text
 
 
 def _describe(endpoint: str, params: Mapping[str, str | None]) -> str:

@@ -94,10 +94,13 @@ def parse_date(value: object) -> date | None:
     return parsed.date() if parsed is not None else None
 
 
-def _as_utc(value: datetime) -> datetime:
+def _as_utc(value: datetime) -> datetime | None:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is before year 1 in UTC
+        return None
 
 
 def _from_epoch(seconds: float) -> datetime | None:

@@ -2,13 +2,17 @@
 
 Backoff is exponential with *full* jitter (a random delay in [0, ceiling]): many workers
 failing together against one archive must not come back together. A server's Retry-After
-is a floor, never shortened by jitter. The transfer pool uses the same ``delay()`` to put
-a series' next try in the catalog, so a restart resumes the same schedule.
+is a floor, never shortened by jitter, but it is clamped to ``max_delay``: a server that
+asks for a decade (or for ``inf``) gets ``max_delay``, and every delay this module hands out
+is a finite number in [0, max_delay]. The transfer pool uses the same ``delay()`` to put a
+series' next try in the catalog, so a restart resumes the same schedule.
 """
 
 from __future__ import annotations
 
+import math
 import random as _random
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +32,11 @@ T = TypeVar("T")
 
 # 2**62 * any sane base delay is past every max_delay; larger exponents overflow floats.
 _MAX_EXPONENT = 62
+# parse_retry_after never returns more than this (a week); the policy clamps further to
+# max_delay. Kept finite so that any datetime/timedelta arithmetic on it is safe.
+MAX_RETRY_AFTER = 7 * 24 * 3600.0
+# delta-seconds is 1*DIGIT (RFC 9110 10.2.3); a decimal point is tolerated.
+_DELTA_SECONDS = re.compile(r"^\+?(\d+)(?:\.\d*)?$")
 
 
 @dataclass(frozen=True)
@@ -65,14 +74,16 @@ class RetryPolicy:
         """Seconds to wait before retry number ``attempt`` (0 = the first retry).
 
         Full jitter: uniform in [0, min(max_delay, base_delay * 2**attempt)], but never less
-        than the server's Retry-After.
+        than the server's Retry-After, itself clamped to max_delay. Always finite.
         """
         exponent = min(max(attempt, 0), _MAX_EXPONENT)
         ceiling = min(self.max_delay, self.base_delay * (2.0**exponent))
         wait = self.rand() * ceiling
-        if retry_after is not None and retry_after > wait:
-            wait = retry_after
-        return wait
+        if retry_after is not None and math.isfinite(retry_after):
+            wait = max(wait, min(retry_after, self.max_delay))
+        elif retry_after is not None and retry_after > 0:  # +inf: as long as we ever wait
+            wait = self.max_delay
+        return min(max(wait, 0.0), self.max_delay) if math.isfinite(wait) else self.max_delay
 
     async def call(self, fn: Callable[[], Awaitable[T]], *, what: str) -> T:
         """Run ``fn`` until it succeeds, fails permanently, or the attempts are spent.
@@ -105,26 +116,48 @@ class RetryPolicy:
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP-date. None if absent/bad."""
+    """Seconds from a Retry-After header: delta-seconds or an HTTP-date.
+
+    None when absent or meaningless (garbage, ``nan``); otherwise a finite number in
+    [0, MAX_RETRY_AFTER]: huge values and ``inf`` become the cap, negative ones 0.
+    Never raises.
+    """
     if value is None:
         return None
     text = value.strip()
     if not text:
         return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        pass
-    else:
-        return max(seconds, 0.0) if seconds == seconds else None  # NaN is not a delay
+    match = _DELTA_SECONDS.match(text)
+    if match:
+        # Compare digit counts, not int(): a 5000-digit header must not hit int limits.
+        whole = match.group(1).lstrip("0") or "0"
+        if len(whole) > 9:
+            return MAX_RETRY_AFTER
+        return min(float(match.group(0)), MAX_RETRY_AFTER)
+    number = _as_float(text)
+    if number is not None:
+        return None if math.isnan(number) else min(max(number, 0.0), MAX_RETRY_AFTER)
     try:
         when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     current = now if now is not None else datetime.now(UTC)
-    return max((when - current).total_seconds(), 0.0)
+    try:
+        seconds = (when - current).total_seconds()
+    except OverflowError:
+        return MAX_RETRY_AFTER
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _as_float(text: str) -> float | None:
+    if len(text) > 64:  # no sane number is this long; float() of megabytes is slow
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def error_for_status(

@@ -32,6 +32,7 @@ from nbia_sync.catalog.db import Database
 from nbia_sync.catalog.models import Instance, Series, SeriesState, Source
 from nbia_sync.catalog.records import Claim, InstanceRecord
 from nbia_sync.errors import CatalogError
+from nbia_sync.log import redact_text
 
 SERIES = cast(Table, Series.__table__)
 SOURCES = cast(Table, Source.__table__)
@@ -518,8 +519,8 @@ async def fail(
             .values(
                 state=state,
                 attempts=attempts,
-                last_error=error[:MAX_ERROR_CHARS],
-                next_try_at=None if give_up else now + timedelta(seconds=max(0.0, delay)),
+                last_error=redact_text(error)[:MAX_ERROR_CHARS],  # before cutting: no fragments
+                next_try_at=None if give_up else now + _retry_delay(delay),
                 updated_at=now,
                 **_UNLEASED,
             )
@@ -527,6 +528,11 @@ async def fail(
         return state
 
     return await db.run_write(op)
+
+
+def _retry_delay(seconds: float) -> timedelta:
+    # Clamped (and NaN-proof): a delay from a hostile Retry-After must not overflow datetime.
+    return timedelta(seconds=min(max(0.0, seconds), 366 * 24 * 3600.0))
 
 
 async def release(db: Database, claim: Claim, owner: str) -> bool:

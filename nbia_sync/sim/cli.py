@@ -26,6 +26,10 @@ _FAULT_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("html_instead_of_zip", float, "rate of downloads answered 200 text/html"),
     ("latency", float, "seconds added to every response"),
     ("bandwidth", int, "bytes/s cap per download stream"),
+    ("trickle", int, "every response body sent at this many bytes/s"),
+    ("retry_after_header", str, "the 429 Retry-After header verbatim (e.g. inf, an HTTP date)"),
+    ("echo_token_status", int, "answer every service request with this status, echoing the token"),
+    ("gzip_bomb", int, "gzip query answers padded with this many bytes of whitespace"),
     ("token_ttl", float, "access token lifetime, seconds"),
     ("refresh_ttl", float, "refresh token lifetime, seconds"),
 )

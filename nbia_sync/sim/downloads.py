@@ -70,8 +70,12 @@ class Pipe:
         counters: SimCounters,
         faults: SimFaults,
         cut_at: int | None,
+        *,
+        gzip: bool = False,
     ) -> None:
         self._response = response
+        # Content-Encoding: gzip (the gzip_downloads knob); `sent` counts the ZIP's bytes.
+        self._gzip = zlib.compressobj(6, zlib.DEFLATED, 31) if gzip else None
         self._counters = counters
         self._faults = faults
         self._cut_at = cut_at
@@ -83,8 +87,8 @@ class Pipe:
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            rate = self._faults.bandwidth
-            size = _MAX_PIECE if not rate else max(1024, min(256 * 1024, rate // 20))
+            rate = self._rate()
+            size = _MAX_PIECE if not rate else max(1, min(256 * 1024, rate // 20))
             piece = view[:size]
             if self._cut_at is not None and self.sent + len(piece) >= self._cut_at:
                 await self._send(piece[: self._cut_at - self.sent])
@@ -92,10 +96,22 @@ class Pipe:
             await self._send(piece)
             view = view[len(piece) :]
 
+    async def close(self) -> None:
+        """The end of the body (the gzip trailer, when encoding)."""
+        if self._gzip is not None:
+            await self._response.write(self._gzip.flush())
+
+    def _rate(self) -> int | None:
+        return self._faults.trickle or self._faults.bandwidth
+
     async def _send(self, piece: memoryview) -> None:
         if not piece:
             return
-        await self._response.write(bytes(piece))
+        if self._gzip is not None:
+            packed = self._gzip.compress(piece) + self._gzip.flush(zlib.Z_SYNC_FLUSH)
+            await self._response.write(packed)
+        else:
+            await self._response.write(bytes(piece))
         self.sent += len(piece)
         self._counters.bytes_sent += len(piece)
         hold = self._faults.hold
@@ -104,7 +120,7 @@ class Pipe:
         await self._pace(len(piece))
 
     async def _pace(self, sent: int) -> None:
-        rate = self._faults.bandwidth
+        rate = self._rate()
         if rate != self._pace_rate:  # the cap changed while streaming: start over
             self._pace_rate, self._pace_start, self._pace_sent = rate, time.monotonic(), 0
         if not rate:

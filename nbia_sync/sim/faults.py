@@ -60,6 +60,25 @@ class SimFaults:
     # download: after its first bytes the body waits until this event is set, so a test
     # holds downloads in flight (on its own, fake, clock) for as long as it needs.
     hold: asyncio.Event | None = field(default=None, compare=False)
+    # Hostile-server knobs (see sim/hostile.py):
+    # every response body (queries, downloads, the token endpoint) sent at this many bytes/s
+    trickle: int | None = None
+    # the Retry-After header verbatim instead of `retry_after` ("inf", an HTTP date, ...)
+    retry_after_header: str | None = None
+    # every services request answered with this status, the body echoing the bearer token
+    echo_token_status: int | None = None
+    echo_token_endpoints: tuple[str, ...] = ()  # only these endpoints; empty: every one
+    # every services request answered with a 9000-byte header quoting the bearer token
+    # (aiohttp refuses lines over 8190 bytes and quotes the start of the line)
+    echo_token_header: bool = False
+    # the token endpoint answers 307 to this URL (a redirect to another origin)
+    token_redirect: str | None = None
+    # the access token issued, verbatim (e.g. with CR/LF in it)
+    token_override: str | None = None
+    # queries: gzip-encoded answers padded with this many bytes of whitespace when inflated
+    gzip_bomb: int | None = None
+    # downloads: the ZIP sent with Content-Encoding: gzip
+    gzip_downloads: bool = False
     token_ttl: float = 7200.0  # access token life, seconds
     refresh_ttl: float = 7200.0  # refresh token life, seconds
     seed: int = 0

@@ -34,6 +34,7 @@ from nbia_sync.sim.archive import SimArchive, SimSeries
 from nbia_sync.sim.counters import SimCounters
 from nbia_sync.sim.downloads import Pipe, SeriesZip, StreamCut, zip_date_time
 from nbia_sync.sim.faults import SimFaults, SimReply, StreamFault
+from nbia_sync.sim.hostile import gzip_padded, trickle
 from nbia_sync.sim.queries import DOWNLOADS, SPECS, BadRequest, Row, check_params, run_query
 from nbia_sync.sim.tokens import Grant, TokenStore
 from nbia_sync.sim.zipstream import Compression, ZipStreamWriter
@@ -227,11 +228,13 @@ class SimServer:
         self.counters.statuses[response.status] += 1
         if response.status == 401:
             self.counters.unauthorized += 1
+        if self.faults.trickle and isinstance(response, web.Response):
+            return await trickle(request, response, self.faults.trickle)
         return response
 
     def _fault_response(self, fault: StreamFault) -> web.Response:
         if fault == "429":
-            retry_after = f"{self.faults.retry_after:g}"
+            retry_after = self.faults.retry_after_header or f"{self.faults.retry_after:g}"
             return web.Response(
                 status=429, text="Too Many Requests", headers={"Retry-After": retry_after}
             )
@@ -257,7 +260,7 @@ class SimServer:
 
     def _grant_response(self, grant: Grant) -> web.Response:
         body = {
-            "access_token": grant.access_token,
+            "access_token": self.faults.token_override or grant.access_token,
             "token_type": "bearer",
             "expires_in": _seconds(grant.expires_in),
             "refresh_token": grant.refresh_token,
@@ -269,6 +272,8 @@ class SimServer:
         return web.json_response(body)
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
+        if self.faults.token_redirect is not None:
+            raise web.HTTPTemporaryRedirect(self.faults.token_redirect)
         form = await request.post()
         fields = {k: str(v) for k, v in form.items()}
         grant_type = fields.get("grant_type")
@@ -326,6 +331,16 @@ class SimServer:
             user = self._bearer_user(request)
             if user is None:
                 return self._dead_token(endpoint)
+        echo = self.faults.echo_token_endpoints
+        if self.faults.echo_token_status is not None and (not echo or endpoint in echo):
+            # A server whose error page quotes the credentials it was given.
+            echoed = request.headers.get("Authorization", "").partition(" ")[2]
+            return web.Response(
+                status=self.faults.echo_token_status, text=f"access denied for token {echoed}"
+            )
+        if self.faults.echo_token_header:
+            quoted = request.headers.get("Authorization", "")
+            return web.Response(headers={"X-Echo": quoted + "." * 9000}, text="")
         params = dict(request.query)
         try:
             check_params(version, endpoint, params)
@@ -337,6 +352,12 @@ class SimServer:
         fmt = params.get("format", "json").lower()
         if fmt not in ("json", "csv"):
             return web.Response(status=400, text=f"Unsupported format: {fmt}")
+        if self.faults.gzip_bomb is not None:
+            body = gzip_padded(b"[", self.faults.gzip_bomb, json.dumps(rows)[1:].encode())
+            return web.Response(
+                body=body,
+                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            )
         return _render(rows, fmt)
 
     def _dead_token(self, endpoint: str) -> web.Response:
@@ -382,6 +403,9 @@ class SimServer:
                 "Content-Disposition": f'attachment; filename="{uid}.zip"',
             },
         )
+        encode = self.faults.gzip_downloads and series is not None
+        if encode:
+            response.headers["Content-Encoding"] = "gzip"
         response.enable_chunked_encoding()
         await response.prepare(request)
         self.counters.stream_opened()
@@ -394,11 +418,12 @@ class SimServer:
                 await writer.finish()
                 return response
             job = SeriesZip(series, endpoint, params, fault, self.compression)
-            pipe = Pipe(response, self.counters, self.faults, job.cut_at())
+            pipe = Pipe(response, self.counters, self.faults, job.cut_at(), gzip=encode)
             writer = ZipStreamWriter(
                 pipe.write, compression=self.compression, date_time=zip_date_time(series)
             )
             await job.write(writer)
+            await pipe.close()
             await response.write_eof()
             if fault == "ok":
                 self.counters.downloads_completed[uid] += 1

@@ -49,7 +49,8 @@ async def make_client(sim: SimServer, clock: FakeClock) -> AsyncIterator[ClientF
     def make(api: str = "v4", attempts: int = 3, **source: Any) -> NbiaClient:
         settings = SourceSettings(name="src", url=sim.url, api=api, **source)
         transfer = TransferSettings(chunk_size=4096, read_timeout=0.5)
-        policy = RetryPolicy(0.0, 0.0, attempts, clock=clock, rand=lambda: 1.0)
+        # base 0: no backoff of our own; max 60: room for the Retry-After tests.
+        policy = RetryPolicy(0.0, 60.0, attempts, clock=clock, rand=lambda: 1.0)
         client = NbiaClient(settings, transfer, policy=policy)
         opened.append(client)
         return client

@@ -43,7 +43,11 @@ async def test_delay_is_full_jitter_scaled_by_the_random_draw() -> None:
 
 async def test_delay_is_never_less_than_retry_after() -> None:
     assert policy(rand=0.0).delay(0, retry_after=7.5) == 7.5
-    assert policy(rand=1.0).delay(5, retry_after=30.0) == 30.0
+    assert policy(rand=0.0).delay(5, retry_after=9.0) == 9.0
+
+
+async def test_retry_after_beyond_max_delay_is_clamped_to_it() -> None:
+    assert policy(rand=0.0).delay(0, retry_after=30.0) == 10.0
 
 
 async def test_delay_survives_huge_attempt_numbers() -> None:
@@ -111,7 +115,7 @@ async def test_call_treats_raw_connection_errors_as_retryable() -> None:
 
 async def test_call_honours_retry_after_of_the_error() -> None:
     clock = FakeClock()
-    outcomes = [RetryableError("429", retry_after=12.0)]
+    outcomes = [RetryableError("429", retry_after=8.0)]
 
     async def fn() -> str:
         if outcomes:
@@ -119,7 +123,7 @@ async def test_call_honours_retry_after_of_the_error() -> None:
         return "ok"
 
     await policy(rand=0.0, clock=clock).call(fn, what="test")
-    assert clock.sleeps == [12.0]
+    assert clock.sleeps == [8.0]
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 429, 408])
