@@ -237,7 +237,7 @@ def _pass_options(p: argparse.ArgumentParser) -> None:
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    from nbia_sync.log import redact_text
+    from nbia_sync.redaction import redact_text
 
     line = redact_text(" ".join(message.split()))  # always one line, never a live secret
     print(f"nbia-sync: error: {line}", file=sys.stderr, flush=True)

@@ -28,7 +28,7 @@ from pydantic import (
 
 from nbia_sync.constants import DEFAULT_TCIA_URL, GUEST_USER
 from nbia_sync.errors import ConfigError
-from nbia_sync.log import register_secret
+from nbia_sync.redaction import register_secret
 
 __all__ = ["DEFAULT_TCIA_URL", "GUEST_USER"]  # re-exported: callers import them from here
 

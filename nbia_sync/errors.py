@@ -8,7 +8,7 @@ Messages never contain tokens or passwords: ``str()`` of every error here is red
 
 from __future__ import annotations
 
-from nbia_sync.log import redact_text
+from nbia_sync.redaction import redact_text
 
 
 class NbiaSyncError(Exception):

@@ -31,7 +31,7 @@ from nbia_sync.api.retry import RetryPolicy, error_for_exception, error_for_stat
 from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.config import SourceSettings, TransferSettings
 from nbia_sync.errors import RetryableError
-from nbia_sync.log import redact_text
+from nbia_sync.redaction import redact_text
 
 log = structlog.get_logger(__name__)
 

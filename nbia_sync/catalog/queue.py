@@ -32,7 +32,7 @@ from nbia_sync.catalog.db import Database
 from nbia_sync.catalog.models import Instance, Series, SeriesState, Source
 from nbia_sync.catalog.records import Claim, InstanceRecord
 from nbia_sync.errors import CatalogError
-from nbia_sync.log import redact_text
+from nbia_sync.redaction import redact_text
 
 SERIES = cast(Table, Series.__table__)
 SOURCES = cast(Table, Source.__table__)

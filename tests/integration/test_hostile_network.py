@@ -25,6 +25,7 @@ from cli_fixtures import REPO, free_port, mirror_files, run_subprocess, write_co
 
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.retry import RetryPolicy
+from nbia_sync.clock import FakeClock
 from nbia_sync.config import SourceSettings, TransferSettings
 from nbia_sync.errors import AuthError, PermanentError, RetryableError
 from nbia_sync.log import REDACTED
@@ -39,23 +40,18 @@ MAX_DELAY = 5.0
 ROOT = "/nbia-api/"
 
 
-class Sleeps:
-    """Records the backoff delays without waiting them."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-
-
 def client_for(
-    url: str, api: str = "v4", *, attempts: int = 1, sleeps: Sleeps | None = None, **transfer: Any
+    url: str,
+    api: str = "v4",
+    *,
+    attempts: int = 1,
+    sleeps: FakeClock | None = None,
+    **transfer: Any,
 ) -> NbiaClient:
     settings = TransferSettings(
         **{"read_timeout": 30.0, "chunk_size": 16384, "retry_max_delay": MAX_DELAY, **transfer}
     )
-    policy = RetryPolicy(0.0, settings.retry_max_delay, attempts, sleep=sleeps or Sleeps())
+    policy = RetryPolicy(0.0, settings.retry_max_delay, attempts, clock=sleeps or FakeClock())
     return NbiaClient(SourceSettings(name="h", url=url, api=api), settings, policy=policy)
 
 
@@ -110,21 +106,21 @@ ODD_RETRY_AFTERS = ["nan", "-5", "soon", "Mon, 01 Jan 0001 00:00:00 GMT", "1 min
 @pytest.mark.parametrize("header", HUGE_RETRY_AFTERS)
 async def test_sim_huge_retry_after_waits_retry_max_delay(header: str) -> None:
     async with running_sim(faults=SimFaults(rate_429=1.0, retry_after_header=header)) as sim:
-        sleeps = Sleeps()
+        sleeps = FakeClock()  # records the backoff delays without waiting them
         async with client_for(sim.url, attempts=2, sleeps=sleeps) as client:
             with pytest.raises(RetryableError, match="HTTP 429"):
                 await guarded(client.collections())
-    assert sleeps.delays == [MAX_DELAY]
+    assert sleeps.sleeps == [MAX_DELAY]
 
 
 @pytest.mark.parametrize("header", ODD_RETRY_AFTERS)
 async def test_sim_meaningless_retry_after_is_our_own_backoff(header: str) -> None:
     async with running_sim(faults=SimFaults(rate_429=1.0, retry_after_header=header)) as sim:
-        sleeps = Sleeps()
+        sleeps = FakeClock()  # records the backoff delays without waiting them
         async with client_for(sim.url, attempts=2, sleeps=sleeps) as client:
             with pytest.raises(RetryableError):
                 await guarded(client.collections())
-    assert sleeps.delays == [0.0]  # base delay 0, nothing from the server
+    assert sleeps.sleeps == [0.0]  # base delay 0, nothing from the server
 
 
 async def test_hostile_503_on_a_download_with_absurd_retry_after_is_clamped() -> None:
@@ -133,7 +129,7 @@ async def test_hostile_503_on_a_download_with_absurd_retry_after_is_clamped() ->
     async def unavailable(_request: web.Request) -> web.Response:
         return web.Response(status=503, headers={"Retry-After": next(answers)})
 
-    sleeps = Sleeps()
+    sleeps = FakeClock()  # records the backoff delays without waiting them
     async with (
         hostile({"services/v4/getImage": unavailable}) as url,
         client_for(url, attempts=3, sleeps=sleeps) as client,
@@ -141,7 +137,7 @@ async def test_hostile_503_on_a_download_with_absurd_retry_after_is_clamped() ->
         with pytest.raises(RetryableError, match="HTTP 503"):
             async with client.stream_series("1.2.3") as chunks:
                 await guarded(drain(chunks))
-    assert sleeps.delays == [MAX_DELAY, MAX_DELAY]
+    assert sleeps.sleeps == [MAX_DELAY, MAX_DELAY]
 
 
 @pytest.mark.parametrize("header", ["1e12", "inf"])
