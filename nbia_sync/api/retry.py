@@ -104,7 +104,8 @@ class RetryPolicy:
                 log.warning("retry.gave_up", what=what, attempts=attempt, error=str(error))
                 raise error
             wait = self.delay(attempt - 1, error.retry_after)
-            log.info(
+            # debug: a request that recovers is no news; one that gives up warns once.
+            log.debug(
                 "retry.scheduled",
                 what=what,
                 attempt=attempt,
