@@ -40,6 +40,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import anyio
 import structlog
 
 from nbia_sync.api.manifest import ManifestError, is_dicom_uid, parse_manifest
@@ -310,17 +311,26 @@ class _Pass:
 async def _all(*pending: Coroutine[Any, Any, T]) -> list[T]:
     """Run concurrently; on the first failure cancel the rest and raise that failure.
 
-    (asyncio.gather would leave the siblings running; a TaskGroup's ExceptionGroup would
-    hide the error class that callers decide retries on.)
+    (asyncio.gather would leave the siblings running; a task group's ExceptionGroup would
+    hide the error class that callers decide retries on. An anyio group, like the engine's
+    around it: an asyncio.TaskGroup nested in an anyio one cancels the enclosing task.)
     """
+    results: list[T] = []
+    slots: dict[int, T] = {}
+
+    async def run(index: int, query: Coroutine[Any, Any, T]) -> None:
+        slots[index] = await query
+
     try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(p) for p in pending]
+        async with anyio.create_task_group() as group:
+            for index, query in enumerate(pending):
+                group.start_soon(run, index, query)
     except BaseExceptionGroup as eg:
         first = eg.exceptions[0]
         # Its own cause is kept (it says why, e.g. the refused connection); the group is not.
         raise first from first.__cause__
-    return [t.result() for t in tasks]
+    results.extend(slots[i] for i in range(len(pending)))
+    return results
 
 
 def _as_utc(value: datetime) -> datetime:
