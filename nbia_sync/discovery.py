@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from nbia_sync.api.models import PatientInfo, SeriesInfo, StudyInfo
-from nbia_sync.catalog import Catalog, UpsertResult
+from nbia_sync.catalog import Catalog, Listing, UpsertResult
 from nbia_sync.config import ScheduleSettings, SourceSettings
 
 log = structlog.get_logger(__name__)
@@ -64,6 +64,8 @@ class DiscoveryReport:
     changed: int = 0
     unchanged: int = 0
     full: bool = False
+    skipped: int = 0  # bad records left out (see api/_records.py)
+    conflicts: int = 0  # series newly held as identity conflicts
     # Manifest UIDs the archive does not know (add_manifest only).
     unknown: tuple[str, ...] = field(default=())
 
@@ -112,6 +114,7 @@ class _Pass:
         self.source_id = source_id
         self.filter = _Filter(source)
         self.result = UpsertResult()
+        self.listing = Listing()  # what this pass saw: identity conflicts and moves
         self.newest: datetime | None = None
         self._limit = asyncio.Semaphore(QUERY_CONCURRENCY)
 
@@ -128,7 +131,7 @@ class _Pass:
                 released = _as_utc(s.date_released)
                 self.newest = released if self.newest is None else max(self.newest, released)
         if kept:
-            stored = await self.catalog.upsert_series(self.source_id, kept)
+            stored = await self.catalog.upsert_series(self.source_id, kept, self.listing)
             # Not `self.result += await ...`: that reads self.result before the await and
             # would drop the counts of collections stored concurrently.
             self.result = self.result + stored
@@ -261,11 +264,13 @@ async def discover(
     full = _full_listing_due(watermark, await catalog.last_full_listing_at(source_id), schedule)
     collections = await _collections(client, source)
     work = _Pass(catalog, client, source, source_id)
+    work.listing.full = full or watermark is None
     if full or watermark is None:
         await work.full_listing(collections)
     else:
         since = (watermark - timedelta(days=schedule.overlap_days)).date()
         await work.increments(collections, since)
+    work.result = work.result + await catalog.finish_listing(source_id, work.listing)
     # Only now, with every batch committed, may the watermark move forward.
     newest = (
         work.newest if watermark is None or work.newest is None else max(watermark, work.newest)
@@ -277,6 +282,8 @@ async def discover(
         changed=work.result.changed,
         unchanged=work.result.unchanged,
         full=full,
+        skipped=work.result.skipped,
+        conflicts=work.result.conflicts,
     )
     log.info(
         "discovery.done",
@@ -285,6 +292,8 @@ async def discover(
         new=report.new,
         changed=report.changed,
         unchanged=report.unchanged,
+        skipped=report.skipped,
+        conflicts=report.conflicts,
         watermark=newest.isoformat() if newest else None,
     )
     return report
@@ -310,5 +319,10 @@ async def add_manifest(
     await catalog.record_collections(source_id, sorted({s.collection for s in found}))
     result = await catalog.upsert_series(source_id, found) if found else UpsertResult()
     return DiscoveryReport(
-        new=result.new, changed=result.changed, unchanged=result.unchanged, unknown=unknown
+        new=result.new,
+        changed=result.changed,
+        unchanged=result.unchanged,
+        skipped=result.skipped,
+        conflicts=result.conflicts,
+        unknown=unknown,
     )

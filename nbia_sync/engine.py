@@ -26,11 +26,11 @@ from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.records import RunCounts
 from nbia_sync.catalog.repository import Catalog
 from nbia_sync.config import Settings, SourceSettings, forget_workers_after, stale_after
-from nbia_sync.discovery import discover
+from nbia_sync.discovery import DiscoveryReport, discover
 from nbia_sync.errors import ArchiveError, AuthError, CatalogError, DiskSpaceError, NbiaSyncError
 from nbia_sync.progress import ProgressSink
 from nbia_sync.storage import Mirror
-from nbia_sync.transfer.pool import drain
+from nbia_sync.transfer.pool import DrainReport, drain
 
 log = structlog.get_logger(__name__)
 
@@ -119,7 +119,7 @@ async def run_pass(
     )
 
     outcome, error = ERROR, None
-    discovered = done = files = placed_bytes = 0
+    discovered = done = files = placed_bytes = bad_records = 0
     skipped: list[str] = []
     counts: Mapping[SeriesState, tuple[int, int]] = {}
     try:
@@ -141,10 +141,14 @@ async def run_pass(
                 if found is None:
                     skipped.append(source.name)
                 else:
-                    discovered += found
+                    discovered += found.queued
+                    bad_records += found.skipped
             if not stop.is_set():
+                # Filled in as series are placed: counts stay right when the drain stops
+                # on an error (disk full, catalog down).
+                drained = DrainReport()
                 try:
-                    report = await drain(
+                    await drain(
                         settings=settings,
                         catalog=catalog,
                         clients=clients,
@@ -152,12 +156,14 @@ async def run_pass(
                         owner=owner,
                         progress=progress,
                         stop=stop,
+                        report=drained,
                     )
                 except AuthError as exc:
                     # The token could not be renewed mid-drain (password revoked, login
                     # outage): the claims went back, no series was failed for it.
                     raise SourceError(str(exc)) from exc
-                done, files, placed_bytes = report.done, report.files, report.bytes
+                finally:
+                    done, files, placed_bytes = drained.done, drained.files, drained.bytes
         counts = await catalog.state_counts()
         outcome = _outcome(counts, interrupted=stop.is_set())
     except (SourceError, DiskSpaceError, CatalogError) as exc:
@@ -187,6 +193,7 @@ async def run_pass(
                         done=done,
                         failed=_count(counts, SeriesState.FAILED),
                         bytes=placed_bytes,
+                        skipped=bad_records,
                     ),
                 )
             )
@@ -233,8 +240,8 @@ async def _discover_source(
     owner: str,
     held_locks: set[str],
     stop: anyio.Event,
-) -> int | None:
-    """Series found (new or changed), or None when discovery was left to another process.
+) -> DiscoveryReport | None:
+    """What discovery found, or None when discovery was left to another process.
 
     A fleet discovers each source once: a process that finds the lock held by a live
     peer waits for that discovery to commit (so its drain sees the series) instead of
@@ -281,7 +288,7 @@ async def _discover_source(
     finally:
         held_locks.discard(lock)
         await asyncio.shield(catalog.unlock(lock, owner))
-    return report.queued
+    return report
 
 
 async def _is_live(settings: Settings, catalog: Catalog, owner: str) -> bool:
@@ -382,7 +389,8 @@ def _queued(counts: Mapping[SeriesState, tuple[int, int]]) -> int:
 def _outcome(counts: Mapping[SeriesState, tuple[int, int]], *, interrupted: bool) -> str:
     if interrupted:
         return INTERRUPTED
-    if _count(counts, SeriesState.FAILED):
+    # A held identity conflict needs the user as much as a failed series does.
+    if _count(counts, SeriesState.FAILED) or _count(counts, SeriesState.CONFLICT):
         return FAILURES
     # Series other processes are downloading are theirs to finish; ours is done.
     if _queued(counts):

@@ -57,6 +57,14 @@ class HostileArchiveError(PermanentError):
     """A ZIP entry name is absolute, climbs out with '..', or is a link."""
 
 
+class SeriesTooLargeError(PermanentError):
+    """A series listed larger than the free space: that series fails, the pass goes on.
+
+    Permanent for this pass (retrying cannot make room); `retry-failed` after freeing
+    space, or a corrected listing (a changed FileSize re-queues it), brings it back.
+    """
+
+
 class DiskSpaceError(NbiaSyncError):
     """Not enough free space for a series; stops the pass rather than the series."""
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from nbia_sync.errors import DiskSpaceError
+from nbia_sync.errors import DiskSpaceError, SeriesTooLargeError
 
 log = structlog.get_logger(__name__)
 
@@ -291,7 +291,17 @@ class Mirror:
         """Raise DiskSpaceError unless ``expected_bytes`` fit with ``min_free_bytes`` to
         spare, counting what downloads already running in this process will still write."""
         free = await self.free_bytes()
-        need = (expected_bytes or 0) + self._reserved + min_free_bytes
+        alone = (expected_bytes or 0) + min_free_bytes
+        if free > min_free_bytes + self._reserved and free < alone:
+            # There is room, but not for this one even with nothing else running: fail
+            # this series only, smaller ones may still fit (a FileSize of 10^15 must not
+            # end every pass). No room at all stays a DiskSpaceError: the disk is full.
+            raise SeriesTooLargeError(
+                f"the archive lists {expected_bytes} bytes for this series, more than the "
+                f"{free} bytes free under {self.root} less mirror.min_free_bytes "
+                f"({min_free_bytes}); free some space, then run retry-failed"
+            )
+        need = alone + self._reserved
         if free < need:
             raise DiskSpaceError(
                 f"not enough free space under {self.root}: {free} bytes free, need "

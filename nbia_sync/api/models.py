@@ -48,6 +48,8 @@ class SeriesInfo:
     license_uri: str | None = None
     # Everything else the archive sent, as received (kept for the catalog's record).
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    # Why the record cannot be stored (api/_records.py): the catalog skips it, counted.
+    problem: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
