@@ -51,6 +51,7 @@ async def collect_status(
             "done": run.done,
             "failed": run.failed,
             "bytes": run.bytes,
+            "skipped": run.skipped,  # bad records left out by discovery
         },
         "failures": [
             {
@@ -105,10 +106,12 @@ def render_status(status: dict[str, Any], out: TextIO) -> None:
             f"{run['command']} {run['run_id']} started {run['started_at']}, "
             f"{'finished ' + run['finished_at'] if run['finished_at'] else 'not finished'}, "
             f"outcome {run['outcome'] or 'running'}: {run['done']} placed, {run['failed']} failed, "
-            f"{human_bytes(run['bytes'])}\n"
+            f"{human_bytes(run['bytes'])}"
+            + (f", {run['skipped']} bad records skipped" if run["skipped"] else "")
+            + "\n"
         )
     if status["failures"]:
-        w("\nrecent failures (newest first):\n")
+        w("\nrecent failures and conflicts (newest first):\n")
         for f in status["failures"]:
             w(
                 f"  {f['state']:<8} {f['source']}/{f['collection']} {f['series_uid']} "
