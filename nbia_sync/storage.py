@@ -31,7 +31,10 @@ log = structlog.get_logger(__name__)
 
 STATE_DIR = ".nbia-sync"
 _MAX_PART_BYTES = 255  # NAME_MAX on every common file system
-_HASHED_PREFIX_BYTES = 200
+# DICOM caps UIDs (and LO values such as PatientID) at 64 characters: anything longer in
+# a path is hostile or broken, and five such parts could pass PATH_MAX. Hashed beyond.
+MAX_PART_CHARS = 64
+_HASHED_PREFIX_CHARS = 30  # + "%h" + 32 hex digits = at most 64 characters
 
 
 def _escape(ch: str) -> str:
@@ -45,8 +48,10 @@ def safe_part(text: str) -> str:
 
     Percent-escapes what a file system or a path join could misread ('/', '\\', NUL and
     other control characters, '%' itself, a leading '.'), so different inputs never share
-    a directory; UIDs and ordinary names pass unchanged. Over 255 bytes, a readable prefix
-    plus a hash of the whole (the '%h' marker cannot come out of the escaping).
+    a directory; UIDs and ordinary names pass unchanged. Over MAX_PART_CHARS (64, DICOM's
+    UID limit) or 255 bytes, a readable prefix plus a hash of the whole (the '%h' marker
+    cannot come out of the escaping), at most 64 characters. Use it for every name that
+    comes from the archive, SOP Instance UIDs from inside the files included.
     """
     if not text:
         return "%"  # cannot come out of escaping either: every '%' there is followed by hex
@@ -64,10 +69,10 @@ def safe_part(text: str) -> str:
         else:
             out.append(ch)
     part = "".join(out)
-    if len(part.encode("utf-8")) <= _MAX_PART_BYTES:
+    if len(part) <= MAX_PART_CHARS and len(part.encode("utf-8")) <= _MAX_PART_BYTES:
         return part
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    prefix = part.encode("utf-8")[:_HASHED_PREFIX_BYTES].decode("utf-8", "ignore")
+    prefix = part[:_HASHED_PREFIX_CHARS]
     # Do not cut an escape in half: '%4' + '%h…' would read as a different escape.
     cut = prefix.rfind("%")
     if cut >= len(prefix) - 2:

@@ -57,6 +57,20 @@ async def test_long_name_cut_never_splits_an_escape() -> None:
     assert prefix == "%2F" * (len(prefix) // 3)
 
 
+async def test_uid_of_64_characters_passes_and_65_is_hashed() -> None:
+    assert safe_part("1" * 64) == "1" * 64
+    part = safe_part("1" * 65)
+    assert "%h" in part and len(part) <= 64
+    assert part != safe_part("1" * 66)
+
+
+async def test_300_digit_uid_becomes_a_short_distinct_component(tmp_path: Path) -> None:
+    a, b = "1." + "2" * 298, "1." + "2" * 297 + "3"
+    pa, pb = safe_part(a), safe_part(b)
+    assert pa != pb and max(len(pa), len(pb)) <= 64
+    (tmp_path / f"{pa}.dcm").write_bytes(b"x")  # a name the file system takes
+
+
 # -- layout ----------------------------------------------------------------------------
 
 
