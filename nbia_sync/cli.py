@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_SOFTWARE = 0, 1, 2, 70
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 DEFAULT_CONFIG = "nbia-sync.toml"
 # After the first SIGINT/SIGTERM the pass gets this long to cancel its downloads and
 # give its leases back before it is cancelled outright (Docker's stop timeout is 10 s).
@@ -265,6 +267,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
     # Imported after the config loaded: a config error must not depend on them.
     from nbia_sync.display import terminal_progress
     from nbia_sync.engine import ERROR, OK, run_pass
+    from nbia_sync.storage import check_writable
+
+    check_writable(settings.mirror.root)
 
     async def job(stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
@@ -292,6 +297,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     settings = _setup(args)
     # Imported after the config loaded: a config error must not depend on them.
     from nbia_sync.daemon import run_daemon
+    from nbia_sync.storage import check_writable
+
+    check_writable(settings.mirror.root)
 
     async def job(stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
@@ -308,7 +316,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _setup(args)
     # Imported after the config loaded: a config error must not depend on them.
-    from nbia_sync.status import collect_status, render_status
+    from nbia_sync.status import collect_status, render_status, require_catalog
+
+    require_catalog(settings)
 
     async def job(_stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
@@ -330,7 +340,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = _setup(args)
     # Imported after the config loaded: a config error must not depend on them.
-    from nbia_sync.verify import verify_mirror
+    from nbia_sync.verify import require_mirror_here, verify_mirror
+
+    require_mirror_here(settings)
 
     async def job(_stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
@@ -468,6 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cause = sole_error(exc)  # a task group's wrapper around one real error
         if isinstance(cause, NbiaSyncError):
             return _fail(str(cause) or type(cause).__name__)
+        if isinstance(cause, OSError) and cause.errno in _NOT_WRITABLE:
+            # The root turned read-only (or lost its permissions) under a running command.
+            where = f" {cause.filename}" if cause.filename else ""
+            return _fail(f"cannot write{where} ({cause.strerror}); check mirror.root")
         if args.verbose:
             traceback.print_exc()
         return _fail(

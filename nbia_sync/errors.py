@@ -16,6 +16,10 @@ class ConfigError(NbiaSyncError):
     """The configuration is invalid (exit code 2)."""
 
 
+class MirrorRootError(ConfigError):
+    """The mirror root or its state directory cannot be written, or holds no mirror."""
+
+
 class CatalogError(NbiaSyncError):
     """The catalog cannot be opened or is at an unknown schema revision."""
 

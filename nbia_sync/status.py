@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.records import FailureInfo, RunInfo, WorkerInfo
 from nbia_sync.config import Settings, stale_after
+from nbia_sync.errors import MirrorRootError
 
 
 class StatusSource(Protocol):
@@ -17,6 +19,22 @@ class StatusSource(Protocol):
     async def last_run(self) -> RunInfo | None: ...
     async def failures(self, limit: int = 50) -> list[FailureInfo]: ...
     async def workers(self) -> list[WorkerInfo]: ...
+
+
+def require_catalog(settings: Settings) -> None:
+    """A SQLite catalog must exist already: opening it would create an empty one (and its
+    directory), and report that empty mirror as fine. PostgreSQL: nothing to check here."""
+    from sqlalchemy.engine import make_url  # here: the CLI imports this module at start
+
+    url = make_url(settings.catalog_url)
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return
+    path = Path(url.database)
+    if not path.is_file():
+        raise MirrorRootError(
+            f"no mirror at {settings.mirror.root} (no catalog {path}): "
+            "check mirror.root and catalog.url, or run sync first"
+        )
 
 
 def _iso(value: datetime | None) -> str | None:

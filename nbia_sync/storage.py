@@ -18,6 +18,7 @@ import errno
 import hashlib
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from nbia_sync.errors import DiskSpaceError, SeriesTooLargeError
+from nbia_sync.errors import DiskSpaceError, MirrorRootError, SeriesTooLargeError
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +79,31 @@ def safe_part(text: str) -> str:
     if cut >= len(prefix) - 2:
         prefix = prefix[:cut]
     return f"{prefix}%h{digest}"
+
+
+def check_writable(root: Path) -> None:
+    """For the commands that write: the root and its state directory exist (made when
+    missing) and take a new file, else MirrorRootError naming the path (exit 2)."""
+    for directory in (root, root / STATE_DIR):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise MirrorRootError(
+                f"cannot write to {directory} ({reason}); check mirror.root"
+            ) from None
+
+
+def require_mirror(root: Path) -> None:
+    """For the commands that only read (status, verify): a root without the state
+    directory holds no mirror; say so rather than start an empty one there."""
+    if not (root / STATE_DIR).is_dir():
+        raise MirrorRootError(
+            f"no mirror at {root} (no {STATE_DIR} directory): check mirror.root, or run sync first"
+        )
 
 
 def _fsync_path(path: Path, *, directory: bool = False) -> None:

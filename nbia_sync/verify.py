@@ -18,6 +18,9 @@ from typing import Literal, Protocol
 import structlog
 
 from nbia_sync.catalog.records import InstanceRecord
+from nbia_sync.config import Settings
+from nbia_sync.status import require_catalog
+from nbia_sync.storage import require_mirror
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +58,12 @@ class VerifyReport:
 
     def count(self, kind: ProblemKind) -> int:
         return sum(1 for p in self.problems if p.kind == kind)
+
+
+def require_mirror_here(settings: Settings) -> None:
+    """MirrorRootError (exit 2) unless mirror.root holds a mirror and its catalog."""
+    require_mirror(settings.mirror.root)
+    require_catalog(settings)
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
