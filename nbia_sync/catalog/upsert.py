@@ -276,13 +276,12 @@ async def _upsert_batch(
     new_rows: list[dict[str, Any]] = []
     requeue: list[dict[str, Any]] = []
     bump: list[dict[str, Any]] = []
-    held = deferred = 0
+    deferred = 0
     for info in batch:
         row = existing.get(info.series_uid)
         if row is None:
             other = elsewhere.get(info.series_uid)
             if other is not None:
-                held += 1
                 log.warning(
                     "series_conflict",
                     series_uid=info.series_uid,
@@ -311,21 +310,28 @@ async def _upsert_batch(
         elif is_changed(row, info):
             params = {"b_id": row.id, **{f"b_{k}": v for k, v in _metadata(info, now).items()}}
             (bump if row.state == SeriesState.DOWNLOADING else requeue).append(params)
+    inserted: set[str] = set()
     if new_rows:
-        # DO NOTHING: a second discoverer racing us (fleet without the discovery lock)
-        # must not abort the batch; the row it wrote is as good as ours.
-        insert_new = insert_for(conn, SERIES).on_conflict_do_nothing(
-            index_elements=["source_id", "series_uid"]
+        # DO NOTHING: a second discoverer racing us (fleet without the discovery lock),
+        # or this pass listing the UID under two places at once, must not abort the
+        # batch; the row written first is kept (and counted once: RETURNING).
+        insert_new = (
+            insert_for(conn, SERIES)
+            .on_conflict_do_nothing(index_elements=["source_id", "series_uid"])
+            .returning(SERIES.c.series_uid)
         )
-        await conn.execute(insert_new, new_rows)
+        inserted = set((await conn.execute(insert_new, new_rows)).scalars())
     if requeue:
         await conn.execute(_REQUEUE, requeue)
     if bump:
         await conn.execute(_BUMP_IN_FLIGHT, bump)
     changed = len(requeue) + len(bump)
-    unchanged = len(batch) - len(new_rows) - changed - deferred
+    held = sum(
+        1 for r in new_rows if r["series_uid"] in inserted and r["state"] == SeriesState.CONFLICT
+    )
+    unchanged = len(batch) - len(inserted) - changed - deferred
     return UpsertResult(
-        new=len(new_rows) - held, changed=changed, unchanged=unchanged, conflicts=held
+        new=len(inserted) - held, changed=changed, unchanged=unchanged, conflicts=held
     )
 
 
