@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
+from nbia_sync.api._records import EARLIEST_RELEASE
 from nbia_sync.api.models import PatientInfo, SeriesInfo, StudyInfo
 from nbia_sync.catalog import Catalog, Listing, UpsertResult
 from nbia_sync.config import ScheduleSettings, SourceSettings
@@ -261,6 +262,10 @@ async def discover(
     """One discovery pass for `source`; returns what it queued."""
     started = datetime.now(UTC)
     watermark = _not_after(await catalog.get_watermark(source_id), started)
+    if watermark is not None and watermark < EARLIEST_RELEASE:
+        # Stored before absurd dates were ignored (api/_records.py): list in full instead
+        # of doing arithmetic on year 1.
+        watermark = None
     full = _full_listing_due(watermark, await catalog.last_full_listing_at(source_id), schedule)
     collections = await _collections(client, source)
     work = _Pass(catalog, client, source, source_id)

@@ -136,6 +136,18 @@ async def test_year_one_release_date_is_ignored_and_later_passes_run(
     assert watermark is None or watermark.year >= 1970
 
 
+async def test_year_one_watermark_left_by_an_older_version_means_a_full_listing(
+    catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path / "mirror", sim.url)
+    assert await sync(settings, catalog) == OK
+    sid = await catalog.ensure_source(settings.sources[0])
+    await catalog.set_watermark(sid, datetime(1, 1, 1, tzinfo=UTC), full_listing=True)
+    assert await sync(settings, catalog) == OK
+    watermark = await catalog.get_watermark(sid)
+    assert watermark is not None and watermark.year >= 1970
+
+
 async def test_series_listed_larger_than_the_disk_fails_alone(
     catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path
 ) -> None:
