@@ -30,6 +30,7 @@ from nbia_sync.config import ScheduleSettings, SourceSettings
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+Listed = TypeVar("Listed", PatientInfo, StudyInfo)
 # Archive queries in flight at once during discovery: enough to hide latency, few
 # enough not to look like an attack on a shared public service.
 QUERY_CONCURRENCY = 4
@@ -174,12 +175,22 @@ class _Pass:
         seen = [c for c in collections if c.casefold() in known]
         await _all(*(self.new_in_collection(c, since) for c in seen))
 
+    def usable(self, found: list[Listed]) -> list[Listed]:
+        """The records without a problem; the others are warned about and counted."""
+        good = [r for r in found if r.problem is None]
+        for r in found:
+            if r.problem is not None:
+                log.warning("record_skipped", reason=r.problem)
+        if len(good) < len(found):
+            self.result = self.result + UpsertResult(skipped=len(found) - len(good))
+        return good
+
     async def new_in_collection(self, collection: str, since: date) -> None:
         # Collections already run concurrently; within one, the two queries go in turn.
         patients = await self.query(self.client.new_patients(collection, since))
         studies = await self.query(self.client.new_studies(collection, since))
-        patients = [p for p in patients if self.filter.patient(p.patient_id)]
-        studies = [s for s in studies if self.filter.patient(s.patient_id)]
+        patients = [p for p in self.usable(patients) if self.filter.patient(p.patient_id)]
+        studies = [s for s in self.usable(studies) if self.filter.patient(s.patient_id)]
         if patients:
             await self.catalog.record_patients(self.source_id, patients)
         if studies:

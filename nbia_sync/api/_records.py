@@ -7,8 +7,9 @@ absorbed here. Two failures are not:
     truncated answer or a proxy's error page sent with 200, and the next try usually works;
   * a record without its identifying key -> PermanentError: asking again returns the same
     record, and guessing an identity would put files in the wrong place.
-A series record is the exception: one bad series must not cost the rest of the listing,
-so :func:`series_info` never raises. A record the catalog cannot store (an identity
+Series, patient and study records are the exception: one bad record must not cost the
+rest of the listing, so :func:`series_info`, :func:`patient_info` and :func:`study_info`
+never raise. A record the catalog cannot store (an identity
 missing, holding a NUL or a lone surrogate, or longer than its column; a FileSize or
 ImageCount out of range) comes back with ``problem`` set and is skipped, counted, by the
 catalog. Cosmetic text is cleaned instead (NUL dropped, lone surrogates replaced) and an
@@ -135,44 +136,12 @@ def required(record: Record, keys: tuple[str, ...], what: str, index: int) -> st
     raise PermanentError(f"{what}: record {index} has no {keys[0]}")
 
 
-def _patient_id(record: Record, what: str, index: int) -> str:
-    # v1/v2 say PatientID, v4's getPatient says PatientId.
-    return required(record, ("PatientID", "PatientId"), what, index)
-
-
-def _collection(record: Record, default: str | None, what: str, index: int) -> str:
-    value = text(record.get("Collection")) or default
-    if value is None:
-        raise PermanentError(f"{what}: record {index} has no Collection")
-    return value
-
-
 def collection_name(record: Record, what: str, index: int) -> str:
     return required(record, ("Collection",), what, index)
 
 
-def patient_info(record: Record, what: str, index: int, collection: str) -> PatientInfo:
-    return PatientInfo(
-        collection=_collection(record, collection, what, index),
-        patient_id=_patient_id(record, what, index),
-        patient_name=text(record.get("PatientName")),
-        patient_sex=text(record.get("PatientSex")),
-    )
-
-
-def study_info(record: Record, what: str, index: int, collection: str | None) -> StudyInfo:
-    return StudyInfo(
-        collection=_collection(record, collection, what, index),
-        patient_id=_patient_id(record, what, index),
-        study_uid=required(record, ("StudyInstanceUID",), what, index),
-        study_date=parse_date(record.get("StudyDate")),
-        study_description=text(record.get("StudyDescription")),
-        series_count=integer(record.get("SeriesCount")),
-    )
-
-
 class _Problems:
-    """The first reason a series record cannot be stored (later ones add nothing)."""
+    """The first reason a record cannot be stored (later ones add nothing)."""
 
     def __init__(self, what: str, index: int) -> None:
         self.where = f"{what}: record {index}"
@@ -203,6 +172,42 @@ class _Problems:
         return number
 
 
+def _who(record: Record, bad: _Problems, collection: str | None) -> tuple[str, str]:
+    name = bad.identity(text(record.get("Collection")) or collection, "Collection", MAX_NAME_CHARS)
+    # v1/v2 say PatientID, v4's getPatient says PatientId.
+    patient = text(record.get("PatientID")) or text(record.get("PatientId"))
+    return name, bad.identity(patient, "PatientID", MAX_NAME_CHARS)
+
+
+def patient_info(record: Record, what: str, index: int, collection: str) -> PatientInfo:
+    """Never raises: a record that cannot be used comes back with ``problem`` set."""
+    bad = _Problems(what, index)
+    name, patient_id = _who(record, bad, collection)
+    return PatientInfo(
+        collection=name,
+        patient_id=patient_id,
+        patient_name=_clipped(record.get("PatientName")),
+        patient_sex=_clipped(record.get("PatientSex")),
+        problem=bad.first,
+    )
+
+
+def study_info(record: Record, what: str, index: int, collection: str | None) -> StudyInfo:
+    """Never raises: a record that cannot be used comes back with ``problem`` set."""
+    bad = _Problems(what, index)
+    name, patient_id = _who(record, bad, collection)
+    study_uid = text(record.get("StudyInstanceUID"))
+    return StudyInfo(
+        collection=name,
+        patient_id=patient_id,
+        study_uid=bad.identity(study_uid, "StudyInstanceUID", MAX_UID_CHARS),
+        study_date=parse_date(record.get("StudyDate")),
+        study_description=_clipped(record.get("StudyDescription")),
+        series_count=integer(record.get("SeriesCount")),
+        problem=bad.first,
+    )
+
+
 def _release_date(value: object) -> datetime | None:
     released = parse_datetime(value)
     if released is None or not EARLIEST_RELEASE <= released < LATEST_RELEASE:
@@ -219,9 +224,7 @@ def series_info(record: Record, what: str, index: int, collection: str | None) -
     study_uid = bad.identity(
         text(record.get("StudyInstanceUID")), "StudyInstanceUID", MAX_UID_CHARS
     )
-    name = bad.identity(text(record.get("Collection")) or collection, "Collection", MAX_NAME_CHARS)
-    patient = text(record.get("PatientID")) or text(record.get("PatientId"))
-    patient_id = bad.identity(patient, "PatientID", MAX_NAME_CHARS)
+    name, patient_id = _who(record, bad, collection)
     image_count = bad.count(record.get("ImageCount"), "ImageCount", MAX_IMAGE_COUNT)
     file_size = bad.count(record.get("FileSize"), "FileSize", MAX_FILE_SIZE)
     number = integer(record.get("SeriesNumber"))

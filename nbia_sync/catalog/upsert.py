@@ -455,7 +455,7 @@ async def record_collections(db: Database, source_id: int, names: Iterable[str])
 
 async def record_patients(db: Database, source_id: int, patients: Iterable[PatientInfo]) -> None:
     now = utcnow()
-    keys = sorted({(p.collection, p.patient_id) for p in patients})
+    keys = sorted({(p.collection, p.patient_id) for p in patients if p.problem is None})
     rows = [
         {"source_id": source_id, "collection": c, "patient_id": p, "discovered_at": now}
         for c, p in keys
@@ -465,7 +465,7 @@ async def record_patients(db: Database, source_id: int, patients: Iterable[Patie
 
 async def record_studies(db: Database, source_id: int, studies: Iterable[StudyInfo]) -> None:
     now = utcnow()
-    by_uid = {s.study_uid: s for s in studies}
+    by_uid = {s.study_uid: s for s in studies if s.problem is None}
     rows = [
         {
             "source_id": source_id,

@@ -260,3 +260,44 @@ async def test_hostile_listing_stores_only_what_the_catalog_can_hold(
     assert (report.new, report.skipped) == (2, 5)
     watermark = await catalog.get_watermark(sid)
     assert watermark == datetime(2024, 1, 2, tzinfo=UTC)
+
+
+async def test_bad_patient_and_study_records_of_an_increment_are_skipped(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    """NewPatientsInCollection / NewStudiesInPatientCollection rows without a usable
+    PatientID used to end the whole increment (exit 2): now they are left out, counted."""
+    fresh = dict(GOOD, SeriesInstanceUID="1.2.3.10", PatientID="P2", StudyInstanceUID="1.2.4")
+
+    async def handler(request: web.Request) -> web.Response:
+        endpoint, query = request.match_info["endpoint"], request.query
+        body: list[Any] = []
+        if endpoint == "getCollectionValues":
+            body = [{"Collection": "X"}]
+        elif endpoint == "getSeries":
+            body = [fresh] if query.get("PatientID") == "P2" else [GOOD]
+        elif endpoint == "NewPatientsInCollection":
+            body = [{"Collection": "X"}, {"PatientId": "P\x00"}, {"PatientId": "P2"}]
+        elif endpoint == "NewStudiesInPatientCollection":
+            body = [{"StudyInstanceUID": "1.2.5", "Collection": "X"}]
+        return web.json_response(body)
+
+    app = web.Application()
+    app.router.add_get("/services/v4/{endpoint}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        settings = settings_for(tmp_path / "m", f"http://127.0.0.1:{port}/", api="v4")
+        source = settings.sources[0]
+        sid = await catalog.ensure_source(source)
+        async with NbiaClient(source, settings.transfer) as client:
+            first = await discover(catalog, client, source, sid, settings.schedule)
+            increment = await discover(catalog, client, source, sid, settings.schedule)
+    finally:
+        await runner.cleanup()
+    assert first.full and not increment.full
+    assert (increment.new, increment.skipped) == (1, 3)
+    assert sorted(await rows(catalog)) == ["1.2.3.10", "1.2.3.9"]
