@@ -83,18 +83,26 @@ def safe_part(text: str) -> str:
 
 def check_writable(root: Path) -> None:
     """For the commands that write: the root and its state directory exist (made when
-    missing) and take a new file, else MirrorRootError naming the path (exit 2)."""
-    for directory in (root, root / STATE_DIR):
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise MirrorRootError(
-                f"cannot write to {directory} ({reason}); check mirror.root"
-            ) from None
+    missing) and can be written, else MirrorRootError naming the path (exit 2)."""
+    state = root / STATE_DIR
+    directory = root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # No probe file in the mirror tree itself (a kill could leave it there for
+        # `verify` to find): access(2) tells a read-only file system (EROFS) and missing
+        # permissions; the state directory gets a real probe.
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        directory = state
+        state.mkdir(exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=state)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise MirrorRootError(
+            f"cannot write to {directory} ({reason}); check mirror.root"
+        ) from None
 
 
 def require_mirror(root: Path) -> None:
