@@ -34,6 +34,7 @@ from nbia_sync.status import human_bytes
 
 if TYPE_CHECKING:
     from nbia_sync.catalog.repository import Catalog
+    from nbia_sync.engine import PassReport
 
 log = structlog.get_logger(__name__)
 
@@ -282,7 +283,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
             return _fail(report.error or "the pass could not run")
         print(
             f"sync {report.outcome}: {report.done} series placed ({human_bytes(report.bytes)}), "
-            f"{report.failed} failed, {report.remaining} waiting; run {report.run_id}",
+            f"{report.failed} failed, {report.remaining} waiting"
+            + (f", {held} held as identity conflicts" if (held := _conflicts(report)) else "")
+            + f"; run {report.run_id}",
             flush=True,
         )
         return EXIT_OK if report.outcome == OK else EXIT_FAILURES
@@ -291,6 +294,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if signum is not None:
         return 128 + signum
     return EXIT_FAILURES if code is None else code
+
+
+def _conflicts(report: PassReport) -> int:
+    from nbia_sync.catalog.models import SeriesState
+
+    return report.state_counts.get(SeriesState.CONFLICT, (0, 0))[0]
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

@@ -137,7 +137,12 @@ def required(record: Record, keys: tuple[str, ...], what: str, index: int) -> st
 
 
 def collection_name(record: Record, what: str, index: int) -> str:
-    return required(record, ("Collection",), what, index)
+    # Cleaned and clipped to the collections column, which a NUL or an overlong name
+    # would otherwise break for the whole pass.
+    name = clean(required(record, ("Collection",), what, index))
+    if name is None:
+        raise PermanentError(f"{what}: record {index} has no Collection")
+    return name[:MAX_NAME_CHARS]
 
 
 class _Problems:

@@ -92,6 +92,9 @@ class Listing:
     seen: dict[int, int] = field(default_factory=dict)
     moves: dict[str, SeriesInfo] = field(default_factory=dict)
     conflicts: dict[str, set[Place]] = field(default_factory=dict)
+    # Places of new rows whose insert lost a race (to this pass's other batch, or to a
+    # fleet peer): a conflict's first place may only be known from here.
+    raced: dict[str, set[Place]] = field(default_factory=dict)
 
     def note(self, info: SeriesInfo) -> None:
         here = _place(info)
@@ -231,7 +234,7 @@ async def upsert_series(
 async def _other_sources(
     conn: AsyncConnection, source_id: int, uids: Sequence[str]
 ) -> dict[str, str]:
-    """UID -> name of another source that holds it (not itself as a conflict)."""
+    """UID -> name of another source that holds it (not as a conflict, nor withdrawn)."""
     if not uids:
         return {}
     rows = await conn.execute(
@@ -239,7 +242,7 @@ async def _other_sources(
         .join(SOURCES, SOURCES.c.id == SERIES.c.source_id)
         .where(
             SERIES.c.source_id != source_id,
-            SERIES.c.state != SeriesState.CONFLICT,
+            SERIES.c.state.not_in([SeriesState.CONFLICT, SeriesState.WITHDRAWN]),
             SERIES.c.series_uid.in_(list(uids)),
         )
     )
@@ -321,6 +324,10 @@ async def _upsert_batch(
             .returning(SERIES.c.series_uid)
         )
         inserted = set((await conn.execute(insert_new, new_rows)).scalars())
+        for r in new_rows:
+            if r["series_uid"] not in inserted:
+                place = (r["collection"], r["patient_id"], r["study_uid"])
+                listing.raced.setdefault(r["series_uid"], set()).add(place)
     if requeue:
         await conn.execute(_REQUEUE, requeue)
     if bump:
@@ -372,7 +379,11 @@ async def _hold_conflicts(
 ) -> int:
     holds = []
     for row in await _rows(conn, source_id, listing.conflicts):
-        places = {_place(row)} | listing.conflicts[row.series_uid]
+        places = (
+            {_place(row)}
+            | listing.conflicts[row.series_uid]
+            | listing.raced.get(row.series_uid, set())
+        )
         move = listing.moves.get(row.series_uid)
         if move is not None:
             places.add(_place(move))
