@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from nbia_sync.errors import DiskSpaceError
+from nbia_sync.errors import DiskSpaceError, SeriesTooLargeError
 from nbia_sync.storage import Mirror, safe_part
 
 pytestmark = pytest.mark.asyncio
@@ -199,9 +199,16 @@ async def test_free_bytes_matches_statvfs(tmp_path: Path) -> None:
 
 async def test_ensure_space_names_the_numbers(tmp_path: Path) -> None:
     m = Mirror(tmp_path)
-    free = await m.free_bytes()
+    # A margin past the free space (with 1 GiB of slack for other processes freeing
+    # some meanwhile): the disk counts as full.
+    margin = await m.free_bytes() + (1 << 30)
     with pytest.raises(DiskSpaceError, match=r"bytes free.*1234 for the series"):
-        await m.ensure_space(1234, free)
+        await m.ensure_space(1234, margin)
+
+
+async def test_series_larger_than_the_free_space_fails_alone(tmp_path: Path) -> None:
+    with pytest.raises(SeriesTooLargeError, match=r"lists 1000000000000000 bytes"):
+        await Mirror(tmp_path).ensure_space(10**15, 0)
 
 
 async def test_ensure_space_passes_when_it_fits(tmp_path: Path) -> None:
