@@ -237,11 +237,17 @@ async def _other_sources(
     """UID -> name of another source that holds it (not as a conflict, nor withdrawn)."""
     if not uids:
         return {}
+    # By source id, so the (source_id, series_uid) index serves it; one source: no query.
+    others = list(
+        (await conn.execute(select(SOURCES.c.id).where(SOURCES.c.id != source_id))).scalars()
+    )
+    if not others:
+        return {}
     rows = await conn.execute(
         select(SERIES.c.series_uid, SOURCES.c.name)
         .join(SOURCES, SOURCES.c.id == SERIES.c.source_id)
         .where(
-            SERIES.c.source_id != source_id,
+            SERIES.c.source_id.in_(others),
             SERIES.c.state.not_in([SeriesState.CONFLICT, SeriesState.WITHDRAWN]),
             SERIES.c.series_uid.in_(list(uids)),
         )
