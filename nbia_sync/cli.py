@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import re
@@ -34,8 +35,10 @@ if TYPE_CHECKING:
 
     from nbia_sync.catalog.repository import Catalog
     from nbia_sync.config import Settings, SourceSettings
+    from nbia_sync.engine import PassReport
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_SOFTWARE = 0, 1, 2, 70
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 DEFAULT_CONFIG = "nbia-sync.toml"
 # After the first SIGINT/SIGTERM the pass gets this long to cancel its downloads and
 # give its leases back before it is cancelled outright (Docker's stop timeout is 10 s).
@@ -333,6 +336,9 @@ def _run_pass_command(
     from nbia_sync.engine import run_pass
     from nbia_sync.outcome import Outcome
     from nbia_sync.status import human_bytes
+    from nbia_sync.storage import check_writable
+
+    check_writable(settings.mirror.root)
 
     async def job(stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
@@ -352,7 +358,9 @@ def _run_pass_command(
             print(
                 f"{command} {report.outcome}: {report.done} series placed "
                 f"({human_bytes(report.bytes)}), {report.failed} failed, "
-                f"{report.remaining} waiting; run {report.run_id}",
+                f"{report.remaining} waiting"
+                + (f", {held} held as identity conflicts" if (held := _conflicts(report)) else "")
+                + f"; run {report.run_id}",
                 flush=True,
             )
             code = EXIT_OK if report.outcome is Outcome.OK else EXIT_FAILURES
@@ -445,10 +453,19 @@ def source_name_for(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", host).lstrip("_.-") or "source"
 
 
+def _conflicts(report: PassReport) -> int:
+    from nbia_sync.catalog.models import SeriesState
+
+    return report.state_counts.get(SeriesState.CONFLICT, (0, 0))[0]
+
+
 def cmd_daemon(args: argparse.Namespace) -> int:
     settings = _setup(args)
     # Imported after the config loaded: a config error must not depend on them.
     from nbia_sync.daemon import run_daemon
+    from nbia_sync.storage import check_writable
+
+    check_writable(settings.mirror.root)
 
     async def job(stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
@@ -465,7 +482,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _setup(args)
     # Imported after the config loaded: a config error must not depend on them.
-    from nbia_sync.status import collect_status, render_status
+    from nbia_sync.status import collect_status, render_status, require_catalog
+
+    require_catalog(settings)
 
     async def job(_stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
@@ -488,7 +507,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     settings = _setup(args)
     # Imported after the config loaded: a config error must not depend on them.
     from nbia_sync.status import human_bytes
-    from nbia_sync.verify import verify_mirror
+    from nbia_sync.verify import require_mirror_here, verify_mirror
+
+    require_mirror_here(settings)
 
     async def job(_stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
@@ -659,6 +680,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cause = sole_error(exc)  # a task group's wrapper around one real error
         if isinstance(cause, NbiaSyncError):
             return _fail(str(cause) or type(cause).__name__)
+        if isinstance(cause, OSError) and cause.errno in _NOT_WRITABLE:
+            # The root turned read-only (or lost its permissions) under a running command.
+            where = f" {cause.filename}" if cause.filename else ""
+            return _fail(f"cannot write{where} ({cause.strerror}); check mirror.root")
         if args.verbose:
             traceback.print_exc()
         return _fail(

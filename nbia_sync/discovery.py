@@ -43,9 +43,10 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import structlog
 
+from nbia_sync.api._records import EARLIEST_RELEASE
 from nbia_sync.api.manifest import ManifestError, is_dicom_uid, parse_manifest
 from nbia_sync.api.models import PatientInfo, SeriesInfo, StudyInfo
-from nbia_sync.catalog import Catalog, UpsertResult
+from nbia_sync.catalog import Catalog, Listing, UpsertResult
 from nbia_sync.config import ScheduleSettings, SourceSettings
 from nbia_sync.errors import ConfigError
 from nbia_sync.witness import Watched, trusting
@@ -53,6 +54,7 @@ from nbia_sync.witness import Watched, trusting
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+Listed = TypeVar("Listed", PatientInfo, StudyInfo)
 # Archive queries in flight at once during discovery: enough to hide latency, few
 # enough not to look like an attack on a shared public service.
 QUERY_CONCURRENCY = 4
@@ -88,6 +90,8 @@ class DiscoveryReport:
     changed: int = 0
     unchanged: int = 0
     full: bool = False
+    skipped: int = 0  # bad records left out (see api/_records.py)
+    conflicts: int = 0  # series newly held as identity conflicts
     # Manifest UIDs the archive does not know (add_manifest, manifest-limited sources).
     unknown: tuple[str, ...] = field(default=())
     withdrawn: int = 0  # series this pass found withdrawn
@@ -148,6 +152,7 @@ class _Pass:
         self.source_id = source_id
         self.filter = _Filter(source)
         self.result = UpsertResult()
+        self.listing = Listing()  # what this pass saw: identity conflicts and moves
         self.newest: datetime | None = None
         self._limit = asyncio.Semaphore(QUERY_CONCURRENCY)
         # Per collection listed in full: the held series its listing no longer returned.
@@ -168,7 +173,7 @@ class _Pass:
                 released = _as_utc(s.date_released)
                 self.newest = released if self.newest is None else max(self.newest, released)
         if kept:
-            stored = await self.catalog.upsert_series(self.source_id, kept)
+            stored = await self.catalog.upsert_series(self.source_id, kept, self.listing)
             # Not `self.result += await ...`: that reads self.result before the await and
             # would drop the counts of collections stored concurrently.
             self.result = self.result + stored
@@ -284,12 +289,22 @@ class _Pass:
         seen = [c for c in collections if c.casefold() in known]
         await _all(*(self.new_in_collection(c, since) for c in seen))
 
+    def usable(self, found: list[Listed]) -> list[Listed]:
+        """The records without a problem; the others are warned about and counted."""
+        good = [r for r in found if r.problem is None]
+        for r in found:
+            if r.problem is not None:
+                log.warning("record_skipped", reason=r.problem)
+        if len(good) < len(found):
+            self.result = self.result + UpsertResult(skipped=len(found) - len(good))
+        return good
+
     async def new_in_collection(self, collection: str, since: date) -> None:
         # Collections already run concurrently; within one, the two queries go in turn.
         patients = await self.query(self.client.new_patients(collection, since))
         studies = await self.query(self.client.new_studies(collection, since))
-        patients = [p for p in patients if self.filter.patient(p.patient_id)]
-        studies = [s for s in studies if self.filter.patient(s.patient_id)]
+        patients = [p for p in self.usable(patients) if self.filter.patient(p.patient_id)]
+        studies = [s for s in self.usable(studies) if self.filter.patient(s.patient_id)]
         if patients:
             await self.catalog.record_patients(self.source_id, patients)
         if studies:
@@ -406,6 +421,10 @@ async def _discover_once(
 ) -> DiscoveryReport:
     started = datetime.now(UTC)
     watermark = _not_after(await catalog.get_watermark(source_id), started)
+    if watermark is not None and watermark < EARLIEST_RELEASE:
+        # Stored before absurd dates were ignored (api/_records.py): list in full instead
+        # of doing arithmetic on year 1.
+        watermark = None
     full = (
         full_listing
         or options.full
@@ -425,7 +444,10 @@ async def _discover_once(
     else:
         await work.increments(await _collections(client, source), since)
     await client.confirm()  # before anything trusts an empty answer
-    if listed:
+    # Conflicts are judged, and released, only on a listing of whole collections.
+    work.listing.full = listed
+    work.result = work.result + await catalog.finish_listing(source_id, work.listing)
+    if listed:  # after the moves: a series moved to another collection is not withdrawn
         withdrawn, held_back = await work.withdraw_absent(options)
     # Only now, with every batch committed, may the watermark move forward.
     newest = (
@@ -441,6 +463,8 @@ async def _discover_once(
         unknown=work.unknown,
         withdrawn=withdrawn,
         withdrawals_held=tuple(held_back),
+        skipped=work.result.skipped,
+        conflicts=work.result.conflicts,
     )
     log.info(
         "discovery.done",
@@ -450,6 +474,8 @@ async def _discover_once(
         changed=report.changed,
         unchanged=report.unchanged,
         withdrawn=report.withdrawn,
+        skipped=report.skipped,
+        conflicts=report.conflicts,
         watermark=newest.isoformat() if newest else None,
     )
     return report
@@ -518,5 +544,10 @@ async def add_manifest(
     await catalog.record_collections(source_id, sorted({s.collection for s in found}))
     result = await catalog.upsert_series(source_id, found) if found else UpsertResult()
     return DiscoveryReport(
-        new=result.new, changed=result.changed, unchanged=result.unchanged, unknown=unknown
+        new=result.new,
+        changed=result.changed,
+        unchanged=result.unchanged,
+        skipped=result.skipped,
+        conflicts=result.conflicts,
+        unknown=unknown,
     )

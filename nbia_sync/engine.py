@@ -25,7 +25,7 @@ from nbia_sync.catalog.repository import Catalog
 from nbia_sync.causes import network_cause, without_source
 from nbia_sync.clock import sleep_or_stop
 from nbia_sync.config import Settings, SourceSettings, forget_workers_after, stale_after
-from nbia_sync.discovery import DiscoveryOptions, discover
+from nbia_sync.discovery import DiscoveryOptions, DiscoveryReport, discover
 from nbia_sync.errors import (
     ArchiveError,
     AuthError,
@@ -38,7 +38,7 @@ from nbia_sync.errors import (
 from nbia_sync.outcome import Outcome
 from nbia_sync.progress import ProgressSink
 from nbia_sync.storage import Mirror
-from nbia_sync.transfer.pool import drain
+from nbia_sync.transfer.pool import DrainReport, drain
 from nbia_sync.withdrawals import remove_withdrawn
 
 log = structlog.get_logger(__name__)
@@ -128,7 +128,7 @@ async def run_pass(
     await catalog.register_worker(owner, host, pid, run_id)
 
     outcome, error = Outcome.ERROR, None
-    discovered = done = files = placed_bytes = 0
+    discovered = done = files = placed_bytes = bad_records = 0
     skipped: list[str] = []
     counts: Mapping[SeriesState, tuple[int, int]] = {}
     try:
@@ -161,12 +161,16 @@ async def run_pass(
                         if found is None:
                             skipped.append(source.name)
                         else:
-                            discovered += found
+                            discovered += found.queued
+                            bad_records += found.skipped
                     if settings.mirror.on_withdrawn == "delete" and not stop.is_set():
                         await remove_withdrawn(catalog, mirror)
                     if not stop.is_set():
+                        # Filled in as series are placed: counts stay right when the drain
+                        # stops on an error (disk full, catalog down).
+                        drained = DrainReport()
                         try:
-                            report = await drain(
+                            await drain(
                                 settings=settings,
                                 catalog=catalog,
                                 clients=clients,
@@ -174,12 +178,14 @@ async def run_pass(
                                 owner=owner,
                                 progress=progress,
                                 stop=stop,
+                                report=drained,
                             )
                         except AuthError as exc:
                             # The token could not be renewed mid-drain (password revoked,
                             # login outage): the claims went back, no series was failed for it.
                             raise SourceError(str(exc)) from exc
-                        done, files, placed_bytes = report.done, report.files, report.bytes
+                        finally:
+                            done, files, placed_bytes = drained.done, drained.files, drained.bytes
                 counts = await catalog.state_counts()
                 outcome = _outcome(counts, interrupted=stop.is_set())
             except (SourceError, DiskSpaceError, CatalogError) as exc:
@@ -211,6 +217,7 @@ async def run_pass(
                         done=done,
                         failed=_count(counts, SeriesState.FAILED),
                         bytes=placed_bytes,
+                        skipped=bad_records,
                     ),
                 )
             except CatalogError as exc:
@@ -257,8 +264,8 @@ async def _discover_source(
     held_locks: set[str],
     stop: anyio.Event,
     options: DiscoveryOptions | None = None,
-) -> int | None:
-    """Series found (new or changed), or None when discovery was left to another process.
+) -> DiscoveryReport | None:
+    """What discovery found, or None when discovery was left to another process.
 
     A fleet discovers each source once: a process that finds the lock held by a live
     peer waits for that discovery to commit (so its drain sees the series) instead of
@@ -308,7 +315,7 @@ async def _discover_source(
         held_locks.discard(lock)
         with anyio.CancelScope(shield=True):
             await catalog.unlock(lock, owner)
-    return report.queued
+    return report
 
 
 async def _is_live(settings: Settings, catalog: Catalog, owner: str) -> bool:
@@ -421,7 +428,8 @@ def _queued(counts: Mapping[SeriesState, tuple[int, int]]) -> int:
 def _outcome(counts: Mapping[SeriesState, tuple[int, int]], *, interrupted: bool) -> Outcome:
     if interrupted:
         return Outcome.INTERRUPTED
-    if _count(counts, SeriesState.FAILED):
+    # A held identity conflict needs the user as much as a failed series does.
+    if _count(counts, SeriesState.FAILED) or _count(counts, SeriesState.CONFLICT):
         return Outcome.FAILURES
     # Series other processes are downloading are theirs to finish; ours is done.
     if _queued(counts):

@@ -23,6 +23,10 @@ class ConfigError(NbiaSyncError):
     """The configuration is invalid (exit code 2)."""
 
 
+class MirrorRootError(ConfigError):
+    """The mirror root or its state directory cannot be written, or holds no mirror."""
+
+
 class CatalogError(NbiaSyncError):
     """The catalog cannot be opened or is at an unknown schema revision."""
 
@@ -66,6 +70,14 @@ class HostileArchiveError(PermanentError):
 
 class Interrupted(NbiaSyncError):
     """A series attempt stopped by a signal or a cancelled drain; its claim went back."""
+
+
+class SeriesTooLargeError(PermanentError):
+    """A series listed larger than the free space: that series fails, the pass goes on.
+
+    Permanent for this pass (retrying cannot make room); `retry-failed` after freeing
+    space, or a corrected listing (a changed FileSize re-queues it), brings it back.
+    """
 
 
 class DiskSpaceError(NbiaSyncError):

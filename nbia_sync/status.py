@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.operations import WithdrawnInfo
 from nbia_sync.catalog.records import FailureInfo, RunInfo, WorkerInfo
 from nbia_sync.config import Settings, stale_after
+from nbia_sync.errors import MirrorRootError
 
 
 class StatusSource(Protocol):
@@ -19,6 +21,22 @@ class StatusSource(Protocol):
     async def failures(self, limit: int = 50) -> list[FailureInfo]: ...
     async def workers(self) -> list[WorkerInfo]: ...
     async def withdrawn(self) -> list[WithdrawnInfo]: ...
+
+
+def require_catalog(settings: Settings) -> None:
+    """A SQLite catalog must exist already: opening it would create an empty one (and its
+    directory), and report that empty mirror as fine. PostgreSQL: nothing to check here."""
+    from sqlalchemy.engine import make_url  # here: the CLI imports this module at start
+
+    url = make_url(settings.catalog_url)
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return
+    path = Path(url.database)
+    if not path.is_file():
+        raise MirrorRootError(
+            f"no mirror at {settings.mirror.root} (no catalog {path}): "
+            "check mirror.root and catalog.url, or run sync first"
+        )
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -72,6 +90,7 @@ async def collect_status(
             "done": run.done,
             "failed": run.failed,
             "bytes": run.bytes,
+            "skipped": run.skipped,  # bad records left out by discovery
         },
         "failures": [
             {
@@ -136,10 +155,12 @@ def render_status(status: dict[str, Any], out: TextIO) -> None:
             f"{run['command']} {run['run_id']} started {when(run['started_at'])}, "
             f"{'finished ' + when(run['finished_at']) if run['finished_at'] else 'not finished'}, "
             f"outcome {run['outcome'] or 'running'}: {run['done']} placed, {run['failed']} failed, "
-            f"{human_bytes(run['bytes'])}\n"
+            f"{human_bytes(run['bytes'])}"
+            + (f", {run['skipped']} bad records skipped" if run["skipped"] else "")
+            + "\n"
         )
     if status["failures"]:
-        w("\nrecent failures (newest first):\n")
+        w("\nrecent failures and conflicts (newest first):\n")
         for f in status["failures"]:
             w(
                 f"  {f['state']:<8} {f['source']}/{f['collection']} {f['series_uid']} "

@@ -18,6 +18,7 @@ import errno
 import hashlib
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -25,13 +26,16 @@ from pathlib import Path
 import anyio
 import structlog
 
-from nbia_sync.errors import DiskSpaceError
+from nbia_sync.errors import DiskSpaceError, MirrorRootError, SeriesTooLargeError
 
 log = structlog.get_logger(__name__)
 
 STATE_DIR = ".nbia-sync"
 _MAX_PART_BYTES = 255  # NAME_MAX on every common file system
-_HASHED_PREFIX_BYTES = 200
+# DICOM caps UIDs (and LO values such as PatientID) at 64 characters: anything longer in
+# a path is hostile or broken, and five such parts could pass PATH_MAX. Hashed beyond.
+MAX_PART_CHARS = 64
+_HASHED_PREFIX_CHARS = 30  # + "%h" + 32 hex digits = at most 64 characters
 
 
 def _escape(ch: str) -> str:
@@ -45,8 +49,10 @@ def safe_part(text: str) -> str:
 
     Percent-escapes what a file system or a path join could misread ('/', '\\', NUL and
     other control characters, '%' itself, a leading '.'), so different inputs never share
-    a directory; UIDs and ordinary names pass unchanged. Over 255 bytes, a readable prefix
-    plus a hash of the whole (the '%h' marker cannot come out of the escaping).
+    a directory; UIDs and ordinary names pass unchanged. Over MAX_PART_CHARS (64, DICOM's
+    UID limit) or 255 bytes, a readable prefix plus a hash of the whole (the '%h' marker
+    cannot come out of the escaping), at most 64 characters. Use it for every name that
+    comes from the archive, SOP Instance UIDs from inside the files included.
     """
     if not text:
         return "%"  # cannot come out of escaping either: every '%' there is followed by hex
@@ -64,15 +70,48 @@ def safe_part(text: str) -> str:
         else:
             out.append(ch)
     part = "".join(out)
-    if len(part.encode("utf-8")) <= _MAX_PART_BYTES:
+    if len(part) <= MAX_PART_CHARS and len(part.encode("utf-8")) <= _MAX_PART_BYTES:
         return part
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    prefix = part.encode("utf-8")[:_HASHED_PREFIX_BYTES].decode("utf-8", "ignore")
+    prefix = part[:_HASHED_PREFIX_CHARS]
     # Do not cut an escape in half: '%4' + '%h…' would read as a different escape.
     cut = prefix.rfind("%")
     if cut >= len(prefix) - 2:
         prefix = prefix[:cut]
     return f"{prefix}%h{digest}"
+
+
+def check_writable(root: Path) -> None:
+    """For the commands that write: the root and its state directory exist (made when
+    missing) and can be written, else MirrorRootError naming the path (exit 2)."""
+    state = root / STATE_DIR
+    directory = root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # No probe file in the mirror tree itself (a kill could leave it there for
+        # `verify` to find): access(2) tells a read-only file system (EROFS) and missing
+        # permissions; the state directory gets a real probe.
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        directory = state
+        state.mkdir(exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=state)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise MirrorRootError(
+            f"cannot write to {directory} ({reason}); check mirror.root"
+        ) from None
+
+
+def require_mirror(root: Path) -> None:
+    """For the commands that only read (status, verify): a root without the state
+    directory holds no mirror; say so rather than start an empty one there."""
+    if not (root / STATE_DIR).is_dir():
+        raise MirrorRootError(
+            f"no mirror at {root} (no {STATE_DIR} directory): check mirror.root, or run sync first"
+        )
 
 
 def _fsync_path(path: Path, *, directory: bool = False) -> None:
@@ -307,7 +346,17 @@ class Mirror:
         """Raise DiskSpaceError unless ``expected_bytes`` fit with ``min_free_bytes`` to
         spare, counting what downloads already running in this process will still write."""
         free = await self.free_bytes()
-        need = (expected_bytes or 0) + self._reserved + min_free_bytes
+        alone = (expected_bytes or 0) + min_free_bytes
+        if free > min_free_bytes + self._reserved and free < alone:
+            # There is room, but not for this one even with nothing else running: fail
+            # this series only, smaller ones may still fit (a FileSize of 10^15 must not
+            # end every pass). No room at all stays a DiskSpaceError: the disk is full.
+            raise SeriesTooLargeError(
+                f"the archive lists {expected_bytes} bytes for this series, more than the "
+                f"{free} bytes free under {self.root} less mirror.min_free_bytes "
+                f"({min_free_bytes}); free some space, then run retry-failed"
+            )
+        need = alone + self._reserved
         if free < need:
             raise DiskSpaceError(
                 f"not enough free space under {self.root}: {free} bytes free, need "

@@ -19,6 +19,9 @@ import anyio
 import structlog
 
 from nbia_sync.catalog.records import InstanceRecord
+from nbia_sync.config import Settings
+from nbia_sync.status import require_catalog
+from nbia_sync.storage import require_mirror
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +67,12 @@ class VerifyReport:
         """Series with a missing or differing file: what `verify --repair` queues again."""
         kinds = ("missing", "differs")
         return sorted({p.series_uid for p in self.problems if p.kind in kinds and p.series_uid})
+
+
+def require_mirror_here(settings: Settings) -> None:
+    """MirrorRootError (exit 2) unless mirror.root holds a mirror and its catalog."""
+    require_mirror(settings.mirror.root)
+    require_catalog(settings)
 
 
 def _hash_file(path: Path) -> tuple[str, int]:

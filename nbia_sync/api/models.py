@@ -16,6 +16,7 @@ class PatientInfo:
     patient_id: str
     patient_name: str | None = None
     patient_sex: str | None = None
+    problem: str | None = field(default=None, compare=False)  # as SeriesInfo.problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,7 @@ class StudyInfo:
     study_date: date | None = None
     study_description: str | None = None
     series_count: int | None = None
+    problem: str | None = field(default=None, compare=False)  # as SeriesInfo.problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,8 @@ class SeriesInfo:
     license_uri: str | None = None
     # Everything else the archive sent, as received (kept for the catalog's record).
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    # Why the record cannot be stored (api/_records.py): the catalog skips it, counted.
+    problem: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from nbia_sync.catalog.records import (
     WorkerInfo,
 )
 from nbia_sync.catalog.repository import Catalog
+from nbia_sync.catalog.upsert import Listing
 
 __all__ = [
     "BatchPlacement",
@@ -20,6 +21,7 @@ __all__ = [
     "FailureInfo",
     "InstanceRecord",
     "LeaseLostError",
+    "Listing",
     "PlacementGuard",
     "RunCounts",
     "RunInfo",

@@ -67,6 +67,7 @@ async def finish_run(db: Database, run_id: str, outcome: str, counts: RunCounts)
                 done=counts.done,
                 failed=counts.failed,
                 bytes=counts.bytes,
+                skipped=counts.skipped,
             )
         )
 
@@ -92,6 +93,7 @@ async def last_run(db: Database) -> RunInfo | None:
             done=row.done,
             failed=row.failed,
             bytes=row.bytes,
+            skipped=row.skipped,
         )
 
     return await db.run_read(op)

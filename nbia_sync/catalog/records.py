@@ -13,10 +13,16 @@ class UpsertResult:
     new: int = 0
     changed: int = 0
     unchanged: int = 0
+    skipped: int = 0  # records that could not be stored (SeriesInfo.problem)
+    conflicts: int = 0  # series held as identity conflicts (state conflict)
 
     def __add__(self, other: UpsertResult) -> UpsertResult:
         return UpsertResult(
-            self.new + other.new, self.changed + other.changed, self.unchanged + other.unchanged
+            self.new + other.new,
+            self.changed + other.changed,
+            self.unchanged + other.unchanged,
+            self.skipped + other.skipped,
+            self.conflicts + other.conflicts,
         )
 
 
@@ -71,6 +77,7 @@ class RunInfo:
     done: int
     failed: int
     bytes: int
+    skipped: int = 0  # bad records skipped by discovery
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +87,7 @@ class RunCounts:
     done: int = 0
     failed: int = 0
     bytes: int = 0
+    skipped: int = 0
 
 
 @dataclass(frozen=True, slots=True)

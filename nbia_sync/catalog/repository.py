@@ -179,8 +179,14 @@ class Catalog:
     async def record_studies(self, source_id: int, studies: list[StudyInfo]) -> None:
         await upsert.record_studies(self._db, source_id, studies)
 
-    async def upsert_series(self, source_id: int, series: Sequence[SeriesInfo]) -> UpsertResult:
-        return await upsert.upsert_series(self._db, source_id, series)
+    async def upsert_series(
+        self, source_id: int, series: Sequence[SeriesInfo], listing: upsert.Listing | None = None
+    ) -> UpsertResult:
+        return await upsert.upsert_series(self._db, source_id, series, listing)
+
+    async def finish_listing(self, source_id: int, listing: upsert.Listing) -> UpsertResult:
+        """End a discovery pass: hold its identity conflicts, apply its moves."""
+        return await upsert.finish_listing(self._db, source_id, listing)
 
     # ---- the work queue -----------------------------------------------------------------
 
@@ -304,7 +310,8 @@ class Catalog:
         return await self._db.run_read(op)
 
     async def failures(self, limit: int = 50) -> list[FailureInfo]:
-        """Series that failed for good, and those backing off after an error; newest first."""
+        """Series that failed for good, those backing off after an error, and identity
+        conflicts (their reason as last_error); newest first."""
 
         async def op(conn: AsyncConnection) -> list[FailureInfo]:
             rows = await conn.execute(
@@ -314,11 +321,15 @@ class Catalog:
                     SERIES.c.collection,
                     SERIES.c.state,
                     SERIES.c.attempts,
-                    SERIES.c.last_error,
+                    func.coalesce(SERIES.c.conflict, SERIES.c.last_error).label("last_error"),
                     SERIES.c.next_try_at,
                 )
                 .join(SOURCES, SOURCES.c.id == SERIES.c.source_id)
-                .where(SERIES.c.state.in_([SeriesState.FAILED, SeriesState.PENDING]))
+                .where(
+                    SERIES.c.state.in_(
+                        [SeriesState.FAILED, SeriesState.PENDING, SeriesState.CONFLICT]
+                    )
+                )
                 .order_by(SERIES.c.updated_at.desc())
                 .limit(limit)
             )
@@ -348,9 +359,12 @@ class Catalog:
                 series = (
                     await conn.execute(
                         select(SERIES.c.id, SERIES.c.series_uid)
-                        # Withdrawn series kept in the mirror are checked too.
+                        # Withdrawn series kept in the mirror are checked too, and so are
+                        # the files a held conflict had placed.
                         .where(
-                            SERIES.c.state.in_([SeriesState.DONE, SeriesState.WITHDRAWN]),
+                            SERIES.c.state.in_(
+                                [SeriesState.DONE, SeriesState.WITHDRAWN, SeriesState.CONFLICT]
+                            ),
                             SERIES.c.placed_path.is_not(None),
                             SERIES.c.id > after,
                         )

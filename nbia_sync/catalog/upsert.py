@@ -7,6 +7,15 @@ not). Changed series
 go back to the queue with a new generation; unchanged ones are not written at all.
 Work is done in batches, comparing only each batch's UIDs, so the cost follows the size
 of the increment, not of the catalog.
+
+Bad records (``SeriesInfo.problem``) are skipped with a warning naming the series, and
+counted. Identity rule (README "Bad records and identity conflicts"): one series UID has
+one place in the mirror. A pass that lists a UID under two places, or a source listing a
+UID another source already holds, holds that series as CONFLICT (the row keeps the place
+it had: first listed or placed wins) and never downloads it until a full listing sees it
+under one place only. Because a move (listed under a new place only) and a duplicate
+(listed under both) look alike until the pass has seen everything, moves are applied at
+the end of the pass, by :func:`finish_listing`.
 """
 
 from __future__ import annotations
@@ -14,19 +23,24 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, update
+import structlog
+from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.api.models import PatientInfo, SeriesInfo, StudyInfo
 from nbia_sync.catalog.db import Database
-from nbia_sync.catalog.models import Collection, Patient, Series, SeriesState, Study
+from nbia_sync.catalog.models import Collection, Patient, Series, SeriesState, Source, Study
 from nbia_sync.catalog.records import UpsertResult
 
+log = structlog.get_logger(__name__)
+
 SERIES = cast(Table, Series.__table__)
+SOURCES = cast(Table, Source.__table__)
 COLLECTIONS = cast(Table, Collection.__table__)
 PATIENTS = cast(Table, Patient.__table__)
 STUDIES = cast(Table, Study.__table__)
@@ -49,7 +63,43 @@ def _json_default(value: object) -> str:
 
 
 def _remote_json(info: SeriesInfo) -> str:
-    return json.dumps(dataclasses.asdict(info), default=_json_default, sort_keys=True)
+    record = dataclasses.asdict(info)
+    del record["problem"]
+    return json.dumps(record, default=_json_default, sort_keys=True)
+
+
+Place = tuple[str, str, str]  # collection, patient ID, study UID: where a series lives
+
+
+def _place(item: Any) -> Place:
+    return (item.collection, item.patient_id, item.study_uid)
+
+
+def _shown(place: Place) -> str:
+    return "/".join(place)
+
+
+@dataclass
+class Listing:
+    """What one discovery pass has seen of one source, for the identity rule.
+
+    Holds a hash of each UID listed and of its place (about 100 bytes a series, far less
+    than the listing itself), plus the few moves and conflicts found.
+    """
+
+    full: bool = False  # a full listing: conflicts it no longer sees are resolved
+    seen: dict[int, int] = field(default_factory=dict)
+    moves: dict[str, SeriesInfo] = field(default_factory=dict)
+    conflicts: dict[str, set[Place]] = field(default_factory=dict)
+    # Places of new rows whose insert lost a race (to this pass's other batch, or to a
+    # fleet peer): a conflict's first place may only be known from here.
+    raced: dict[str, set[Place]] = field(default_factory=dict)
+
+    def note(self, info: SeriesInfo) -> None:
+        here = _place(info)
+        first = self.seen.setdefault(hash(info.series_uid), hash(here))
+        if first != hash(here) or info.series_uid in self.conflicts:
+            self.conflicts.setdefault(info.series_uid, set()).add(here)
 
 
 def _metadata(info: SeriesInfo, now: datetime) -> dict[str, Any]:
@@ -113,6 +163,7 @@ _REQUEUE = (
         attempts=0,
         next_try_at=None,
         last_error=None,
+        conflict=None,
         lease_owner=None,
         lease_expires_at=None,
         withdrawn_at=None,
@@ -129,21 +180,87 @@ _BUMP_IN_FLIGHT = (
 )
 
 
-async def upsert_series(db: Database, source_id: int, series: Sequence[SeriesInfo]) -> UpsertResult:
+# Held back: no worker may take it (claims only pick wanted/pending/expired leases), and
+# a worker holding it now loses its lease, so its copy is never placed.
+_HOLD = (
+    update(SERIES)
+    .where(SERIES.c.id == bindparam("b_id"))
+    .values(
+        state=SeriesState.CONFLICT,
+        conflict=bindparam("b_conflict"),
+        lease_owner=None,
+        lease_expires_at=None,
+        next_try_at=None,
+        generation=SERIES.c.generation + 1,
+        updated_at=bindparam("b_now"),
+    )
+)
+
+
+def _without_bad(series: Sequence[SeriesInfo]) -> tuple[list[SeriesInfo], int]:
+    good = []
+    for s in series:
+        if s.problem is None:
+            good.append(s)
+        else:
+            log.warning("record_skipped", series_uid=s.series_uid or None, reason=s.problem)
+    return good, len(series) - len(good)
+
+
+async def upsert_series(
+    db: Database, source_id: int, series: Sequence[SeriesInfo], listing: Listing | None = None
+) -> UpsertResult:
+    """Merge ``series`` into the catalog. ``listing`` is the discovery pass's memory
+    (see Listing); without one the call is a pass of its own, finished here."""
+    good, skipped = _without_bad(series)
+    own = listing is None
+    listing = Listing() if listing is None else listing
+    for s in good:
+        listing.note(s)
     # Last report of a UID wins; sorted so concurrent writers lock rows in one order.
-    unique = sorted({s.series_uid: s for s in series}.values(), key=lambda s: s.series_uid)
-    total = UpsertResult()
+    unique = sorted({s.series_uid: s for s in good}.values(), key=lambda s: s.series_uid)
+    total = UpsertResult(skipped=skipped)
     for batch in _chunks(unique, BATCH):
 
         async def op(conn: AsyncConnection, b: Sequence[SeriesInfo] = batch) -> UpsertResult:
-            return await _upsert_batch(conn, source_id, b, db.clock.now())
+            return await _upsert_batch(conn, source_id, b, listing, db.clock.now())
 
         total += await db.run_write(op)
+    if own:
+        total += await finish_listing(db, source_id, listing)
     return total
 
 
+async def _other_sources(
+    conn: AsyncConnection, source_id: int, uids: Sequence[str]
+) -> dict[str, str]:
+    """UID -> name of another source that holds it (not as a conflict, nor withdrawn)."""
+    if not uids:
+        return {}
+    # By source id, so the (source_id, series_uid) index serves it; one source: no query.
+    others = list(
+        (await conn.execute(select(SOURCES.c.id).where(SOURCES.c.id != source_id))).scalars()
+    )
+    if not others:
+        return {}
+    rows = await conn.execute(
+        select(SERIES.c.series_uid, SOURCES.c.name)
+        .join(SOURCES, SOURCES.c.id == SERIES.c.source_id)
+        .where(
+            SERIES.c.source_id.in_(others),
+            SERIES.c.state.not_in([SeriesState.CONFLICT, SeriesState.WITHDRAWN]),
+            SERIES.c.series_uid.in_(list(uids)),
+        )
+    )
+    return {r.series_uid: r.name for r in rows}
+
+
 async def _upsert_batch(
-    conn: AsyncConnection, source_id: int, batch: Sequence[SeriesInfo], now: datetime
+    conn: AsyncConnection,
+    source_id: int,
+    batch: Sequence[SeriesInfo],
+    listing: Listing,
+    now: datetime,
 ) -> UpsertResult:
     existing = {
         row.series_uid: row
@@ -158,23 +275,37 @@ async def _upsert_batch(
                 SERIES.c.collection,
                 SERIES.c.patient_id,
                 SERIES.c.study_uid,
+                SERIES.c.conflict,
             ).where(
                 SERIES.c.source_id == source_id,
                 SERIES.c.series_uid.in_([s.series_uid for s in batch]),
             )
         )
     }
+    elsewhere = await _other_sources(
+        conn, source_id, [s.series_uid for s in batch if s.series_uid not in existing]
+    )
     new_rows: list[dict[str, Any]] = []
     requeue: list[dict[str, Any]] = []
     bump: list[dict[str, Any]] = []
+    deferred = 0
     for info in batch:
         row = existing.get(info.series_uid)
         if row is None:
+            other = elsewhere.get(info.series_uid)
+            if other is not None:
+                log.warning(
+                    "series_conflict",
+                    series_uid=info.series_uid,
+                    reason=f"also listed by source {other!r}",
+                )
             new_rows.append(
                 {
                     "source_id": source_id,
                     "series_uid": info.series_uid,
-                    "state": SeriesState.WANTED,
+                    # The later claimant is held: the mirror has one place per UID.
+                    "state": SeriesState.WANTED if other is None else SeriesState.CONFLICT,
+                    "conflict": None if other is None else f"also listed by source {other!r}",
                     "attempts": 0,
                     "generation": 1,
                     "downloads": 0,
@@ -182,24 +313,160 @@ async def _upsert_batch(
                     **_metadata(info, now),
                 }
             )
+        elif _place(info) != _place(row):
+            # A move or a duplicate: only the end of the pass can tell (finish_listing).
+            listing.moves[info.series_uid] = info
+            deferred += 1
+        elif row.state == SeriesState.CONFLICT:
+            continue  # re-judged by finish_listing
         elif is_changed(row, info) or row.state == SeriesState.WITHDRAWN:
             # A withdrawn series listed again is wanted again.
             params = {"b_id": row.id, **{f"b_{k}": v for k, v in _metadata(info, now).items()}}
             (bump if row.state == SeriesState.DOWNLOADING else requeue).append(params)
+    inserted: set[str] = set()
     if new_rows:
-        # DO NOTHING: a second discoverer racing us (fleet without the discovery lock)
-        # must not abort the batch; the row it wrote is as good as ours.
-        insert_new = insert_for(conn, SERIES).on_conflict_do_nothing(
-            index_elements=["source_id", "series_uid"]
+        # DO NOTHING: a second discoverer racing us (fleet without the discovery lock),
+        # or this pass listing the UID under two places at once, must not abort the
+        # batch; the row written first is kept (and counted once: RETURNING).
+        insert_new = (
+            insert_for(conn, SERIES)
+            .on_conflict_do_nothing(index_elements=["source_id", "series_uid"])
+            .returning(SERIES.c.series_uid)
         )
-        await conn.execute(insert_new, new_rows)
+        inserted = set((await conn.execute(insert_new, new_rows)).scalars())
+        for r in new_rows:
+            if r["series_uid"] not in inserted:
+                place = (r["collection"], r["patient_id"], r["study_uid"])
+                listing.raced.setdefault(r["series_uid"], set()).add(place)
     if requeue:
         await conn.execute(_REQUEUE, requeue)
     if bump:
         await conn.execute(_BUMP_IN_FLIGHT, bump)
     changed = len(requeue) + len(bump)
-    unchanged = len(batch) - len(new_rows) - changed
-    return UpsertResult(new=len(new_rows), changed=changed, unchanged=unchanged)
+    held = sum(
+        1 for r in new_rows if r["series_uid"] in inserted and r["state"] == SeriesState.CONFLICT
+    )
+    unchanged = len(batch) - len(inserted) - changed - deferred
+    return UpsertResult(
+        new=len(inserted) - held, changed=changed, unchanged=unchanged, conflicts=held
+    )
+
+
+async def finish_listing(db: Database, source_id: int, listing: Listing) -> UpsertResult:
+    """End of a pass: hold its conflicts, apply its moves, and (full listing) release the
+    conflicts it saw resolved. Counts moves as changed and newly held series as conflicts."""
+
+    async def op(conn: AsyncConnection) -> UpsertResult:
+        now = db.clock.now()
+        held = await _hold_conflicts(conn, source_id, listing, now)
+        released = await _release_resolved(conn, source_id, listing, now) if listing.full else set()
+        moved = [
+            info
+            for uid, info in sorted(listing.moves.items())
+            if uid not in listing.conflicts and uid not in released
+        ]
+        result = await _apply_moves(conn, source_id, moved, now)
+        return UpsertResult(changed=result + len(released), conflicts=held)
+
+    return await db.run_write(op)
+
+
+async def _rows(conn: AsyncConnection, source_id: int, uids: Iterable[str]) -> list[Any]:
+    wanted = sorted(uids)
+    rows: list[Any] = []
+    for start in range(0, len(wanted), BATCH):
+        rows += await conn.execute(
+            select(SERIES).where(
+                SERIES.c.source_id == source_id,
+                SERIES.c.series_uid.in_(wanted[start : start + BATCH]),
+            )
+        )
+    return rows
+
+
+async def _hold_conflicts(
+    conn: AsyncConnection, source_id: int, listing: Listing, now: datetime
+) -> int:
+    holds = []
+    for row in await _rows(conn, source_id, listing.conflicts):
+        places = (
+            {_place(row)}
+            | listing.conflicts[row.series_uid]
+            | listing.raced.get(row.series_uid, set())
+        )
+        move = listing.moves.get(row.series_uid)
+        if move is not None:
+            places.add(_place(move))
+        others = sorted(_shown(p) for p in places - {_place(row)})
+        reason = f"SeriesInstanceUID listed under {_shown(_place(row))} and " + ", ".join(others)
+        if row.state == SeriesState.CONFLICT and row.conflict == reason:
+            continue
+        log.warning("series_conflict", series_uid=row.series_uid, reason=reason)
+        holds.append({"b_id": row.id, "b_conflict": reason, "b_now": now})
+    if holds:
+        await conn.execute(_HOLD, holds)
+    return len(holds)
+
+
+async def _release_resolved(
+    conn: AsyncConnection, source_id: int, listing: Listing, now: datetime
+) -> set[str]:
+    """Conflicts a full listing saw under one place only (and no other source holds):
+    queued again, at that place. Never-placed conflicts it did not list are forgotten."""
+    rows = (
+        await conn.execute(
+            select(SERIES).where(
+                SERIES.c.source_id == source_id, SERIES.c.state == SeriesState.CONFLICT
+            )
+        )
+    ).all()
+    candidates = [r for r in rows if r.series_uid not in listing.conflicts]
+    unseen = [
+        r.id for r in candidates if hash(r.series_uid) not in listing.seen and r.placed_path is None
+    ]
+    if unseen:
+        await conn.execute(delete(SERIES).where(SERIES.c.id.in_(unseen)))
+    seen = [r for r in candidates if hash(r.series_uid) in listing.seen]
+    still_elsewhere = await _other_sources(conn, source_id, [r.series_uid for r in seen])
+    released = set()
+    params = []
+    for row in seen:
+        if row.series_uid in still_elsewhere:
+            continue
+        info = listing.moves.get(row.series_uid)
+        meta = _metadata(info, now) if info is not None else {}
+        params.append(
+            {
+                "b_id": row.id,
+                **{f"b_{c}": getattr(row, c) for c in _META_COLUMNS},
+                **{f"b_{k}": v for k, v in meta.items()},
+                "b_updated_at": now,
+            }
+        )
+        released.add(row.series_uid)
+        log.info("series_conflict_resolved", series_uid=row.series_uid)
+    if params:
+        await conn.execute(_REQUEUE, params)
+    return released
+
+
+async def _apply_moves(
+    conn: AsyncConnection, source_id: int, moved: Sequence[SeriesInfo], now: datetime
+) -> int:
+    by_uid = {info.series_uid: info for info in moved}
+    requeue: list[dict[str, Any]] = []
+    bump: list[dict[str, Any]] = []
+    for row in await _rows(conn, source_id, by_uid):
+        info = by_uid[row.series_uid]
+        if row.state == SeriesState.CONFLICT or not is_changed(row, info):
+            continue
+        params = {"b_id": row.id, **{f"b_{k}": v for k, v in _metadata(info, now).items()}}
+        (bump if row.state == SeriesState.DOWNLOADING else requeue).append(params)
+    if requeue:
+        await conn.execute(_REQUEUE, requeue)
+    if bump:
+        await conn.execute(_BUMP_IN_FLIGHT, bump)
+    return len(requeue) + len(bump)
 
 
 async def record_collections(db: Database, source_id: int, names: Iterable[str]) -> None:
@@ -210,7 +477,7 @@ async def record_collections(db: Database, source_id: int, names: Iterable[str])
 
 async def record_patients(db: Database, source_id: int, patients: Iterable[PatientInfo]) -> None:
     now = db.clock.now()
-    keys = sorted({(p.collection, p.patient_id) for p in patients})
+    keys = sorted({(p.collection, p.patient_id) for p in patients if p.problem is None})
     rows = [
         {"source_id": source_id, "collection": c, "patient_id": p, "discovered_at": now}
         for c, p in keys
@@ -220,7 +487,7 @@ async def record_patients(db: Database, source_id: int, patients: Iterable[Patie
 
 async def record_studies(db: Database, source_id: int, studies: Iterable[StudyInfo]) -> None:
     now = db.clock.now()
-    by_uid = {s.study_uid: s for s in studies}
+    by_uid = {s.study_uid: s for s in studies if s.problem is None}
     rows = [
         {
             "source_id": source_id,

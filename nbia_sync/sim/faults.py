@@ -11,7 +11,7 @@ import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 # What a download can suffer. "ok" in a script means one normal download.
 StreamFault = Literal[
@@ -39,6 +39,10 @@ class SimReply:
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before answering
+
+
+_LISTINGS = ("getSeries", "getUpdatedSeries")
+_LISTING_FILTERS = ("Collection", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
 
 
 @dataclass
@@ -82,6 +86,10 @@ class SimFaults:
     token_ttl: float = 7200.0  # access token life, seconds
     refresh_ttl: float = 7200.0  # refresh token life, seconds
     seed: int = 0
+    # Malformed listings: per series UID, fields of its getSeries/getUpdatedSeries row
+    # replaced (a None value drops the field); extra rows join every listing they match.
+    record_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra_rows: list[dict[str, Any]] = field(default_factory=list)
     _scripts: dict[str, deque[StreamFault]] = field(default_factory=dict, init=False, repr=False)
     _replies: dict[str, deque[SimReply | None]] = field(
         default_factory=dict, init=False, repr=False
@@ -130,6 +138,21 @@ class SimFaults:
 
     def choice(self, options: tuple[str, ...]) -> str:
         return self._rng.choice(options)
+
+    def listing(
+        self, endpoint: str, params: dict[str, str], rows: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """A series listing as the record knobs above make it."""
+        if endpoint not in _LISTINGS or not (self.record_overrides or self.extra_rows):
+            return rows
+        out = []
+        for row in rows:
+            changes = self.record_overrides.get(row.get("SeriesInstanceUID", ""), {})
+            row = {**row, **changes}
+            out.append({k: v for k, v in row.items() if v is not None})
+        filters = [k for k in _LISTING_FILTERS if params.get(k)]
+        out += [r for r in self.extra_rows if all(r.get(k) == params[k] for k in filters)]
+        return out
 
     def roll_request(self) -> Literal["5xx", "429"] | None:
         """The per-request faults every endpoint can suffer."""

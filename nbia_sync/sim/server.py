@@ -347,6 +347,7 @@ class SimServer:
             if endpoint in DOWNLOADS:
                 return await self._download(request, endpoint, params, user)
             rows = run_query(self.archive, version, endpoint, params, self._visible(user))
+            rows = self.faults.listing(endpoint, params, rows)
         except BadRequest as exc:
             return web.Response(status=400, text=str(exc))
         fmt = params.get("format", "json").lower()

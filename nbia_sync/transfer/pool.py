@@ -543,8 +543,13 @@ async def drain(
     owner: str,
     progress: ProgressSink,
     stop: anyio.Event | None = None,
+    report: DrainReport | None = None,
 ) -> DrainReport:
     """Download every claimable series of the sources in ``clients`` until none is left
     (waiting out backoffs), or until ``stop`` is set. Raises DiskSpaceError, CatalogError
-    or AuthError when the pass cannot go on; the claims in flight are released first."""
-    return await _Drain(settings, catalog, clients, mirror, owner, progress).run(stop)
+    or AuthError when the pass cannot go on; the claims in flight are released first.
+    ``report``, when given, is the one filled in (so its counts survive such an error)."""
+    pool = _Drain(settings, catalog, clients, mirror, owner, progress)
+    if report is not None:
+        pool.report = report
+    return await pool.run(stop)

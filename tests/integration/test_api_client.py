@@ -148,14 +148,15 @@ async def test_series_sends_only_the_given_filters(
     assert call.query == {"Collection": "SIM-CT", "Modality": "CT", "BodyPartExamined": "CHEST"}
 
 
-async def test_record_without_its_uid_is_a_permanent_error(
+async def test_record_without_its_uid_comes_back_marked_for_the_catalog_to_skip(
     make_client: ClientFactory, sim: SimServer
 ) -> None:
     broken = {k: v for k, v in SERIES.items() if k != "SeriesInstanceUID"}
     sim.faults.script_endpoint("getSeries", [rows(SERIES, broken)])
     async with make_client() as client:
-        with pytest.raises(PermanentError, match="record 1 has no SeriesInstanceUID"):
-            await client.series(collection="LIDC")
+        good, bad = await client.series(collection="LIDC")
+    assert good.problem is None
+    assert bad.problem is not None and "record 1 has no SeriesInstanceUID" in bad.problem
 
 
 async def test_malformed_json_is_retryable_and_retried(

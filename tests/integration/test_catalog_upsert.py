@@ -139,12 +139,14 @@ async def test_batches_larger_than_one_transaction(catalog: Catalog) -> None:
     )
 
 
-async def test_same_uid_in_two_sources_is_two_series(catalog: Catalog) -> None:
+async def test_same_uid_in_a_second_source_is_held_as_a_conflict(catalog: Catalog) -> None:
+    """One UID, one place in the mirror: the second source's row is held, not queued
+    (tests/integration/test_identity_conflicts.py covers the rest of the rule)."""
     a = await catalog.ensure_source(make_source("a"))
     b = await catalog.ensure_source(make_source("b"))
     assert a != b
     await catalog.upsert_series(a, [make_series("1")])
-    assert await catalog.upsert_series(b, [make_series("1")]) == UpsertResult(new=1)
+    assert await catalog.upsert_series(b, [make_series("1")]) == UpsertResult(conflicts=1)
 
 
 async def test_ensure_source_is_idempotent(catalog: Catalog) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from nbia_sync.errors import DiskSpaceError
+from nbia_sync.errors import DiskSpaceError, SeriesTooLargeError
 from nbia_sync.storage import Mirror, safe_part
 
 pytestmark = pytest.mark.asyncio
@@ -55,6 +55,20 @@ async def test_long_name_cut_never_splits_an_escape() -> None:
     part = safe_part("/" * 100)
     prefix = part.split("%h")[0]
     assert prefix == "%2F" * (len(prefix) // 3)
+
+
+async def test_uid_of_64_characters_passes_and_65_is_hashed() -> None:
+    assert safe_part("1" * 64) == "1" * 64
+    part = safe_part("1" * 65)
+    assert "%h" in part and len(part) <= 64
+    assert part != safe_part("1" * 66)
+
+
+async def test_300_digit_uid_becomes_a_short_distinct_component(tmp_path: Path) -> None:
+    a, b = "1." + "2" * 298, "1." + "2" * 297 + "3"
+    pa, pb = safe_part(a), safe_part(b)
+    assert pa != pb and max(len(pa), len(pb)) <= 64
+    (tmp_path / f"{pa}.dcm").write_bytes(b"x")  # a name the file system takes
 
 
 # -- layout ----------------------------------------------------------------------------
@@ -198,6 +212,11 @@ async def test_ensure_space_names_the_numbers(tmp_path: Path) -> None:
     m = mirror_with_free_space(tmp_path, 10_000)
     with pytest.raises(DiskSpaceError, match=r"10000 bytes free.*1234 for the series"):
         await m.ensure_space(1234, 10_000)
+
+
+async def test_series_larger_than_the_free_space_fails_alone(tmp_path: Path) -> None:
+    with pytest.raises(SeriesTooLargeError, match=r"lists 1000000000000000 bytes"):
+        await Mirror(tmp_path).ensure_space(10**15, 0)
 
 
 async def test_ensure_space_passes_when_it_fits(tmp_path: Path) -> None:
