@@ -25,7 +25,8 @@ from nbia_sync.catalog import Catalog, SeriesState
 from nbia_sync.catalog.upsert import SERIES
 from nbia_sync.config import Settings, settings_from_dict
 from nbia_sync.discovery import discover
-from nbia_sync.engine import ERROR, FAILURES, OK, run_pass
+from nbia_sync.engine import run_pass
+from nbia_sync.outcome import Outcome
 from nbia_sync.progress import NullProgress
 from nbia_sync.sim import SimArchive, SimServer
 from nbia_sync.status import collect_status, render_status
@@ -80,7 +81,7 @@ async def test_bad_record_is_skipped_and_the_rest_mirrored(
     victim = victim_of(sim_archive)
     sim.faults.record_overrides[victim] = override
     settings = settings_for(tmp_path / "mirror", sim.url)
-    assert await sync(settings, catalog) == OK
+    assert await sync(settings, catalog) == Outcome.OK
     run = await catalog.last_run()
     assert run is not None and (run.skipped, run.done) == (1, len(sim_archive.series) - 1)
     stored = await rows(catalog)
@@ -88,7 +89,7 @@ async def test_bad_record_is_skipped_and_the_rest_mirrored(
     assert len(stored) == len(sim_archive.series) - 1
     # A later (incremental) pass is unaffected: it runs and fetches nothing again.
     before = sum(sim.counters.downloads_started.values())
-    assert await sync(settings, catalog) == OK
+    assert await sync(settings, catalog) == Outcome.OK
     assert sum(sim.counters.downloads_started.values()) == before
 
 
@@ -115,7 +116,7 @@ async def test_nul_in_descriptive_text_is_dropped_and_the_series_kept(
         "Manufacturer": "ACME\ud800",
     }
     settings = settings_for(tmp_path / "mirror", sim.url)
-    assert await sync(settings, catalog) == OK
+    assert await sync(settings, catalog) == Outcome.OK
     row = (await rows(catalog))[victim]
     assert (row.state, row.description) == (SeriesState.DONE, "AXT1")
     assert "\\u0000" not in row.remote_json and "\\ud800" not in row.remote_json
@@ -129,9 +130,9 @@ async def test_year_one_release_date_is_ignored_and_later_passes_run(
     for uid in sim_archive.series:
         sim.faults.record_overrides[uid] = {"DateReleased": "0001-01-01 00:00:00.0"}
     settings = settings_for(tmp_path / "mirror", sim.url)
-    assert await sync(settings, catalog) == OK
-    assert await sync(settings, catalog) == OK
-    assert await sync(settings, catalog) == OK
+    assert await sync(settings, catalog) == Outcome.OK
+    assert await sync(settings, catalog) == Outcome.OK
+    assert await sync(settings, catalog) == Outcome.OK
     watermark = await catalog.get_watermark(await catalog.ensure_source(settings.sources[0]))
     assert watermark is None or watermark.year >= 1970
 
@@ -140,10 +141,10 @@ async def test_year_one_watermark_left_by_an_older_version_means_a_full_listing(
     catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path
 ) -> None:
     settings = settings_for(tmp_path / "mirror", sim.url)
-    assert await sync(settings, catalog) == OK
+    assert await sync(settings, catalog) == Outcome.OK
     sid = await catalog.ensure_source(settings.sources[0])
     await catalog.set_watermark(sid, datetime(1, 1, 1, tzinfo=UTC), full_listing=True)
-    assert await sync(settings, catalog) == OK
+    assert await sync(settings, catalog) == Outcome.OK
     watermark = await catalog.get_watermark(sid)
     assert watermark is not None and watermark.year >= 1970
 
@@ -154,7 +155,7 @@ async def test_series_listed_larger_than_the_disk_fails_alone(
     victim = victim_of(sim_archive)
     sim.faults.record_overrides[victim] = {"FileSize": 10**15}
     settings = settings_for(tmp_path / "mirror", sim.url)
-    assert await sync(settings, catalog) == FAILURES
+    assert await sync(settings, catalog) == Outcome.FAILURES
     stored = await rows(catalog)
     assert stored[victim].state == SeriesState.FAILED
     assert "1000000000000000 bytes" in stored[victim].last_error
@@ -163,7 +164,7 @@ async def test_series_listed_larger_than_the_disk_fails_alone(
     assert {r.state for r in others} == {SeriesState.DONE}
     # The next pass is not stopped either, and does not fetch it again.
     before = sim.counters.downloads_started.get(victim, 0)
-    assert await sync(settings, catalog) == FAILURES
+    assert await sync(settings, catalog) == Outcome.FAILURES
     assert sim.counters.downloads_started.get(victim, 0) == before
 
 
@@ -189,9 +190,9 @@ async def test_run_row_counts_what_was_placed_before_the_disk_filled(
     settings = settings.model_copy(
         update={"transfer": settings.transfer.model_copy(update={"workers": 1})}
     )
-    assert await sync(settings, catalog) == ERROR
+    assert await sync(settings, catalog) == Outcome.ERROR
     run = await catalog.last_run()
-    assert run is not None and run.outcome == ERROR
+    assert run is not None and run.outcome == Outcome.ERROR
     assert run.done == 4 and run.bytes > 0
     counts = await catalog.state_counts()
     assert counts[SeriesState.DONE][0] == 4

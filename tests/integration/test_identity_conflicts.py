@@ -32,7 +32,8 @@ from nbia_sync.catalog import Catalog, SeriesState
 from nbia_sync.catalog.upsert import SERIES, SOURCES
 from nbia_sync.config import Settings, settings_from_dict
 from nbia_sync.discovery import discover
-from nbia_sync.engine import FAILURES, OK, run_pass
+from nbia_sync.engine import run_pass
+from nbia_sync.outcome import Outcome
 from nbia_sync.progress import NullProgress
 from nbia_sync.sim import SimArchive, SimServer
 from nbia_sync.sim.queries import series_row
@@ -89,7 +90,7 @@ async def test_uid_listed_in_two_collections_is_held_and_not_downloaded(
     uid = ct_series(sim_archive)
     also_in_mr(sim, sim_archive, uid)
     settings = settings_for(tmp_path / "m", sim.url, **ALWAYS_FULL)
-    assert await sync(settings, catalog) == FAILURES
+    assert await sync(settings, catalog) == Outcome.FAILURES
     row = await row_of(catalog, uid)
     assert row.state == SeriesState.CONFLICT
     assert "SIM-CT/" in row.conflict and "SIM-MR/MR-X/" in row.conflict
@@ -108,7 +109,7 @@ async def test_held_conflict_is_never_downloaded_on_later_passes(
     generation = (await row_of(catalog, uid)).generation
     before = sum(sim.counters.downloads_started.values())
     for _ in range(2):
-        assert await sync(settings, catalog) == FAILURES
+        assert await sync(settings, catalog) == Outcome.FAILURES
     assert sum(sim.counters.downloads_started.values()) == before
     row = await row_of(catalog, uid)
     assert (row.state, row.generation) == (SeriesState.CONFLICT, generation)
@@ -119,10 +120,10 @@ async def test_placed_series_listed_twice_later_keeps_its_copy(
 ) -> None:
     root = tmp_path / "m"
     settings = settings_for(root, sim.url, **ALWAYS_FULL)
-    assert await sync(settings, catalog) == OK
+    assert await sync(settings, catalog) == Outcome.OK
     uid = ct_series(sim_archive)
     also_in_mr(sim, sim_archive, uid)
-    assert await sync(settings, catalog) == FAILURES
+    assert await sync(settings, catalog) == Outcome.FAILURES
     assert (await row_of(catalog, uid)).state == SeriesState.CONFLICT
     assert downloads(sim, uid) == 1
     # First placed wins: its files stay where they were and still verify.
@@ -138,9 +139,9 @@ async def test_conflict_is_released_when_a_full_listing_sees_one_place(
     uid = ct_series(sim_archive)
     also_in_mr(sim, sim_archive, uid)
     settings = settings_for(root, sim.url, **ALWAYS_FULL)
-    assert await sync(settings, catalog) == FAILURES
+    assert await sync(settings, catalog) == Outcome.FAILURES
     sim.faults.extra_rows.clear()
-    assert await sync(settings, catalog) == OK
+    assert await sync(settings, catalog) == Outcome.OK
     row = await row_of(catalog, uid)
     assert (row.state, row.conflict, row.collection) == (SeriesState.DONE, None, "SIM-CT")
     assert mirror_files(root) == set(expected_files(sim_archive, root))
@@ -157,13 +158,13 @@ async def test_series_moved_to_another_collection_is_still_moved(
 ) -> None:
     root = tmp_path / "m"
     settings = settings_for(root, sim.url, **schedule)
-    assert await sync(settings, catalog) == OK
+    assert await sync(settings, catalog) == Outcome.OK
     uid = ct_series(sim_archive)
     sim_archive.move_series(uid, collection="SIM-MR", released=None)
     sim_archive.series[uid].date_released = sim_archive.series[uid].date_released.replace(
         year=2030
     )  # re-released, so an increment (getUpdatedSeries) reports it
-    assert await sync(settings, catalog) == OK
+    assert await sync(settings, catalog) == Outcome.OK
     row = await row_of(catalog, uid)
     assert (row.state, row.collection, row.conflict) == (SeriesState.DONE, "SIM-MR", None)
     assert mirror_files(root) == set(expected_files(sim_archive, root))
@@ -175,8 +176,8 @@ async def test_second_source_listing_the_same_series_is_held(
     root = tmp_path / "m"
     async with running_sim(sim_archive) as twin:
         settings = settings_for(root, sim.url, twin.url)
-        assert await sync(settings, catalog) == FAILURES
-        assert await sync(settings, catalog) == FAILURES
+        assert await sync(settings, catalog) == Outcome.FAILURES
+        assert await sync(settings, catalog) == Outcome.FAILURES
         assert sum(twin.counters.downloads_started.values()) == 0
     counts = await catalog.state_counts()
     total = len(sim_archive.series)
