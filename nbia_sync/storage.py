@@ -83,24 +83,17 @@ def _fsync_path(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _sync_dir_files(directory: Path) -> None:
+def sync_staged(directory: Path) -> None:
+    """fsync every file in a staged series directory, then the directory itself.
+
+    Blocking (call it from a worker thread). Data first, then the names: once
+    Mirror.place_many has renamed the directory into the tree and fsynced its new parent,
+    no placed name can point at unwritten blocks after a power loss.
+    """
     for entry in os.scandir(directory):
         if entry.is_file(follow_symlinks=False):
             _fsync_path(Path(entry.path))
     _fsync_path(directory, directory=True)
-
-
-def _makedirs_synced(path: Path) -> None:
-    """mkdir -p, fsyncing each parent that got a new entry, so the dirs survive a crash."""
-    missing: list[Path] = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another worker made it first
-            d.mkdir()
-        _fsync_path(d.parent, directory=True)
 
 
 def _makedirs_unsynced(path: Path, created: set[Path]) -> None:
@@ -150,29 +143,12 @@ class Mirror:
 
     # -- placement ----------------------------------------------------------------
 
-    async def sync_staged(self, staged_dir: Path) -> None:
-        """fsync every staged file and the staging directory.
-
-        Data first, then the names: after a crash a placed name never points at unwritten
-        blocks. Separate from the renames so a caller can do the slow part before it
-        takes the catalog's write lock.
-        """
-        await anyio.to_thread.run_sync(_sync_dir_files, staged_dir)
-
-    async def place_series(
-        self, staged_dir: Path, final_dir: Path, *, fsync_files: bool = True
-    ) -> None:
-        """Move a fully staged series into the mirror, replacing any older copy.
-
-        ``fsync_files=False`` only after :meth:`sync_staged` on the same directory.
-        """
-        await anyio.to_thread.run_sync(self._place_series_sync, staged_dir, final_dir, fsync_files)
-
     async def place_many(
         self, moves: Sequence[tuple[Path, Path] | tuple[Path, Path, Path | None]]
     ) -> list[Exception | None]:
-        """Move several fully staged series (each :meth:`sync_staged` already) into the
-        mirror in one worker-thread call; per move, None or the error that stopped it.
+        """Move fully staged series (each passed through :func:`sync_staged` already)
+        into the mirror in one worker-thread call; per move, None or the error that
+        stopped it. The only way a series enters the tree.
 
         A move is ``(staged_dir, final_dir)`` or ``(staged_dir, final_dir, moved_from)``:
         ``moved_from`` is where the series was placed before when the archive has since
@@ -182,17 +158,17 @@ class Mirror:
         the series is still leased (fetched again later), after it the old copy is at
         most in the trash, which :meth:`clean_staging` empties.
 
-        Crash consistency is the same as one :meth:`place_series` per move, with each
-        directory fsynced once instead of once per series. Every move is still a rename
-        of a whole directory (a series is absent, old or new, never mixed); the files'
-        data was fsynced before (sync_staged), so no name can point at unwritten blocks;
+        Each directory is fsynced once per call, however many series it received. Every
+        move is a rename of a whole directory (a series is absent, old or new, never
+        mixed); the files' data was fsynced before (sync_staged), so no name can point
+        at unwritten blocks;
         and every directory that got a new entry here (the parents of new directories and
         of the placed series, the trash and the old parent when an old copy was moved
         aside) is fsynced
         before this returns, i.e. before the caller commits "done" for any of the moves.
         A crash before those fsyncs may lose renames, but none is recorded as done yet:
         the catalog still has the series leased and it is fetched again. Old copies are
-        deleted only after the fsyncs, as in place_series.
+        deleted only after the fsyncs: an updated series is never absent from the tree.
         """
         return await anyio.to_thread.run_sync(self._place_many_sync, list(moves))
 
@@ -205,7 +181,8 @@ class Mirror:
         olds: list[Path] = []
 
         def move_aside(series_dir: Path) -> None:
-            # See _place_series_sync: the old copy leaves the tree whole (one rename).
+            # The old copy leaves the tree whole (one rename) and is deleted only once the
+            # new one is in, so no stale file survives and no mixture is ever visible.
             self.trash_root.mkdir(parents=True, exist_ok=True)
             old = self.trash_root / f"{series_dir.name}.{uuid.uuid4().hex}"
             os.rename(series_dir, old)
@@ -233,26 +210,6 @@ class Mirror:
         for old in olds:
             _rmtree(old)
         return errors
-
-    def _place_series_sync(self, staged_dir: Path, final_dir: Path, fsync_files: bool) -> None:
-        if fsync_files:
-            _sync_dir_files(staged_dir)
-        parent = final_dir.parent
-        _makedirs_synced(parent)
-        old: Path | None = None
-        if final_dir.exists():
-            # An updated series: the old copy leaves the tree whole (one rename) and is
-            # deleted only once the new one is in, so no stale file survives and no
-            # mixture of old and new files is ever visible.
-            self.trash_root.mkdir(parents=True, exist_ok=True)
-            old = self.trash_root / f"{final_dir.name}.{uuid.uuid4().hex}"
-            os.rename(final_dir, old)
-        os.rename(staged_dir, final_dir)
-        _fsync_path(parent, directory=True)
-        if old is not None:
-            _fsync_path(self.trash_root, directory=True)
-            _rmtree(old)
-        log.debug("series_placed", path=self.relative(final_dir), replaced=old is not None)
 
     async def remove_staging(self, staged_dir: Path) -> None:
         """Delete one series' staging; safe to call under cancellation."""

@@ -310,29 +310,22 @@ async def _requeue(conn: AsyncConnection, series_id: int) -> None:
 
 @contextlib.asynccontextmanager
 async def placing(db: Database, claim: Claim, owner: str) -> AsyncIterator[PlacementGuard]:
-    """Hold the series row while the caller renames files into the mirror.
+    """`placing_many` for one series: hold its row while the caller renames its files.
 
-    Not retried: the caller's block has side effects. The transaction is short (local
-    renames only) but holds the SQLite write lock, so nothing slow belongs inside.
+    Raises LeaseLostError before the block runs if the lease is gone or the series
+    changed on the archive (re-queued, committed). The block must call ``guard.done()``.
     """
-    changed = False
-    async with db.catalog_errors(), db.write() as conn:
-        row = await _lock_owned_row(conn, claim, owner)
-        if row is None:
-            raise LeaseLostError(f"series {claim.series_uid}: lease no longer held by this worker")
-        if row.generation != claim.generation:
-            # The archive changed the series while we fetched it: queue the new version now
-            # rather than leave it leased to us until the lease runs out.
-            await _requeue(conn, claim.series_id)
-            changed = True
-        else:
+    lost: LeaseLostError | None = None
+    async with placing_many(db, [claim], owner) as batch:
+        lost = batch.lost.get(claim.series_id)
+        if lost is None:
             guard = PlacementGuard()
             yield guard
             if guard.instances is None or guard.placed_path is None:
                 raise CatalogError("placing block ended without guard.done(): nothing recorded")
-            await _complete(conn, claim, guard)
-    if changed:
-        raise LeaseLostError(f"series {claim.series_uid}: changed on the archive; re-queued")
+            batch.done(claim, guard.instances, guard.placed_path, guard.bytes)
+    if lost is not None:
+        raise lost
 
 
 @contextlib.asynccontextmanager
@@ -447,40 +440,6 @@ async def _complete_many(
     ]
     if rows:
         await conn.execute(insert(INSTANCES), rows)
-
-
-async def _complete(conn: AsyncConnection, claim: Claim, guard: PlacementGuard) -> None:
-    now = utcnow()
-    await conn.execute(
-        update(SERIES)
-        .where(SERIES.c.id == claim.series_id)
-        .values(
-            state=SeriesState.DONE,
-            downloads=SERIES.c.downloads + 1,
-            last_error=None,
-            next_try_at=None,
-            bytes=guard.bytes,
-            placed_path=guard.placed_path,
-            placed_at=now,
-            updated_at=now,
-            **_UNLEASED,
-        )
-    )
-    await conn.execute(delete(INSTANCES).where(INSTANCES.c.series_id == claim.series_id))
-    if guard.instances:
-        await conn.execute(
-            insert(INSTANCES),
-            [
-                {
-                    "series_id": claim.series_id,
-                    "sop_uid": i.sop_uid,
-                    "md5": i.md5,
-                    "size": i.size,
-                    "path": i.path,
-                }
-                for i in guard.instances
-            ],
-        )
 
 
 async def fail(

@@ -32,7 +32,7 @@ import structlog
 
 from nbia_sync.errors import DiskSpaceError, IntegrityError, RetryableError
 from nbia_sync.progress import ProgressSink
-from nbia_sync.storage import disk_full, safe_part
+from nbia_sync.storage import disk_full, safe_part, sync_staged
 from nbia_sync.transfer.archive import EntryData, EntryEnd, EntryStart, ZipEvent, ZipStreamReader
 
 log = structlog.get_logger(__name__)
@@ -292,22 +292,6 @@ def _fresh_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def _sync_staged(staging: Path) -> None:
-    """fsync every staged file, then the directory (as storage.Mirror.sync_staged)."""
-    for entry in os.scandir(staging):
-        if entry.is_file(follow_symlinks=False):
-            fd = os.open(entry.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass(slots=True)
 class _ThreadSide:
     """Everything fetch_series does off the event loop, grouped so that a small series
@@ -328,7 +312,7 @@ class _ThreadSide:
             return None
         files = self.writer.finish()
         if self.sync:
-            _sync_staged(self.writer.staging)
+            sync_staged(self.writer.staging)
         return files
 
 
@@ -347,7 +331,7 @@ async def fetch_series(
 
     ``chunk_size``: small network chunks are gathered up to this many bytes before a hop
     to the worker thread. ``sync``: also fsync the staged files and their directory
-    (what storage.Mirror.sync_staged does), in the same thread hop as the final checks.
+    (storage.sync_staged), in the same thread hop as the final checks.
     Raises IntegrityError/RetryableError (retry later), HostileArchiveError/PermanentError
     (give up), DiskSpaceError (stop everything).
     """

@@ -311,7 +311,7 @@ class _Drain:
             async with self.mirror.reserve(claim.file_size, self.settings.mirror.min_free_bytes):
                 fetched: FetchedSeries | None = None
                 with job.scope:
-                    # sync=True: the files are fsynced (as Mirror.sync_staged) before
+                    # sync=True: the files are fsynced (storage.sync_staged) before
                     # fetch_series returns, outside any catalog transaction.
                     fetched = await fetch_series(
                         self.clients[claim.source_name],

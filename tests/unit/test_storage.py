@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from nbia_sync.errors import DiskSpaceError
-from nbia_sync.storage import Mirror, safe_part
+from nbia_sync.storage import Mirror, safe_part, sync_staged
 
 pytestmark = pytest.mark.asyncio
 
@@ -84,6 +84,12 @@ def stage(dir_: Path, files: dict[str, bytes]) -> Path:
     return dir_
 
 
+async def place(m: Mirror, staged: Path, final: Path) -> None:
+    """What the pool does for one series: sync_staged in the download, then place_many."""
+    sync_staged(staged)
+    assert await m.place_many([(staged, final)]) == [None]
+
+
 def tree(root: Path) -> dict[str, bytes]:
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
@@ -92,11 +98,11 @@ def tree(root: Path) -> dict[str, bytes]:
     }
 
 
-async def test_place_series_moves_staging_into_the_tree(tmp_path: Path) -> None:
+async def test_place_many_moves_staging_into_the_tree(tmp_path: Path) -> None:
     m = Mirror(tmp_path)
     staged = stage(m.staging_dir("me", "1.2"), {"1.dcm": b"one", "2.dcm": b"two"})
     final = m.series_dir("C", "P", "1.1", "1.2")
-    await m.place_series(staged, final)
+    await place(m, staged, final)
     assert tree(tmp_path) == {"C/P/1.1/1.2/1.dcm": b"one", "C/P/1.1/1.2/2.dcm": b"two"}
     assert not staged.exists()
 
@@ -104,8 +110,8 @@ async def test_place_series_moves_staging_into_the_tree(tmp_path: Path) -> None:
 async def test_replacing_a_series_leaves_no_stale_file(tmp_path: Path) -> None:
     m = Mirror(tmp_path)
     final = m.series_dir("C", "P", "1.1", "1.2")
-    await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"o", "2.dcm": b"o"}), final)
-    await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"new"}), final)
+    await place(m, stage(m.staging_dir("me", "1.2"), {"1.dcm": b"o", "2.dcm": b"o"}), final)
+    await place(m, stage(m.staging_dir("me", "1.2"), {"1.dcm": b"new"}), final)
     assert tree(tmp_path) == {"C/P/1.1/1.2/1.dcm": b"new"}
     assert not any(m.trash_root.iterdir())
 
@@ -129,7 +135,8 @@ _KILL_SCRIPT = textwrap.dedent(
 
     os.rename = rename
     m = Mirror(root)
-    anyio.run(m.place_series, m.staging_dir("dead", "1.2"), m.series_dir("C", "P", "1.1", "1.2"))
+    moves = [(m.staging_dir("dead", "1.2"), m.series_dir("C", "P", "1.1", "1.2"))]
+    assert anyio.run(m.place_many, moves) == [None]
     """
 )
 
@@ -145,7 +152,7 @@ async def test_placement_killed_midway_never_shows_a_mixed_or_partial_series(
 ) -> None:
     m = Mirror(tmp_path)
     final = m.series_dir("C", "P", "1.1", "1.2")
-    await m.place_series(stage(m.staging_dir("old", "1.2"), OLD), final)
+    await place(m, stage(m.staging_dir("old", "1.2"), OLD), final)
     staged = stage(m.staging_dir("dead", "1.2"), NEW)
     proc = await anyio.run_process(
         [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), str(kill_at)], check=False
@@ -208,7 +215,7 @@ async def test_place_many_places_each_series_and_reports_failures_one_by_one(
 ) -> None:
     m = Mirror(tmp_path)
     old = m.series_dir("C", "P1", "1.1", "1.2")
-    await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"old"}), old)
+    await place(m, stage(m.staging_dir("me", "1.2"), {"1.dcm": b"old"}), old)
     moves = [
         (stage(m.staging_dir("me", "1.2"), {"1.dcm": b"new"}), old),  # replaces
         (m.staging_dir("me", "missing"), m.series_dir("C", "P2", "2.1", "2.2")),  # fails
@@ -258,7 +265,7 @@ async def test_place_many_moves_the_old_copy_of_a_moved_series_aside_durably(
 
     m = Mirror(tmp_path)
     before = m.series_dir("C", "P1", "1.1", "1.2")
-    await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"old"}), before)
+    await place(m, stage(m.staging_dir("me", "1.2"), {"1.dcm": b"old"}), before)
     after = m.series_dir("C", "P2", "2.1", "1.2")
     synced: list[Path] = []
     monkeypatch.setattr(
