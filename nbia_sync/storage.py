@@ -83,16 +83,13 @@ def _fsync_path(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
-def sync_staged(directory: Path) -> None:
-    """fsync every file in a staged series directory, then the directory itself.
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory's entries (blocking: call it from a worker thread).
 
-    Blocking (call it from a worker thread). Data first, then the names: once
-    Mirror.place_many has renamed the directory into the tree and fsynced its new parent,
-    no placed name can point at unwritten blocks after a power loss.
+    The download fsyncs each staged file as it completes and then its staging directory
+    with this; Mirror.place_many then fsyncs every directory a placement touched. Data
+    first, then the names: after a power loss no placed name points at unwritten blocks.
     """
-    for entry in os.scandir(directory):
-        if entry.is_file(follow_symlinks=False):
-            _fsync_path(Path(entry.path))
     _fsync_path(directory, directory=True)
 
 
@@ -146,8 +143,8 @@ class Mirror:
     async def place_many(
         self, moves: Sequence[tuple[Path, Path] | tuple[Path, Path, Path | None]]
     ) -> list[Exception | None]:
-        """Move fully staged series (each passed through :func:`sync_staged` already)
-        into the mirror in one worker-thread call; per move, None or the error that
+        """Move fully staged series (files and directory fsynced by the download) into
+        the mirror in one worker-thread call; per move, None or the error that
         stopped it. The only way a series enters the tree.
 
         A move is ``(staged_dir, final_dir)`` or ``(staged_dir, final_dir, moved_from)``:
@@ -160,7 +157,7 @@ class Mirror:
 
         Each directory is fsynced once per call, however many series it received. Every
         move is a rename of a whole directory (a series is absent, old or new, never
-        mixed); the files' data was fsynced before (sync_staged), so no name can point
+        mixed); the files' data was fsynced before (the download), so no name can point
         at unwritten blocks;
         and every directory that got a new entry here (the parents of new directories and
         of the placed series, the trash and the old parent when an old copy was moved

@@ -25,14 +25,14 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 import anyio
 import structlog
 
-from nbia_sync.errors import DiskSpaceError, IntegrityError, RetryableError
+from nbia_sync.errors import DiskSpaceError, IntegrityError, RetryableError, sole_error
 from nbia_sync.progress import ProgressSink
-from nbia_sync.storage import disk_full, safe_part, sync_staged
+from nbia_sync.storage import disk_full, fsync_dir, safe_part
 from nbia_sync.transfer.archive import EntryData, EntryEnd, EntryStart, ZipEvent, ZipStreamReader
 from nbia_sync.transfer.dicomhead import NotDicomError, read_uids
 
@@ -47,6 +47,17 @@ _DICOM_TAGS = ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"]
 # Each file's first bytes are kept in memory for the UID check (dicomhead.read_uids);
 # DICOM headers before pixel data are a few KB.
 _HEAD_BYTES = 64 << 10
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+# Smallest hop to the worker thread while a download streams (the last one may be less):
+# small enough that processing keeps pace with the socket, large enough that the hops'
+# own cost stays small.
+_MIN_HOP = 64 << 10
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class SeriesStreamer(Protocol):
@@ -114,11 +125,12 @@ class _SeriesWriter:
     study_uid: str
     image_count: int | None
     check_dicom: bool
+    sync: bool = False  # fsync each file as it completes, and the directory at the end
     reader: ZipStreamReader = field(init=False)
     entries: list[_Entry] = field(default_factory=list)
     hash_list: bytearray | None = None
     _names: set[str] = field(default_factory=set)
-    _out: BinaryIO | None = None
+    _fd: int | None = None  # the current file, written with os.write (no buffer layer)
     _md5: hashlib._Hash | None = None
     _head: bytearray = field(default_factory=bytearray)
     _sink: str = "skip"  # where the current entry's bytes go: file | hashes | skip
@@ -140,9 +152,9 @@ class _SeriesWriter:
         return self._verify()
 
     def abort(self) -> None:
-        if self._out is not None:
-            self._out.close()
-            self._out = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self.reader.close()
 
     # -- events -------------------------------------------------------------------
@@ -150,9 +162,9 @@ class _SeriesWriter:
     def _handle(self, event: ZipEvent) -> None:
         if isinstance(event, EntryData):
             if self._sink == "file":
-                assert self._out is not None and self._md5 is not None
+                assert self._fd is not None and self._md5 is not None
                 self._md5.update(event.data)
-                self._out.write(event.data)
+                _write_all(self._fd, event.data)
                 if len(self._head) < _HEAD_BYTES:
                     self._head += event.data[: _HEAD_BYTES - len(self._head)]
             elif self._sink == "hashes":
@@ -179,7 +191,7 @@ class _SeriesWriter:
             # has to match the hash list.
             entry = _Entry(name=name, part=self.staging / f"{len(self.entries):08d}.part")
             self.entries.append(entry)
-            self._out = entry.part.open("xb")
+            self._fd = os.open(entry.part, _CREATE, 0o644)
             self._md5 = hashlib.md5(usedforsecurity=False)
             self._head = bytearray()
             self._sink = "file"
@@ -188,9 +200,13 @@ class _SeriesWriter:
         if self._sink != "file":
             self._sink = "skip"
             return
-        assert self._out is not None and self._md5 is not None
-        self._out.close()
-        self._out = None
+        assert self._fd is not None and self._md5 is not None
+        fd, self._fd = self._fd, None
+        try:
+            if self.sync:
+                os.fsync(fd)  # now, while the rest still streams, not after the last byte
+        finally:
+            os.close(fd)
         entry = self.entries[-1]
         entry.md5 = self._md5.hexdigest()
         entry.size = size
@@ -318,15 +334,14 @@ def _fresh_dir(path: Path) -> None:
 
 @dataclass(slots=True)
 class _ThreadSide:
-    """Everything fetch_series does off the event loop, grouped so that a small series
-    costs one hop to a worker thread (staging set-up, parse, verify and fsync together)
-    instead of one per step."""
+    """Everything fetch_series does off the event loop: staging set-up on the first hop;
+    on the last, the end-of-archive checks, the renames and the directory fsync (the
+    files were fsynced as they completed), so only those follow the last byte."""
 
     writer: _SeriesWriter
-    sync: bool
     _ready: bool = False
 
-    def feed(self, data: bytes | None, *, last: bool = False) -> list[StagedFile] | None:
+    def feed(self, data: bytes | None, last: bool) -> list[StagedFile] | None:
         if not self._ready:
             _fresh_dir(self.writer.staging)
             self._ready = True
@@ -335,9 +350,52 @@ class _ThreadSide:
         if not last:
             return None
         files = self.writer.finish()
-        if self.sync:
-            sync_staged(self.writer.staging)
+        if self.writer.sync:
+            fsync_dir(self.writer.staging)
         return files
+
+
+class _Pipe:
+    """The bytes between the socket and the worker thread of one download.
+
+    The network side ``put``s chunks as they arrive; the thread side ``take``s all that
+    is queued (at least ``min_hop`` bytes unless the stream ended) in one hop, so the
+    processing overlaps the transfer and the hop size adapts: small while the thread
+    keeps up, larger when it falls behind. At most ``budget`` bytes (plus one chunk)
+    wait here: memory per stream is bounded whatever the speeds.
+    """
+
+    def __init__(self, budget: int, min_hop: int) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._closed = False
+        self._budget = budget
+        self._min_hop = min(min_hop, budget)
+        self._cond = anyio.Condition()
+
+    async def put(self, chunk: bytes) -> None:
+        async with self._cond:
+            while self._size >= self._budget:
+                await self._cond.wait()
+            self._parts.append(chunk)
+            self._size += len(chunk)
+            if self._size >= self._min_hop:
+                self._cond.notify_all()
+
+    async def close(self) -> None:
+        async with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    async def take(self) -> tuple[bytes | None, bool]:
+        """(the queued bytes, whether the stream has ended)."""
+        async with self._cond:
+            while self._size < self._min_hop and not self._closed:
+                await self._cond.wait()
+            data = _join(self._parts) if self._parts else None
+            self._parts, self._size = [], 0
+            self._cond.notify_all()
+            return data, self._closed
 
 
 async def fetch_series(
@@ -353,41 +411,48 @@ async def fetch_series(
 ) -> FetchedSeries:
     """Download one series into ``staging_dir`` and verify it; see the module doc.
 
-    ``chunk_size``: small network chunks are gathered up to this many bytes before a hop
-    to the worker thread. ``sync``: also fsync the staged files and their directory
-    (storage.sync_staged), in the same thread hop as the final checks.
-    Raises IntegrityError/RetryableError (retry later), HostileArchiveError/PermanentError
-    (give up), DiskSpaceError (stop everything).
+    ``chunk_size``: at most this many bytes (plus one network chunk) wait for the worker
+    thread (see _Pipe). ``sync``: fsync each staged file as it completes and the staging
+    directory at the end. Raises IntegrityError/RetryableError (retry later),
+    HostileArchiveError/PermanentError (give up), DiskSpaceError (stop everything).
     """
     writer = _SeriesWriter(
-        staging_dir, claim.series_uid, claim.study_uid, claim.image_count, check_dicom
+        staging_dir, claim.series_uid, claim.study_uid, claim.image_count, check_dicom, sync
     )
-    side = _ThreadSide(writer, sync)
+    side = _ThreadSide(writer)
+    pipe = _Pipe(budget=chunk_size, min_hop=_MIN_HOP)
     received = 0
+    files: list[StagedFile] | None = None
+
+    async def process() -> None:
+        nonlocal files
+        while files is None:
+            data, last = await pipe.take()
+            files = await anyio.to_thread.run_sync(side.feed, data, last)
+            if last:
+                return
+
     try:
-        async with client.stream_series(claim.series_uid) as chunks:
-            pending: list[bytes] = []
-            pending_size = 0
-            try:
-                async for chunk in chunks:
-                    if limiter is not None:
-                        await limiter.acquire(len(chunk))
-                    received += len(chunk)
-                    progress.bytes_received(len(chunk))
-                    pending.append(chunk)
-                    pending_size += len(chunk)
-                    if pending_size >= chunk_size:
-                        await anyio.to_thread.run_sync(side.feed, _join(pending))
-                        pending, pending_size = [], 0
-            except (ConnectionError, TimeoutError) as exc:
-                # The client maps its own failures; this is only a safety net.
-                raise RetryableError(
-                    f"series {claim.series_uid}: download interrupted ({type(exc).__name__})"
-                ) from None
-        # The rest of the bytes, the end-of-archive checks and the fsyncs: one hop (for a
-        # series smaller than chunk_size, the only one).
-        tail = _join(pending) if pending else None
-        files = await anyio.to_thread.run_sync(lambda: side.feed(tail, last=True))
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(process)
+                async with client.stream_series(claim.series_uid) as chunks:
+                    try:
+                        async for chunk in chunks:
+                            if limiter is not None:
+                                await limiter.acquire(len(chunk))
+                            received += len(chunk)
+                            progress.bytes_received(len(chunk))
+                            await pipe.put(chunk)
+                    except (ConnectionError, TimeoutError) as exc:
+                        # The client maps its own failures; this is only a safety net.
+                        raise RetryableError(
+                            f"series {claim.series_uid}: download interrupted "
+                            f"({type(exc).__name__})"
+                        ) from None
+                await pipe.close()
+        except BaseExceptionGroup as group:
+            raise sole_error(group) from None
         assert files is not None
     except BaseException:
         with anyio.CancelScope(shield=True):

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from nbia_sync.errors import DiskSpaceError
-from nbia_sync.storage import Mirror, safe_part, sync_staged
+from nbia_sync.storage import Mirror, safe_part
 
 pytestmark = pytest.mark.asyncio
 
@@ -85,8 +85,7 @@ def stage(dir_: Path, files: dict[str, bytes]) -> Path:
 
 
 async def place(m: Mirror, staged: Path, final: Path) -> None:
-    """What the pool does for one series: sync_staged in the download, then place_many."""
-    sync_staged(staged)
+    """What the pool does for one series (the download fsynced the staged files)."""
     assert await m.place_many([(staged, final)]) == [None]
 
 
