@@ -68,11 +68,20 @@ class PlacementGuard:
         self.instances: Sequence[InstanceRecord] | None = None
         self.placed_path: str | None = None
         self.bytes = 0
+        self.unverified = 0
 
-    def done(self, instances: Sequence[InstanceRecord], placed_path: str, bytes: int) -> None:
+    def done(
+        self,
+        instances: Sequence[InstanceRecord],
+        placed_path: str,
+        bytes: int,
+        unverified: int = 0,
+    ) -> None:
+        """``unverified``: files accepted without an MD5 (the archive listed none)."""
         self.instances = instances
         self.placed_path = placed_path
         self.bytes = bytes
+        self.unverified = unverified
 
 
 class BatchPlacement:
@@ -93,12 +102,17 @@ class BatchPlacement:
         self.claimed: list[Claim] = []
 
     def done(
-        self, claim: Claim, instances: Sequence[InstanceRecord], placed_path: str, bytes: int
+        self,
+        claim: Claim,
+        instances: Sequence[InstanceRecord],
+        placed_path: str,
+        bytes: int,
+        unverified: int = 0,
     ) -> None:
         if all(c.series_id != claim.series_id for c in self.held):
             raise CatalogError(f"series {claim.series_uid} is not held by this placement")
         guard = PlacementGuard()
-        guard.done(instances, placed_path, bytes)
+        guard.done(instances, placed_path, bytes, unverified)
         self.placed[claim.series_id] = (claim, guard)
 
 
@@ -323,7 +337,7 @@ async def placing(db: Database, claim: Claim, owner: str) -> AsyncIterator[Place
             yield guard
             if guard.instances is None or guard.placed_path is None:
                 raise CatalogError("placing block ended without guard.done(): nothing recorded")
-            batch.done(claim, guard.instances, guard.placed_path, guard.bytes)
+            batch.done(claim, guard.instances, guard.placed_path, guard.bytes, guard.unverified)
     if lost is not None:
         raise lost
 
@@ -415,12 +429,21 @@ async def _complete_many(
             last_error=None,
             next_try_at=None,
             bytes=bindparam("b_bytes"),
+            unverified_files=bindparam("b_unverified"),
             placed_path=bindparam("b_path"),
             placed_at=now,
             updated_at=now,
             **_UNLEASED,
         ),
-        [{"b_id": c.series_id, "b_bytes": g.bytes, "b_path": g.placed_path} for c, g in placed],
+        [
+            {
+                "b_id": c.series_id,
+                "b_bytes": g.bytes,
+                "b_unverified": g.unverified,
+                "b_path": g.placed_path,
+            }
+            for c, g in placed
+        ],
     )
     # Instances exist only for a series placed before (completion writes them together
     # with placed_path, and only the lease holder completes): a first placement has none.

@@ -30,7 +30,13 @@ from typing import Protocol
 import anyio
 import structlog
 
-from nbia_sync.errors import DiskSpaceError, IntegrityError, RetryableError, sole_error
+from nbia_sync.errors import (
+    DiskSpaceError,
+    HostileArchiveError,
+    IntegrityError,
+    RetryableError,
+    sole_error,
+)
 from nbia_sync.progress import ProgressSink
 from nbia_sync.storage import disk_full, fsync_dir, safe_part
 from nbia_sync.transfer.archive import EntryData, EntryEnd, EntryStart, ZipEvent, ZipStreamReader
@@ -41,8 +47,12 @@ log = structlog.get_logger(__name__)
 HASH_LIST = "md5hashes.csv"
 LICENSE = "LICENSE"  # v4 getImage puts the collection's licence first
 _MAX_HASH_LIST = 16 << 20
+# A series' archive may inflate to at most its listed FileSize plus this margin (the
+# LICENSE and hash-list entries, a listing slightly out of date); beyond it the archive
+# is refused as hostile before it can fill the disk (a deflate bomb, a lying server).
+SIZE_MARGIN_RATIO = 0.10
+SIZE_MARGIN_BYTES = 4 << 20
 _SPOOL_NAME = ".archive.zip"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DICOM_TAGS = ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"]
 # Each file's first bytes are kept in memory for the UID check (dicomhead.read_uids);
 # DICOM headers before pixel data are a few KB.
@@ -75,6 +85,8 @@ class SeriesRef(Protocol):
     def study_uid(self) -> str: ...
     @property
     def image_count(self) -> int | None: ...
+    @property
+    def file_size(self) -> int | None: ...
 
 
 class RateLimiter(Protocol):
@@ -96,6 +108,7 @@ class FetchedSeries:
     staging_dir: Path
     files: list[StagedFile]
     bytes_downloaded: int  # bytes off the wire (the ZIP)
+    unverified: int = 0  # files the hash list gave a blank MD5 for (accepted on the rest)
 
     @property
     def size(self) -> int:
@@ -126,6 +139,7 @@ class _SeriesWriter:
     image_count: int | None
     check_dicom: bool
     sync: bool = False  # fsync each file as it completes, and the directory at the end
+    file_size: int | None = None  # the listing's FileSize: bounds what may be inflated
     reader: ZipStreamReader = field(init=False)
     entries: list[_Entry] = field(default_factory=list)
     hash_list: bytearray | None = None
@@ -134,6 +148,8 @@ class _SeriesWriter:
     _md5: hashlib._Hash | None = None
     _head: bytearray = field(default_factory=bytearray)
     _sink: str = "skip"  # where the current entry's bytes go: file | hashes | skip
+    _inflated: int = 0  # bytes of every entry so far, uncompressed
+    unverified: int = 0
 
     def __post_init__(self) -> None:
         self.reader = ZipStreamReader(self.staging / _SPOOL_NAME)
@@ -161,6 +177,14 @@ class _SeriesWriter:
 
     def _handle(self, event: ZipEvent) -> None:
         if isinstance(event, EntryData):
+            self._inflated += len(event.data)
+            if self.file_size is not None and self._inflated > _size_limit(self.file_size):
+                raise HostileArchiveError(
+                    f"series {self.series_uid}: the archive inflates past "
+                    f"{_size_limit(self.file_size)} bytes, but the listing's FileSize is "
+                    f"{self.file_size} (allowed: {SIZE_MARGIN_RATIO:.0%} + "
+                    f"{SIZE_MARGIN_BYTES >> 20} MiB more)"
+                )
             if self._sink == "file":
                 assert self._fd is not None and self._md5 is not None
                 self._md5.update(event.data)
@@ -257,10 +281,14 @@ class _SeriesWriter:
             )
         listed = _parse_hash_list(bytes(self.hash_list), uid)
         for e in self.entries:
-            want = listed.get(e.name)
-            if want is None:
+            if e.name not in listed:
                 raise IntegrityError(f"series {uid}: {e.name!r} is not in {HASH_LIST}")
-            if want != e.md5:
+            want = listed[e.name]
+            if want is None:
+                # The archive has no MD5 for this file (a blank hash): accepted on the
+                # CRC, the DICOM parse and the UID checks below, counted as unverified.
+                self.unverified += 1
+            elif want != e.md5:
                 raise IntegrityError(f"series {uid}: MD5 mismatch for {e.name!r}")
         missing = sorted(set(listed) - {e.name for e in self.entries})
         if missing:
@@ -272,7 +300,12 @@ class _SeriesWriter:
                 f"series {uid}: {len(self.entries)} files, the archive lists "
                 f"ImageCount {self.image_count}"
             )
-        if self.check_dicom:
+        if not self.entries and self.image_count != 0:
+            raise IntegrityError(
+                f"series {uid}: the archive has no files and the listing gives no "
+                "ImageCount of 0 (an empty answer is not an empty series)"
+            )
+        if self.check_dicom or self.unverified:
             for e in self.entries:
                 if e.uids[0] != uid:
                     raise IntegrityError(
@@ -282,8 +315,9 @@ class _SeriesWriter:
                     raise IntegrityError(f"series {uid}: {e.name!r} belongs to study {e.uids[1]!r}")
         names: dict[str, _Entry] = {}
         for e in self.entries:
-            # A SOP UID comes from inside the file: never trust it as a path.
-            fname = (e.sop_uid if _UID.match(e.sop_uid) else safe_part(e.sop_uid)) + ".dcm"
+            # A SOP UID comes from inside the file: never trust it as a path. safe_part
+            # leaves a plain UID as it is and shortens (hashes) one too long for a name.
+            fname = safe_part(e.sop_uid) + ".dcm"
             if fname in names:
                 raise IntegrityError(f"series {uid}: SOPInstanceUID {e.sop_uid} appears twice")
             names[fname] = e
@@ -295,7 +329,19 @@ class _SeriesWriter:
         return staged
 
 
-def _parse_hash_list(data: bytes, uid: str) -> dict[str, str]:
+def _size_limit(file_size: int) -> int:
+    return file_size + max(int(file_size * SIZE_MARGIN_RATIO), SIZE_MARGIN_BYTES)
+
+
+_MD5_VALUE = re.compile(r"[0-9a-fA-F]{1,32}")
+
+
+def _parse_hash_list(data: bytes, uid: str) -> dict[str, str | None]:
+    """File name -> MD5 (lower case, 32 digits), or None where the archive has none.
+
+    The real server may store a hash unpadded (Java's BigInteger.toString(16) drops
+    leading zeros): left-padded to 32 here. A missing one is sent as " ": None.
+    """
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -303,13 +349,17 @@ def _parse_hash_list(data: bytes, uid: str) -> dict[str, str]:
     rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
     if not rows or [c.strip().lower() for c in rows[0]] != ["filename", "md5hash"]:
         raise IntegrityError(f"series {uid}: {HASH_LIST} lacks its Filename,MD5Hash header")
-    listed: dict[str, str] = {}
+    listed: dict[str, str | None] = {}
     for row in rows[1:]:
-        if len(row) != 2 or not re.fullmatch(r"[0-9a-fA-F]{32}", row[1].strip()):
+        if len(row) == 1:
+            row = [row[0], ""]  # "name," with the blank hash stripped by the writer
+        value = row[1].strip() if len(row) == 2 else "?"
+        if value and not _MD5_VALUE.fullmatch(value):
             raise IntegrityError(f"series {uid}: malformed row in {HASH_LIST}")
-        name, md5 = row[0].strip(), row[1].strip().lower()
-        if listed.setdefault(name, md5) != md5:
+        name, md5 = row[0].strip(), value.lower().zfill(32) if value else None
+        if name in listed and listed[name] != md5:
             raise IntegrityError(f"series {uid}: {HASH_LIST} lists {name!r} twice")
+        listed[name] = md5
     return listed
 
 
@@ -417,7 +467,13 @@ async def fetch_series(
     HostileArchiveError/PermanentError (give up), DiskSpaceError (stop everything).
     """
     writer = _SeriesWriter(
-        staging_dir, claim.series_uid, claim.study_uid, claim.image_count, check_dicom, sync
+        staging_dir,
+        claim.series_uid,
+        claim.study_uid,
+        claim.image_count,
+        check_dicom,
+        sync,
+        getattr(claim, "file_size", None),
     )
     side = _ThreadSide(writer)
     pipe = _Pipe(budget=chunk_size, min_hop=_MIN_HOP)
@@ -458,7 +514,7 @@ async def fetch_series(
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(_abort, writer, staging_dir)
         raise
-    return FetchedSeries(claim.series_uid, staging_dir, files, received)
+    return FetchedSeries(claim.series_uid, staging_dir, files, received, writer.unverified)
 
 
 def _abort(writer: _SeriesWriter, staging_dir: Path) -> None:

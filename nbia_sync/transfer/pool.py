@@ -357,6 +357,13 @@ class _Drain:
             self.report.done += 1
             self.report.files += len(fetched.files)
             self.report.bytes += fetched.size
+            if fetched.unverified:
+                log.warning(
+                    "series_unverified_files",
+                    series_uid=claim.series_uid,
+                    files=fetched.unverified,
+                    reason="the archive's hash list has no MD5 for them",
+                )
             log.info(
                 "series_done",
                 series_uid=claim.series_uid,
@@ -432,7 +439,13 @@ class _Drain:
                 )
                 for p, err in zip(todo, errors, strict=True):
                     if err is None:
-                        held.done(p.claim, p.instances, mirror.relative(p.final), p.fetched.size)
+                        held.done(
+                            p.claim,
+                            p.instances,
+                            mirror.relative(p.final),
+                            p.fetched.size,
+                            p.fetched.unverified,
+                        )
                     else:
                         p.error = err  # still leased to us: its worker records the failure
             for p in batch:

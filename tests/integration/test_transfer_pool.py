@@ -551,3 +551,35 @@ async def test_crash_right_after_placing_a_moved_series_leaves_no_orphan(
     assert mirror_state(root, sim_archive) == sim_archive.truth()
     await Mirror(root).clean_staging([])
     assert not any((root / ".nbia-sync" / "trash").rglob("*"))
+
+
+async def test_a_deflate_bomb_fails_its_series_and_the_pass_goes_on(
+    catalog: Catalog, sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    bomb = next(iter(sim_archive.series))
+    faults = SimFaults(bomb_bytes=256 << 20)
+    faults.script_series(bomb, ["bomb"])
+    async with running_sim(sim_archive, faults) as sim:
+        settings = make_settings(tmp_path / "mirror", sim)
+        await queue_all(catalog, settings, sim_archive)
+        report = await run_drain(settings, catalog)
+    assert (report.done, report.failed) == (len(sim_archive.series) - 1, 1)
+    truth = sim_archive.truth()
+    del truth[bomb]
+    assert mirror_state(tmp_path / "mirror", sim_archive) == truth
+    (failure,) = await catalog.failures()
+    assert failure.series_uid == bomb and "declared size" in (failure.last_error or "")
+    assert staging_files(tmp_path / "mirror") == []
+
+
+async def test_blank_hashes_are_counted_in_the_catalog(
+    catalog: Catalog, sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    async with running_sim(sim_archive, SimFaults(md5_blank=0.3)) as sim:
+        settings = make_settings(tmp_path / "mirror", sim)
+        await queue_all(catalog, settings, sim_archive)
+        report = await run_drain(settings, catalog)
+    assert report.failed == 0
+    assert mirror_state(tmp_path / "mirror", sim_archive) == sim_archive.truth()
+    series, files = await catalog.unverified_files()
+    assert series > 0 and 0 < files < sum(s.image_count for s in sim_archive.series.values())
