@@ -237,6 +237,7 @@ async def test_place_many_fsyncs_each_touched_directory_once(
 
     m = Mirror(tmp_path)
     synced: list[Path] = []
+    monkeypatch.setattr(storage, "_sync_fs", lambda path: False)  # no syncfs(2) here
     monkeypatch.setattr(
         storage, "_fsync_path", lambda path, *, directory=False: synced.append(path)
     )
@@ -267,6 +268,7 @@ async def test_place_many_moves_the_old_copy_of_a_moved_series_aside_durably(
     await place(m, stage(m.staging_dir("me", "1.2"), {"1.dcm": b"old"}), before)
     after = m.series_dir("C", "P2", "2.1", "1.2")
     synced: list[Path] = []
+    monkeypatch.setattr(storage, "_sync_fs", lambda path: False)  # no syncfs(2) here
     monkeypatch.setattr(
         storage, "_fsync_path", lambda path, *, directory=False: synced.append(path)
     )
@@ -278,3 +280,50 @@ async def test_place_many_moves_the_old_copy_of_a_moved_series_aside_durably(
     monkeypatch.undo()
     await m.clean_staging([])
     assert not m.trash_root.exists()
+
+
+async def test_place_many_with_syncfs_syncs_data_then_names_once_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small series: their data is synced before the first rename, and the new names
+    once after the last, one syncfs(2) each, however many series the batch holds."""
+    import nbia_sync.storage as storage
+
+    m = Mirror(tmp_path)
+    calls: list[tuple[str, int]] = []
+
+    def sync_fs(path: Path) -> bool:
+        calls.append(("syncfs", len(tree(tmp_path))))
+        return True
+
+    monkeypatch.setattr(storage, "_sync_fs", sync_fs)
+    monkeypatch.setattr(
+        storage, "_fsync_path", lambda path, *, directory=False: calls.append(("fsync", 0))
+    )
+    staged = [stage(m.staging_dir("me", f"{i}.2"), {"1.dcm": b"x"}) for i in range(4)]
+    moves = [(d, m.series_dir("C", f"P{i}", f"{i}.1", f"{i}.2")) for i, d in enumerate(staged)]
+    assert await m.place_many(moves, unsynced=staged) == [None] * 4
+    # Nothing in the tree at the first (data), all four series at the second (names).
+    assert calls == [("syncfs", 0), ("syncfs", 4)]
+
+
+async def test_place_many_without_syncfs_fsyncs_unsynced_files_before_renaming(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nbia_sync.storage as storage
+
+    m = Mirror(tmp_path)
+    order: list[str] = []
+    monkeypatch.setattr(storage, "_sync_fs", lambda path: False)
+    monkeypatch.setattr(
+        storage,
+        "_fsync_path",
+        lambda path, *, directory=False: order.append(
+            "tree" if ".nbia-sync" not in path.parts else path.name
+        ),
+    )
+    staged = stage(m.staging_dir("me", "1.2"), {"1.dcm": b"x", "2.dcm": b"y"})
+    final = m.series_dir("C", "P", "1.1", "1.2")
+    assert await m.place_many([(staged, final)], unsynced=[staged]) == [None]
+    assert sorted(order[:3]) == ["1.2", "1.dcm", "2.dcm"]  # files, then their directory
+    assert set(order[3:]) == {"tree"}
