@@ -338,8 +338,9 @@ async def test_repeated_sigkill_then_resume(tmp_path: Path) -> None:
     assert observer.violations == [], observer.violations[:5]
     assert_mirror_equals(root, expected)
     # The killed worker's staging stays until its heartbeat goes stale (engine clean-up).
-    owners = {p.relative_to(root / STATE / "staging").parts[0] for p in staging_leftovers(root)}
-    assert len(owners) <= 1
+    left = staging_leftovers(root)
+    owners = {p.relative_to(root / STATE / "staging").parts[0] for p in left}
+    assert len(owners) <= 1, left
     assert set(catalog_states(root).values()) == {"done"}
     for done, snapshot in done_snapshots:
         refetched = {uid for uid in done if started.get(uid, 0) != snapshot.get(uid, 0)}
@@ -376,8 +377,8 @@ if where == "between-renames":
 elif where == "before-commit":
     # Every rename and directory fsync of the first batch done; the commit not yet.
     real = storage.Mirror._place_many_sync
-    def place(self, moves):
-        errors = real(self, moves)
+    def place(self, moves, *args):
+        errors = real(self, moves, *args)
         die()
         return errors
     storage.Mirror._place_many_sync = place
@@ -419,6 +420,7 @@ async def test_kill_inside_the_group_commit_leaves_catalog_and_tree_consistent(
         assert rc == 0, out[-3000:]
     assert_mirror_equals(root, expected)
     # The killed worker's staging stays until its heartbeat goes stale (engine clean-up).
-    owners = {p.relative_to(root / STATE / "staging").parts[0] for p in staging_leftovers(root)}
-    assert len(owners) <= 1
+    left = staging_leftovers(root)
+    owners = {p.relative_to(root / STATE / "staging").parts[0] for p in left}
+    assert len(owners) <= 1, left
     assert set(catalog_states(root).values()) == {"done"}
