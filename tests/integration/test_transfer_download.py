@@ -411,6 +411,7 @@ async def test_a_blank_hash_still_needs_the_file_to_be_of_this_series(
                 )
 
 
+@pytest.mark.filterwarnings("ignore:The value length:UserWarning")  # pydicom: UI > 64 chars
 async def test_a_300_digit_sop_uid_is_stored_under_a_short_safe_name(
     sim_archive: SimArchive, tmp_path: Path
 ) -> None:

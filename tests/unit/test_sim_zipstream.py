@@ -78,7 +78,7 @@ async def test_stored_entry_without_crc_is_refused() -> None:
         await ZipStreamWriter(sink).write_entry("x", [b"1"], size=1)
 
 
-def test_the_deflate_bomb_inflates_to_its_size() -> None:
+async def test_the_deflate_bomb_inflates_to_its_size() -> None:
     import zlib
 
     from nbia_sync.sim.downloads import _bomb
