@@ -508,13 +508,26 @@ async def fetch_series(
                         ) from None
                 await pipe.close()
         except BaseExceptionGroup as group:
-            raise sole_error(group) from None
+            raise _first_error(group) from None
         assert files is not None
     except BaseException:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(_abort, writer, staging_dir)
         raise
     return FetchedSeries(claim.series_uid, staging_dir, files, received, writer.unverified)
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a caller classifies: the only one, else the first that is not the
+    other side's cancellation (both sides of a download can fail at once)."""
+    exc = sole_error(group)
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    _, rest = exc.split(anyio.get_cancelled_exc_class())
+    leaf: BaseException = rest if rest is not None else exc
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
 
 
 def _abort(writer: _SeriesWriter, staging_dir: Path) -> None:
