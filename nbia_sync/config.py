@@ -81,7 +81,7 @@ class TransferSettings(_Section):
     heartbeat_interval: float = Field(default=30.0, gt=0)
     # Bytes per second over all downloads of this process; None = unlimited.
     bandwidth_limit: int | None = Field(default=None, gt=0)
-    chunk_size: int = Field(default=1 << 20, ge=4096)
+    chunk_size: int = Field(default=256 << 10, ge=4096)
 
 
 class ScheduleSettings(_Section):

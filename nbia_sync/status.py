@@ -19,6 +19,7 @@ class StatusSource(Protocol):
     async def state_counts(self) -> dict[SeriesState, tuple[int, int]]: ...
     async def last_run(self) -> RunInfo | None: ...
     async def failures(self, limit: int = 50) -> list[FailureInfo]: ...
+    async def unverified_files(self) -> tuple[int, int]: ...
     async def workers(self) -> list[WorkerInfo]: ...
     async def withdrawn(self) -> list[WithdrawnInfo]: ...
 
@@ -68,6 +69,7 @@ async def collect_status(
     """The status as plain JSON types (the `status --json` document)."""
     counts = await catalog.state_counts()
     run = await catalog.last_run()
+    unverified_series, unverified_files = await catalog.unverified_files()
     limit = stale_after(settings)
     return {
         "catalog": catalog.description,
@@ -76,6 +78,8 @@ async def collect_status(
             state.value: dict(zip(("count", "bytes"), counts.get(state, (0, 0)), strict=True))
             for state in SeriesState
         },
+        # Files accepted without an MD5 (the archive's hash list had a blank for them).
+        "unverified": {"series": unverified_series, "files": unverified_files},
         "last_run": None
         if run is None
         else {
@@ -146,6 +150,12 @@ def render_status(status: dict[str, Any], out: TextIO) -> None:
     w(f"{'state':<12}{'series':>10}{'bytes':>14}\n")
     for state, row in status["series"].items():
         w(f"{state:<12}{row['count']:>10}{human_bytes(row['bytes']):>14}\n")
+    unverified = status["unverified"]
+    if unverified["files"]:
+        w(
+            f"\nunverified: {unverified['files']} files in {unverified['series']} series "
+            "placed without an MD5 check (the archive listed no hash for them)\n"
+        )
     run = status["last_run"]
     w("\nlast run: ")
     if run is None:

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from pathlib import Path
+from typing import cast
 
 import anyio
 import structlog
@@ -31,6 +34,8 @@ from nbia_sync.errors import DiskSpaceError, MirrorRootError, SeriesTooLargeErro
 log = structlog.get_logger(__name__)
 
 STATE_DIR = ".nbia-sync"
+# From this many touched directories on, one syncfs(2) replaces their fsyncs.
+_SYNCFS_FROM = 3
 _MAX_PART_BYTES = 255  # NAME_MAX on every common file system
 # DICOM caps UIDs (and LO values such as PatientID) at 64 characters: anything longer in
 # a path is hostile or broken, and five such parts could pass PATH_MAX. Hashed beyond.
@@ -122,24 +127,56 @@ def _fsync_path(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _sync_dir_files(directory: Path) -> None:
+@functools.cache
+def _syncfs() -> Callable[[int], int] | None:
+    """libc's syncfs(2) (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes  # only here: a few ms off every start-up
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int], int], fn)
+
+
+def _sync_fs(path: Path) -> bool:
+    """One syncfs(2) of the file system holding ``path``: every dirty page and pending
+    metadata change there becomes durable. False where syncfs is not available."""
+    syncfs = _syncfs()
+    if syncfs is None:
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if syncfs(fd) != 0:
+            import ctypes
+
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs failed: {os.strerror(err)}", str(path))
+    finally:
+        os.close(fd)
+    return True
+
+
+def sync_files(directory: Path) -> None:
+    """fsync every file in ``directory`` and then the directory (no syncfs)."""
     for entry in os.scandir(directory):
         if entry.is_file(follow_symlinks=False):
             _fsync_path(Path(entry.path))
     _fsync_path(directory, directory=True)
 
 
-def _makedirs_synced(path: Path) -> None:
-    """mkdir -p, fsyncing each parent that got a new entry, so the dirs survive a crash."""
-    missing: list[Path] = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another worker made it first
-            d.mkdir()
-        _fsync_path(d.parent, directory=True)
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory's entries (blocking: call it from a worker thread).
+
+    The download fsyncs each staged file as it completes and then its staging directory
+    with this; Mirror.place_many then fsyncs every directory a placement touched. Data
+    first, then the names: after a power loss no placed name points at unwritten blocks.
+    """
+    _fsync_path(directory, directory=True)
 
 
 def _makedirs_unsynced(path: Path, created: set[Path]) -> None:
@@ -189,29 +226,15 @@ class Mirror:
 
     # -- placement ----------------------------------------------------------------
 
-    async def sync_staged(self, staged_dir: Path) -> None:
-        """fsync every staged file and the staging directory.
-
-        Data first, then the names: after a crash a placed name never points at unwritten
-        blocks. Separate from the renames so a caller can do the slow part before it
-        takes the catalog's write lock.
-        """
-        await anyio.to_thread.run_sync(_sync_dir_files, staged_dir)
-
-    async def place_series(
-        self, staged_dir: Path, final_dir: Path, *, fsync_files: bool = True
-    ) -> None:
-        """Move a fully staged series into the mirror, replacing any older copy.
-
-        ``fsync_files=False`` only after :meth:`sync_staged` on the same directory.
-        """
-        await anyio.to_thread.run_sync(self._place_series_sync, staged_dir, final_dir, fsync_files)
-
     async def place_many(
-        self, moves: Sequence[tuple[Path, Path] | tuple[Path, Path, Path | None]]
+        self,
+        moves: Sequence[tuple[Path, Path] | tuple[Path, Path, Path | None]],
+        *,
+        unsynced: Collection[Path] = (),
     ) -> list[Exception | None]:
-        """Move several fully staged series (each :meth:`sync_staged` already) into the
-        mirror in one worker-thread call; per move, None or the error that stopped it.
+        """Move fully staged series (files and directory fsynced by the download) into
+        the mirror in one worker-thread call; per move, None or the error that
+        stopped it. The only way a series enters the tree.
 
         A move is ``(staged_dir, final_dir)`` or ``(staged_dir, final_dir, moved_from)``:
         ``moved_from`` is where the series was placed before when the archive has since
@@ -221,30 +244,42 @@ class Mirror:
         the series is still leased (fetched again later), after it the old copy is at
         most in the trash, which :meth:`clean_staging` empties.
 
-        Crash consistency is the same as one :meth:`place_series` per move, with each
-        directory fsynced once instead of once per series. Every move is still a rename
-        of a whole directory (a series is absent, old or new, never mixed); the files'
-        data was fsynced before (sync_staged), so no name can point at unwritten blocks;
+        Each directory is fsynced once per call, however many series it received. Every
+        move is a rename of a whole directory (a series is absent, old or new, never
+        mixed); the files' data was fsynced before (the download), so no name can point
+        at unwritten blocks;
         and every directory that got a new entry here (the parents of new directories and
         of the placed series, the trash and the old parent when an old copy was moved
         aside) is fsynced
         before this returns, i.e. before the caller commits "done" for any of the moves.
+        ``unsynced``: staged directories whose files the download did not fsync (small
+        series): their data is synced here first, once for all (syncfs(2) on Linux,
+        else file by file), still before any rename. On Linux one syncfs after the
+        renames also replaces the directory fsyncs when a batch touched several.
         A crash before those fsyncs may lose renames, but none is recorded as done yet:
         the catalog still has the series leased and it is fetched again. Old copies are
-        deleted only after the fsyncs, as in place_series.
+        deleted only after the fsyncs: an updated series is never absent from the tree.
         """
-        return await anyio.to_thread.run_sync(self._place_many_sync, list(moves))
+        return await anyio.to_thread.run_sync(self._place_many_sync, list(moves), set(unsynced))
 
     def _place_many_sync(
-        self, moves: list[tuple[Path, Path] | tuple[Path, Path, Path | None]]
+        self,
+        moves: list[tuple[Path, Path] | tuple[Path, Path, Path | None]],
+        unsynced: Collection[Path] = (),
     ) -> list[Exception | None]:
+        # Small series skip the download's fsyncs: their data is made durable here,
+        # once for the whole batch, before any of them is renamed into the tree.
+        if unsynced and not _sync_fs(self.root):
+            for staged in unsynced:
+                sync_files(staged)
         errors: list[Exception | None] = []
         created: set[Path] = set()
         dirty: set[Path] = set()
         olds: list[Path] = []
 
         def move_aside(series_dir: Path) -> None:
-            # See _place_series_sync: the old copy leaves the tree whole (one rename).
+            # The old copy leaves the tree whole (one rename) and is deleted only once the
+            # new one is in, so no stale file survives and no mixture is ever visible.
             self.trash_root.mkdir(parents=True, exist_ok=True)
             old = self.trash_root / f"{series_dir.name}.{uuid.uuid4().hex}"
             os.rename(series_dir, old)
@@ -266,32 +301,15 @@ class Mirror:
             except OSError as exc:
                 errors.append(exc)
         dirty.update(d.parent for d in created)
-        # Any order will do: all of them are durable before the caller's commit.
-        for d in sorted(dirty):
-            _fsync_path(d, directory=True)
+        # Any order will do: all of them are durable before the caller's commit. With
+        # syncfs, one call for all the new names (one journal commit), else one fsync
+        # per touched directory.
+        if len(dirty) < _SYNCFS_FROM or not _sync_fs(self.root):
+            for d in sorted(dirty):
+                _fsync_path(d, directory=True)
         for old in olds:
             _rmtree(old)
         return errors
-
-    def _place_series_sync(self, staged_dir: Path, final_dir: Path, fsync_files: bool) -> None:
-        if fsync_files:
-            _sync_dir_files(staged_dir)
-        parent = final_dir.parent
-        _makedirs_synced(parent)
-        old: Path | None = None
-        if final_dir.exists():
-            # An updated series: the old copy leaves the tree whole (one rename) and is
-            # deleted only once the new one is in, so no stale file survives and no
-            # mixture of old and new files is ever visible.
-            self.trash_root.mkdir(parents=True, exist_ok=True)
-            old = self.trash_root / f"{final_dir.name}.{uuid.uuid4().hex}"
-            os.rename(final_dir, old)
-        os.rename(staged_dir, final_dir)
-        _fsync_path(parent, directory=True)
-        if old is not None:
-            _fsync_path(self.trash_root, directory=True)
-            _rmtree(old)
-        log.debug("series_placed", path=self.relative(final_dir), replaced=old is not None)
 
     async def discard_series(self, series_dir: Path) -> bool:
         """Take a placed series out of the tree (a withdrawn one): one rename into the

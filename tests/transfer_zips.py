@@ -25,6 +25,7 @@ class Entry:
     create_system: int = 3
     bad_crc: bool = False
     utf8: bool = True
+    declared_size: int | None = None  # a lie in the local header's uncompressed size
 
 
 def _raw_name(e: Entry) -> bytes:
@@ -40,6 +41,8 @@ def build_zip(entries: list[Entry], *, central: bool = True) -> bytes:
         crc = zlib.crc32(e.data) ^ (1 if e.bad_crc else 0)
         flags = (0x800 if e.utf8 else 0) | (0x8 if e.descriptor else 0)
         hdr_crc, hdr_c, hdr_u = crc, len(payload), len(e.data)
+        if e.declared_size is not None:
+            hdr_u = e.declared_size
         extra = b""
         if e.zip64:
             extra = struct.pack("<HHQQ", 1, 16, len(e.data), len(payload))

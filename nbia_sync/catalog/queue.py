@@ -68,11 +68,20 @@ class PlacementGuard:
         self.instances: Sequence[InstanceRecord] | None = None
         self.placed_path: str | None = None
         self.bytes = 0
+        self.unverified = 0
 
-    def done(self, instances: Sequence[InstanceRecord], placed_path: str, bytes: int) -> None:
+    def done(
+        self,
+        instances: Sequence[InstanceRecord],
+        placed_path: str,
+        bytes: int,
+        unverified: int = 0,
+    ) -> None:
+        """``unverified``: files accepted without an MD5 (the archive listed none)."""
         self.instances = instances
         self.placed_path = placed_path
         self.bytes = bytes
+        self.unverified = unverified
 
 
 class BatchPlacement:
@@ -93,12 +102,17 @@ class BatchPlacement:
         self.claimed: list[Claim] = []
 
     def done(
-        self, claim: Claim, instances: Sequence[InstanceRecord], placed_path: str, bytes: int
+        self,
+        claim: Claim,
+        instances: Sequence[InstanceRecord],
+        placed_path: str,
+        bytes: int,
+        unverified: int = 0,
     ) -> None:
         if all(c.series_id != claim.series_id for c in self.held):
             raise CatalogError(f"series {claim.series_uid} is not held by this placement")
         guard = PlacementGuard()
-        guard.done(instances, placed_path, bytes)
+        guard.done(instances, placed_path, bytes, unverified)
         self.placed[claim.series_id] = (claim, guard)
 
 
@@ -310,29 +324,22 @@ async def _requeue(conn: AsyncConnection, series_id: int, now: datetime) -> None
 
 @contextlib.asynccontextmanager
 async def placing(db: Database, claim: Claim, owner: str) -> AsyncIterator[PlacementGuard]:
-    """Hold the series row while the caller renames files into the mirror.
+    """`placing_many` for one series: hold its row while the caller renames its files.
 
-    Not retried: the caller's block has side effects. The transaction is short (local
-    renames only) but holds the SQLite write lock, so nothing slow belongs inside.
+    Raises LeaseLostError before the block runs if the lease is gone or the series
+    changed on the archive (re-queued, committed). The block must call ``guard.done()``.
     """
-    changed = False
-    async with db.catalog_errors(), db.write() as conn:
-        row = await _lock_owned_row(conn, claim, owner)
-        if row is None:
-            raise LeaseLostError(f"series {claim.series_uid}: lease no longer held by this worker")
-        if row.generation != claim.generation:
-            # The archive changed the series while we fetched it: queue the new version now
-            # rather than leave it leased to us until the lease runs out.
-            await _requeue(conn, claim.series_id, db.clock.now())
-            changed = True
-        else:
+    lost: LeaseLostError | None = None
+    async with placing_many(db, [claim], owner) as batch:
+        lost = batch.lost.get(claim.series_id)
+        if lost is None:
             guard = PlacementGuard()
             yield guard
             if guard.instances is None or guard.placed_path is None:
                 raise CatalogError("placing block ended without guard.done(): nothing recorded")
-            await _complete(conn, claim, guard, db.clock.now())
-    if changed:
-        raise LeaseLostError(f"series {claim.series_uid}: changed on the archive; re-queued")
+            batch.done(claim, guard.instances, guard.placed_path, guard.bytes, guard.unverified)
+    if lost is not None:
+        raise lost
 
 
 @contextlib.asynccontextmanager
@@ -424,12 +431,21 @@ async def _complete_many(
             last_error=None,
             next_try_at=None,
             bytes=bindparam("b_bytes"),
+            unverified_files=bindparam("b_unverified"),
             placed_path=bindparam("b_path"),
             placed_at=now,
             updated_at=now,
             **_UNLEASED,
         ),
-        [{"b_id": c.series_id, "b_bytes": g.bytes, "b_path": g.placed_path} for c, g in placed],
+        [
+            {
+                "b_id": c.series_id,
+                "b_bytes": g.bytes,
+                "b_unverified": g.unverified,
+                "b_path": g.placed_path,
+            }
+            for c, g in placed
+        ],
     )
     # Instances exist only for a series placed before (completion writes them together
     # with placed_path, and only the lease holder completes): a first placement has none.
@@ -449,41 +465,6 @@ async def _complete_many(
     ]
     if rows:
         await conn.execute(insert(INSTANCES), rows)
-
-
-async def _complete(
-    conn: AsyncConnection, claim: Claim, guard: PlacementGuard, now: datetime
-) -> None:
-    await conn.execute(
-        update(SERIES)
-        .where(SERIES.c.id == claim.series_id)
-        .values(
-            state=SeriesState.DONE,
-            downloads=SERIES.c.downloads + 1,
-            last_error=None,
-            next_try_at=None,
-            bytes=guard.bytes,
-            placed_path=guard.placed_path,
-            placed_at=now,
-            updated_at=now,
-            **_UNLEASED,
-        )
-    )
-    await conn.execute(delete(INSTANCES).where(INSTANCES.c.series_id == claim.series_id))
-    if guard.instances:
-        await conn.execute(
-            insert(INSTANCES),
-            [
-                {
-                    "series_id": claim.series_id,
-                    "sop_uid": i.sop_uid,
-                    "md5": i.md5,
-                    "size": i.size,
-                    "path": i.path,
-                }
-                for i in guard.instances
-            ],
-        )
 
 
 async def fail(

@@ -309,6 +309,21 @@ class Catalog:
 
         return await self._db.run_read(op)
 
+    async def unverified_files(self) -> tuple[int, int]:
+        """(series, files) placed without an MD5 check: the archive listed a blank hash."""
+
+        async def op(conn: AsyncConnection) -> tuple[int, int]:
+            row = (
+                await conn.execute(
+                    select(func.count(), func.coalesce(func.sum(SERIES.c.unverified_files), 0))
+                    .select_from(SERIES)
+                    .where(SERIES.c.unverified_files > 0)
+                )
+            ).one()
+            return int(row[0]), int(row[1])
+
+        return await self._db.run_read(op)
+
     async def failures(self, limit: int = 50) -> list[FailureInfo]:
         """Series that failed for good, those backing off after an error, and identity
         conflicts (their reason as last_error); newest first."""

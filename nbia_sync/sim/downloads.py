@@ -22,6 +22,21 @@ from nbia_sync.sim.faults import SimFaults, StreamFault
 from nbia_sync.sim.zipstream import Compression, ZipStreamWriter
 
 _MAX_PIECE = 1 << 20
+_BOMB_CLAIM = 1024  # what the bomb's local header says it inflates to
+
+
+def _bomb(size: int) -> bytes:
+    """Raw deflate data inflating to `size` zero bytes (about size / 1000 of it), made
+    in microseconds: after a full flush the compressor's state is reset, so every 1 MiB
+    block of zeros compresses to the same bytes and the stream is that piece repeated."""
+    block = 1 << 20
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    piece = packer.compress(bytes(block)) + packer.flush(zlib.Z_FULL_FLUSH)
+    whole, rest = divmod(size, block)
+    tail = packer.compress(bytes(rest)) if rest else b""
+    return piece * whole + tail + packer.flush()
+
+
 _HOSTILE_NAMES = ("../../evil.dcm", "/etc/evil.dcm")
 
 
@@ -140,6 +155,15 @@ class SeriesZip:
     params: dict[str, str]
     fault: StreamFault
     compression: Compression
+    faults: SimFaults | None = None  # the md5 and bomb knobs
+
+    def _listed_md5(self, inst: SimInstance, md5: str) -> str:
+        faults = self.faults
+        if faults is None:
+            return md5
+        if faults.md5_blank > 0 and random.Random(inst.sop_uid).random() < faults.md5_blank:
+            return " "
+        return (md5.lstrip("0") or "0") if faults.md5_unpadded else md5
 
     def plan(self) -> list[_Planned]:
         instances = self.series.instances
@@ -177,8 +201,16 @@ class SeriesZip:
         if self.endpoint == "getImage":
             await writer.write_bytes("LICENSE", f"{LICENSE_NAME}\n{LICENSE_URI}\n".encode())
         rows: list[str] = []
-        for planned in self.plan():
+        for n, planned in enumerate(self.plan()):
             inst = planned.instance
+            if n == 0 and self.fault == "bomb":
+                size = self.faults.bomb_bytes if self.faults is not None else 1 << 30
+                payload = _bomb(size)
+                await writer.write_raw_deflated(
+                    planned.name, payload, claimed_size=_BOMB_CLAIM, crc=0
+                )
+                rows.append(f"{planned.name},{'0' * 32}")
+                continue
             md5, crc = (
                 inst.digests() if inst.digests_cached else await asyncio.to_thread(inst.digests)
             )
@@ -191,7 +223,7 @@ class SeriesZip:
             else:
                 chunks = inst.iter_bytes()
             await writer.write_entry(planned.name, chunks, size=inst.size, crc=crc)
-            rows.append(f"{planned.name},{md5}")
+            rows.append(f"{planned.name},{self._listed_md5(inst, md5)}")
         if self.with_md5:
             random.Random(self.series.uid).shuffle(rows)  # "in no particular order"
             await writer.write_bytes(

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 
 # What a download can suffer. "ok" in a script means one normal download.
 StreamFault = Literal[
-    "ok", "5xx", "429", "reset", "truncate", "corrupt", "stall", "hostile", "html"
+    "ok", "5xx", "429", "reset", "truncate", "corrupt", "stall", "hostile", "html", "bomb"
 ]
 STREAM_FAULTS: tuple[StreamFault, ...] = get_args(StreamFault)
 # Rolled in this order; the first hit wins, so at most one stream fault per download.
@@ -26,6 +26,7 @@ _ROLLED: tuple[tuple[StreamFault, str], ...] = (
     ("stall", "stall"),
     ("hostile", "hostile"),
     ("html", "html_instead_of_zip"),
+    ("bomb", "bomb"),
 )
 
 
@@ -59,6 +60,14 @@ class SimFaults:
     stall_seconds: float = 30.0
     hostile: float = 0.0  # download: an entry named ../../evil.dcm or /etc/evil.dcm
     html_instead_of_zip: float = 0.0  # download: 200 text/html instead of the ZIP
+    # download: the first file is a deflate bomb: ~bomb_bytes / 1000 of deflate data that
+    # inflates to bomb_bytes of zeros while its local header claims 1 KB.
+    bomb: float = 0.0
+    bomb_bytes: int = 1 << 30
+    # md5hashes.csv as one real ingest path writes it: hashes without their leading
+    # zeros (BigInteger.toString(16)); and a share of files whose hash is blank (" ").
+    md5_unpadded: bool = False
+    md5_blank: float = 0.0  # per file, decided by its SOP UID (stable across downloads)
     latency: float = 0.0  # seconds added before every response
     bandwidth: int | None = None  # bytes/s cap per download stream
     # download: after its first bytes the body waits until this event is set, so a test

@@ -418,7 +418,7 @@ class SimServer:
                     await writer.write_bytes("md5hashes.csv", b"Filename,MD5Hash\n")
                 await writer.finish()
                 return response
-            job = SeriesZip(series, endpoint, params, fault, self.compression)
+            job = SeriesZip(series, endpoint, params, fault, self.compression, self.faults)
             pipe = Pipe(response, self.counters, self.faults, job.cut_at(), gzip=encode)
             writer = ZipStreamWriter(
                 pipe.write, compression=self.compression, date_time=zip_date_time(series)

@@ -158,6 +158,19 @@ class ZipStreamWriter:
         await self._write(descriptor)
         self._entries.append(entry)
 
+    async def write_raw_deflated(
+        self, name: str, payload: bytes, *, claimed_size: int, crc: int
+    ) -> None:
+        """A DEFLATED entry from ready-made deflate data, its sizes in the local header
+        (and `claimed_size` there, true or not): the hostile-server knob's tool."""
+        raw = name.encode()
+        entry = _Entry(
+            raw, self._flags(name), _DEFLATED, crc, len(payload), claimed_size, self.offset
+        )
+        await self._write(self._local_header(entry, len(payload), claimed_size, False, b""))
+        await self._write(payload)
+        self._entries.append(entry)
+
     def _local_header(
         self, entry: _Entry, compressed: int, size: int, zip64: bool, extra: bytes
     ) -> bytes:

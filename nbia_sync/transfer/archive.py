@@ -5,7 +5,10 @@ reader walks the local headers in order and never needs the central directory to
 
 * STORED entries with sizes in the local header, and DEFLATED entries with or without a
   data descriptor (the end of a deflate stream is found by zlib itself: ``.eof`` and
-  ``unused_data``), are streamed with memory bounded by one chunk.
+  ``unused_data``), are streamed with memory bounded by one chunk: inflating runs in
+  bounded steps, each handed out before the next, whatever the compression ratio. An
+  entry that inflates past the size its local header declared is refused as hostile at
+  once (a deflate bomb); entries with a data descriptor are bounded by the caller.
 * A STORED entry with a data descriptor and no sizes has no end marker in the stream; the
   only way to find its end is the central directory. From that entry on the raw bytes are
   spooled to a file and read back with :mod:`zipfile` at :meth:`ZipStreamReader.finish`.
@@ -51,8 +54,10 @@ _FLAG_UTF8 = 0x800
 _ZIP64_EXTRA = 0x0001
 _U32_MAX = 0xFFFFFFFF
 
-# Inflate output per zlib call: bounds memory against a deflate bomb.
+# Inflate output and input per zlib call: bounds memory against a deflate bomb (each
+# step's output is consumed before the next step runs).
 _MAX_INFLATE_OUT = 1 << 20
+_MAX_INFLATE_IN = 256 << 10
 # The central directory is kept in memory; NBIA series have at most a few thousand files
 # (~100 bytes each). Anything far beyond is not an NBIA archive.
 _MAX_CENTRAL_BYTES = 64 << 20
@@ -162,6 +167,7 @@ class _Current:
     read_c: int = 0  # compressed bytes consumed
     read_u: int = 0  # uncompressed bytes produced
     inflater: zlib._Decompress | None = None
+    pending: bool = False  # zlib may hold output beyond the last full step
 
 
 class ZipStreamReader:
@@ -337,40 +343,45 @@ class ZipStreamReader:
         return pos + take, events
 
     def _deflate(self, pos: int) -> tuple[int, list[ZipEvent]] | None:
+        """One bounded inflate step: at most _MAX_INFLATE_IN bytes in, _MAX_INFLATE_OUT
+        out. The caller consumes each step's output before the next is made, so memory
+        stays bounded whatever the compression ratio (a deflate bomb included)."""
         cur = self._cur
         assert cur is not None and cur.inflater is not None
         inflater = cur.inflater
-        if len(self._buf) == pos:
+        if len(self._buf) == pos and not cur.pending:
             return None
-        data = bytes(self._buf[pos:])
-        events: list[ZipEvent] = []
+        data = bytes(self._buf[pos : pos + _MAX_INFLATE_IN])
         try:
-            while True:
-                out = inflater.decompress(data, _MAX_INFLATE_OUT)
-                if inflater.eof:
-                    used = len(data) - len(inflater.unused_data)
-                else:
-                    used = len(data) - len(inflater.unconsumed_tail)
-                pos += used
-                cur.read_c += used
-                if out:
-                    cur.crc = zlib.crc32(out, cur.crc)
-                    cur.read_u += len(out)
-                    events.append(EntryData(out))
-                if inflater.eof:
-                    break
-                data = inflater.unconsumed_tail
-                # A full output buffer may leave output pending inside zlib even with no
-                # input left; keep pulling until it gives less than it could.
-                if not data and len(out) < _MAX_INFLATE_OUT:
-                    break
+            out = inflater.decompress(data, _MAX_INFLATE_OUT)
         except zlib.error as exc:
             raise IntegrityError(
                 f"ZIP entry {cur.info.name!r}: corrupt deflate data ({exc})"
             ) from None
+        rest = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
+        used = len(data) - len(rest)
+        # A full output buffer may leave output pending inside zlib with no input left.
+        cur.pending = not inflater.eof and len(out) == _MAX_INFLATE_OUT
+        if not used and not out and not inflater.eof:
+            return None  # zlib needs more input
+        cur.read_c += used
+        events: list[ZipEvent] = []
+        if out:
+            cur.crc = zlib.crc32(out, cur.crc)
+            cur.read_u += len(out)
+            self._check_declared(cur)
+            events.append(EntryData(out))
         if inflater.eof:
             events.extend(self._entry_data_done())
-        return pos, events
+        return pos + used, events
+
+    def _check_declared(self, cur: _Current) -> None:
+        """An entry whose local header gave its size may not inflate past it."""
+        if not cur.flags & _FLAG_DESCRIPTOR and cur.read_u > cur.usize:
+            raise HostileArchiveError(
+                f"ZIP entry {cur.info.name!r} inflates past its declared size of "
+                f"{cur.usize} bytes (a deflate bomb?)"
+            )
 
     def _entry_data_done(self) -> list[ZipEvent]:
         cur = self._cur

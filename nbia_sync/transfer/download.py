@@ -25,24 +25,49 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 import anyio
 import structlog
 
-from nbia_sync.errors import DiskSpaceError, IntegrityError, RetryableError
+from nbia_sync.errors import (
+    DiskSpaceError,
+    HostileArchiveError,
+    IntegrityError,
+    RetryableError,
+    sole_error,
+)
 from nbia_sync.progress import ProgressSink
-from nbia_sync.storage import disk_full, safe_part
+from nbia_sync.storage import disk_full, fsync_dir, safe_part
 from nbia_sync.transfer.archive import EntryData, EntryEnd, EntryStart, ZipEvent, ZipStreamReader
+from nbia_sync.transfer.dicomhead import NotDicomError, read_uids
 
 log = structlog.get_logger(__name__)
 
 HASH_LIST = "md5hashes.csv"
 LICENSE = "LICENSE"  # v4 getImage puts the collection's licence first
 _MAX_HASH_LIST = 16 << 20
+# A series' archive may inflate to at most its listed FileSize plus this margin (the
+# LICENSE and hash-list entries, a listing slightly out of date); beyond it the archive
+# is refused as hostile before it can fill the disk (a deflate bomb, a lying server).
+SIZE_MARGIN_RATIO = 0.10
+SIZE_MARGIN_BYTES = 4 << 20
 _SPOOL_NAME = ".archive.zip"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DICOM_TAGS = ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"]
+# Each file's first bytes are kept in memory for the UID check (dicomhead.read_uids);
+# DICOM headers before pixel data are a few KB.
+_HEAD_BYTES = 64 << 10
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+# Smallest hop to the worker thread while a download streams (the last one may be less):
+# small enough that processing keeps pace with the socket, large enough that the hops'
+# own cost stays small.
+_MIN_HOP = 64 << 10
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class SeriesStreamer(Protocol):
@@ -60,6 +85,8 @@ class SeriesRef(Protocol):
     def study_uid(self) -> str: ...
     @property
     def image_count(self) -> int | None: ...
+    @property
+    def file_size(self) -> int | None: ...
 
 
 class RateLimiter(Protocol):
@@ -81,6 +108,7 @@ class FetchedSeries:
     staging_dir: Path
     files: list[StagedFile]
     bytes_downloaded: int  # bytes off the wire (the ZIP)
+    unverified: int = 0  # files the hash list gave a blank MD5 for (accepted on the rest)
 
     @property
     def size(self) -> int:
@@ -110,13 +138,18 @@ class _SeriesWriter:
     study_uid: str
     image_count: int | None
     check_dicom: bool
+    sync: bool = False  # fsync each file as it completes, and the directory at the end
+    file_size: int | None = None  # the listing's FileSize: bounds what may be inflated
     reader: ZipStreamReader = field(init=False)
     entries: list[_Entry] = field(default_factory=list)
     hash_list: bytearray | None = None
     _names: set[str] = field(default_factory=set)
-    _out: BinaryIO | None = None
+    _fd: int | None = None  # the current file, written with os.write (no buffer layer)
     _md5: hashlib._Hash | None = None
+    _head: bytearray = field(default_factory=bytearray)
     _sink: str = "skip"  # where the current entry's bytes go: file | hashes | skip
+    _inflated: int = 0  # bytes of every entry so far, uncompressed
+    unverified: int = 0
 
     def __post_init__(self) -> None:
         self.reader = ZipStreamReader(self.staging / _SPOOL_NAME)
@@ -135,19 +168,29 @@ class _SeriesWriter:
         return self._verify()
 
     def abort(self) -> None:
-        if self._out is not None:
-            self._out.close()
-            self._out = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self.reader.close()
 
     # -- events -------------------------------------------------------------------
 
     def _handle(self, event: ZipEvent) -> None:
         if isinstance(event, EntryData):
+            self._inflated += len(event.data)
+            if self.file_size is not None and self._inflated > _size_limit(self.file_size):
+                raise HostileArchiveError(
+                    f"series {self.series_uid}: the archive inflates past "
+                    f"{_size_limit(self.file_size)} bytes, but the listing's FileSize is "
+                    f"{self.file_size} (allowed: {SIZE_MARGIN_RATIO:.0%} + "
+                    f"{SIZE_MARGIN_BYTES >> 20} MiB more)"
+                )
             if self._sink == "file":
-                assert self._out is not None and self._md5 is not None
+                assert self._fd is not None and self._md5 is not None
                 self._md5.update(event.data)
-                self._out.write(event.data)
+                _write_all(self._fd, event.data)
+                if len(self._head) < _HEAD_BYTES:
+                    self._head += event.data[: _HEAD_BYTES - len(self._head)]
             elif self._sink == "hashes":
                 assert self.hash_list is not None
                 self.hash_list += event.data
@@ -172,39 +215,60 @@ class _SeriesWriter:
             # has to match the hash list.
             entry = _Entry(name=name, part=self.staging / f"{len(self.entries):08d}.part")
             self.entries.append(entry)
-            self._out = entry.part.open("xb")
+            self._fd = os.open(entry.part, _CREATE, 0o644)
             self._md5 = hashlib.md5(usedforsecurity=False)
+            self._head = bytearray()
             self._sink = "file"
 
     def _end(self, size: int) -> None:
         if self._sink != "file":
             self._sink = "skip"
             return
-        assert self._out is not None and self._md5 is not None
-        self._out.close()
-        self._out = None
+        assert self._fd is not None and self._md5 is not None
+        fd, self._fd = self._fd, None
+        try:
+            if self.sync:
+                os.fsync(fd)  # now, while the rest still streams, not after the last byte
+        finally:
+            os.close(fd)
         entry = self.entries[-1]
         entry.md5 = self._md5.hexdigest()
         entry.size = size
         self._sink = "skip"
-        # Parsed now, while the file is still in the page cache.
-        self._read_dicom(entry)
+        head, self._head = bytes(self._head), bytearray()
+        self._read_dicom(entry, head)
 
-    def _read_dicom(self, entry: _Entry) -> None:
+    def _read_dicom(self, entry: _Entry, head: bytes) -> None:
+        try:
+            uids = read_uids(head)
+        except NotDicomError as exc:
+            raise IntegrityError(
+                f"series {self.series_uid}: entry {entry.name!r} is not a readable DICOM file "
+                f"({exc})"
+            ) from None
+        if uids is not None:
+            sop = uids.sop
+            entry.uids = (uids.series, uids.study)
+        else:
+            # A transfer syntax the header reader leaves to pydicom (big endian, deflated)
+            # or a header longer than _HEAD_BYTES: rare, so the file is read back.
+            sop = self._read_dicom_file(entry)
+        if not sop:
+            raise IntegrityError(f"series {self.series_uid}: {entry.name!r} has no SOPInstanceUID")
+        entry.sop_uid = sop
+
+    def _read_dicom_file(self, entry: _Entry) -> str:
         try:
             import pydicom  # here, in the download thread: ~0.15 s off every start
 
             ds = pydicom.dcmread(entry.part, stop_before_pixels=True, specific_tags=_DICOM_TAGS)
-            sop = str(ds.SOPInstanceUID)
             entry.uids = (str(ds.get("SeriesInstanceUID", "")), str(ds.get("StudyInstanceUID", "")))
+            return str(ds.get("SOPInstanceUID", ""))
         except Exception as exc:  # pydicom raises many types on garbage
             raise IntegrityError(
                 f"series {self.series_uid}: entry {entry.name!r} is not a readable DICOM file "
                 f"({type(exc).__name__})"
             ) from None
-        if not sop:
-            raise IntegrityError(f"series {self.series_uid}: {entry.name!r} has no SOPInstanceUID")
-        entry.sop_uid = sop
 
     # -- acceptance ---------------------------------------------------------------
 
@@ -217,10 +281,14 @@ class _SeriesWriter:
             )
         listed = _parse_hash_list(bytes(self.hash_list), uid)
         for e in self.entries:
-            want = listed.get(e.name)
-            if want is None:
+            if e.name not in listed:
                 raise IntegrityError(f"series {uid}: {e.name!r} is not in {HASH_LIST}")
-            if want != e.md5:
+            want = listed[e.name]
+            if want is None:
+                # The archive has no MD5 for this file (a blank hash): accepted on the
+                # CRC, the DICOM parse and the UID checks below, counted as unverified.
+                self.unverified += 1
+            elif want != e.md5:
                 raise IntegrityError(f"series {uid}: MD5 mismatch for {e.name!r}")
         missing = sorted(set(listed) - {e.name for e in self.entries})
         if missing:
@@ -232,7 +300,12 @@ class _SeriesWriter:
                 f"series {uid}: {len(self.entries)} files, the archive lists "
                 f"ImageCount {self.image_count}"
             )
-        if self.check_dicom:
+        if not self.entries and self.image_count != 0:
+            raise IntegrityError(
+                f"series {uid}: the archive has no files and the listing gives no "
+                "ImageCount of 0 (an empty answer is not an empty series)"
+            )
+        if self.check_dicom or self.unverified:
             for e in self.entries:
                 if e.uids[0] != uid:
                     raise IntegrityError(
@@ -242,8 +315,9 @@ class _SeriesWriter:
                     raise IntegrityError(f"series {uid}: {e.name!r} belongs to study {e.uids[1]!r}")
         names: dict[str, _Entry] = {}
         for e in self.entries:
-            # A SOP UID comes from inside the file: never trust it as a path.
-            fname = (e.sop_uid if _UID.match(e.sop_uid) else safe_part(e.sop_uid)) + ".dcm"
+            # A SOP UID comes from inside the file: never trust it as a path. safe_part
+            # leaves a plain UID as it is and shortens (hashes) one too long for a name.
+            fname = safe_part(e.sop_uid) + ".dcm"
             if fname in names:
                 raise IntegrityError(f"series {uid}: SOPInstanceUID {e.sop_uid} appears twice")
             names[fname] = e
@@ -255,7 +329,19 @@ class _SeriesWriter:
         return staged
 
 
-def _parse_hash_list(data: bytes, uid: str) -> dict[str, str]:
+def _size_limit(file_size: int) -> int:
+    return file_size + max(int(file_size * SIZE_MARGIN_RATIO), SIZE_MARGIN_BYTES)
+
+
+_MD5_VALUE = re.compile(r"[0-9a-fA-F]{1,32}")
+
+
+def _parse_hash_list(data: bytes, uid: str) -> dict[str, str | None]:
+    """File name -> MD5 (lower case, 32 digits), or None where the archive has none.
+
+    The real server may store a hash unpadded (Java's BigInteger.toString(16) drops
+    leading zeros): left-padded to 32 here. A missing one is sent as " ": None.
+    """
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -263,13 +349,17 @@ def _parse_hash_list(data: bytes, uid: str) -> dict[str, str]:
     rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
     if not rows or [c.strip().lower() for c in rows[0]] != ["filename", "md5hash"]:
         raise IntegrityError(f"series {uid}: {HASH_LIST} lacks its Filename,MD5Hash header")
-    listed: dict[str, str] = {}
+    listed: dict[str, str | None] = {}
     for row in rows[1:]:
-        if len(row) != 2 or not re.fullmatch(r"[0-9a-fA-F]{32}", row[1].strip()):
+        if len(row) == 1:
+            row = [row[0], ""]  # "name," with the blank hash stripped by the writer
+        value = row[1].strip() if len(row) == 2 else "?"
+        if value and not _MD5_VALUE.fullmatch(value):
             raise IntegrityError(f"series {uid}: malformed row in {HASH_LIST}")
-        name, md5 = row[0].strip(), row[1].strip().lower()
-        if listed.setdefault(name, md5) != md5:
+        name, md5 = row[0].strip(), value.lower().zfill(32) if value else None
+        if name in listed and listed[name] != md5:
             raise IntegrityError(f"series {uid}: {HASH_LIST} lists {name!r} twice")
+        listed[name] = md5
     return listed
 
 
@@ -292,33 +382,16 @@ def _fresh_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def _sync_staged(staging: Path) -> None:
-    """fsync every staged file, then the directory (as storage.Mirror.sync_staged)."""
-    for entry in os.scandir(staging):
-        if entry.is_file(follow_symlinks=False):
-            fd = os.open(entry.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass(slots=True)
 class _ThreadSide:
-    """Everything fetch_series does off the event loop, grouped so that a small series
-    costs one hop to a worker thread (staging set-up, parse, verify and fsync together)
-    instead of one per step."""
+    """Everything fetch_series does off the event loop: staging set-up on the first hop;
+    on the last, the end-of-archive checks, the renames and the directory fsync (the
+    files were fsynced as they completed), so only those follow the last byte."""
 
     writer: _SeriesWriter
-    sync: bool
     _ready: bool = False
 
-    def feed(self, data: bytes | None, *, last: bool = False) -> list[StagedFile] | None:
+    def feed(self, data: bytes | None, last: bool) -> list[StagedFile] | None:
         if not self._ready:
             _fresh_dir(self.writer.staging)
             self._ready = True
@@ -327,9 +400,52 @@ class _ThreadSide:
         if not last:
             return None
         files = self.writer.finish()
-        if self.sync:
-            _sync_staged(self.writer.staging)
+        if self.writer.sync:
+            fsync_dir(self.writer.staging)
         return files
+
+
+class _Pipe:
+    """The bytes between the socket and the worker thread of one download.
+
+    The network side ``put``s chunks as they arrive; the thread side ``take``s all that
+    is queued (at least ``min_hop`` bytes unless the stream ended) in one hop, so the
+    processing overlaps the transfer and the hop size adapts: small while the thread
+    keeps up, larger when it falls behind. At most ``budget`` bytes (plus one chunk)
+    wait here: memory per stream is bounded whatever the speeds.
+    """
+
+    def __init__(self, budget: int, min_hop: int) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._closed = False
+        self._budget = budget
+        self._min_hop = min(min_hop, budget)
+        self._cond = anyio.Condition()
+
+    async def put(self, chunk: bytes) -> None:
+        async with self._cond:
+            while self._size >= self._budget:
+                await self._cond.wait()
+            self._parts.append(chunk)
+            self._size += len(chunk)
+            if self._size >= self._min_hop:
+                self._cond.notify_all()
+
+    async def close(self) -> None:
+        async with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    async def take(self) -> tuple[bytes | None, bool]:
+        """(the queued bytes, whether the stream has ended)."""
+        async with self._cond:
+            while self._size < self._min_hop and not self._closed:
+                await self._cond.wait()
+            data = _join(self._parts) if self._parts else None
+            self._parts, self._size = [], 0
+            self._cond.notify_all()
+            return data, self._closed
 
 
 async def fetch_series(
@@ -345,47 +461,73 @@ async def fetch_series(
 ) -> FetchedSeries:
     """Download one series into ``staging_dir`` and verify it; see the module doc.
 
-    ``chunk_size``: small network chunks are gathered up to this many bytes before a hop
-    to the worker thread. ``sync``: also fsync the staged files and their directory
-    (what storage.Mirror.sync_staged does), in the same thread hop as the final checks.
-    Raises IntegrityError/RetryableError (retry later), HostileArchiveError/PermanentError
-    (give up), DiskSpaceError (stop everything).
+    ``chunk_size``: at most this many bytes (plus one network chunk) wait for the worker
+    thread (see _Pipe). ``sync``: fsync each staged file as it completes and the staging
+    directory at the end. Raises IntegrityError/RetryableError (retry later),
+    HostileArchiveError/PermanentError (give up), DiskSpaceError (stop everything).
     """
     writer = _SeriesWriter(
-        staging_dir, claim.series_uid, claim.study_uid, claim.image_count, check_dicom
+        staging_dir,
+        claim.series_uid,
+        claim.study_uid,
+        claim.image_count,
+        check_dicom,
+        sync,
+        getattr(claim, "file_size", None),
     )
-    side = _ThreadSide(writer, sync)
+    side = _ThreadSide(writer)
+    pipe = _Pipe(budget=chunk_size, min_hop=_MIN_HOP)
     received = 0
+    files: list[StagedFile] | None = None
+
+    async def process() -> None:
+        nonlocal files
+        while files is None:
+            data, last = await pipe.take()
+            files = await anyio.to_thread.run_sync(side.feed, data, last)
+            if last:
+                return
+
     try:
-        async with client.stream_series(claim.series_uid) as chunks:
-            pending: list[bytes] = []
-            pending_size = 0
-            try:
-                async for chunk in chunks:
-                    if limiter is not None:
-                        await limiter.acquire(len(chunk))
-                    received += len(chunk)
-                    progress.bytes_received(len(chunk))
-                    pending.append(chunk)
-                    pending_size += len(chunk)
-                    if pending_size >= chunk_size:
-                        await anyio.to_thread.run_sync(side.feed, _join(pending))
-                        pending, pending_size = [], 0
-            except (ConnectionError, TimeoutError) as exc:
-                # The client maps its own failures; this is only a safety net.
-                raise RetryableError(
-                    f"series {claim.series_uid}: download interrupted ({type(exc).__name__})"
-                ) from None
-        # The rest of the bytes, the end-of-archive checks and the fsyncs: one hop (for a
-        # series smaller than chunk_size, the only one).
-        tail = _join(pending) if pending else None
-        files = await anyio.to_thread.run_sync(lambda: side.feed(tail, last=True))
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(process)
+                async with client.stream_series(claim.series_uid) as chunks:
+                    try:
+                        async for chunk in chunks:
+                            if limiter is not None:
+                                await limiter.acquire(len(chunk))
+                            received += len(chunk)
+                            progress.bytes_received(len(chunk))
+                            await pipe.put(chunk)
+                    except (ConnectionError, TimeoutError) as exc:
+                        # The client maps its own failures; this is only a safety net.
+                        raise RetryableError(
+                            f"series {claim.series_uid}: download interrupted "
+                            f"({type(exc).__name__})"
+                        ) from None
+                await pipe.close()
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
         assert files is not None
     except BaseException:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(_abort, writer, staging_dir)
         raise
-    return FetchedSeries(claim.series_uid, staging_dir, files, received)
+    return FetchedSeries(claim.series_uid, staging_dir, files, received, writer.unverified)
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a caller classifies: the only one, else the first that is not the
+    other side's cancellation (both sides of a download can fail at once)."""
+    exc = sole_error(group)
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    _, rest = exc.split(anyio.get_cancelled_exc_class())
+    leaf: BaseException = rest if rest is not None else exc
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
 
 
 def _abort(writer: _SeriesWriter, staging_dir: Path) -> None:

@@ -22,7 +22,7 @@ pace (bench/README.md): one SQLite writer serialises every transaction.
   theirs from ``_prefetched`` (workers that queued on the lock meanwhile find theirs
   there). Prefetched claims are heartbeated like running ones, dropped if their lease is
   lost, and released when the drain stops or ends.
-* Completions (group commit): a worker with a verified, fsynced series queues it and
+* Completions (group commit): a worker with a verified series queues it and
   takes the place lock; whoever holds it places every queued series in one
   ``placing_many`` transaction (ownership and generation re-checked per series under the
   row locks, renames inside it, each directory fsynced once), then wakes their workers.
@@ -70,6 +70,10 @@ MIN_IDLE_POLL = 0.05
 # Most series placed in one catalog transaction (bounds the time the write lock is held:
 # a few renames and directory fsyncs per series).
 MAX_PLACE_BATCH = 32
+# Series up to this size skip the download's per-file fsyncs: their data is synced once
+# per group commit (Mirror.place_many(unsynced=...)). Larger ones fsync each file as it
+# completes, overlapping the transfer, so a commit never waits for their writeback.
+SMALL_SERIES_BYTES = 8 << 20
 
 
 @dataclass
@@ -313,8 +317,9 @@ class _Drain:
             async with self.mirror.reserve(claim.file_size, self.settings.mirror.min_free_bytes):
                 fetched: FetchedSeries | None = None
                 with job.scope:
-                    # sync=True: the files are fsynced (as Mirror.sync_staged) before
-                    # fetch_series returns, outside any catalog transaction.
+                    # Larger series: every file fsynced as it completes, outside any
+                    # catalog transaction; small ones are synced at the group commit
+                    # (SMALL_SERIES_BYTES).
                     fetched = await fetch_series(
                         self.clients[claim.source_name],
                         claim,
@@ -323,7 +328,7 @@ class _Drain:
                         progress=self.progress,
                         limiter=self.limiter,
                         check_dicom=self.settings.mirror.check_dicom,
-                        sync=True,
+                        sync=not _small(claim),
                     )
                 if fetched is None or job.lost:
                     raise LeaseLostError(f"series {claim.series_uid}: lease lost mid-download")
@@ -359,6 +364,13 @@ class _Drain:
             self.report.done += 1
             self.report.files += len(fetched.files)
             self.report.bytes += fetched.size
+            if fetched.unverified:
+                log.warning(
+                    "series_unverified_files",
+                    series_uid=claim.series_uid,
+                    files=fetched.unverified,
+                    reason="the archive's hash list has no MD5 for them",
+                )
             log.info(
                 "series_done",
                 series_uid=claim.series_uid,
@@ -430,11 +442,18 @@ class _Drain:
                             mirror.root / p.claim.placed_path if p.claim.placed_path else None,
                         )
                         for p in todo
-                    ]
+                    ],
+                    unsynced=[p.fetched.staging_dir for p in todo if _small(p.claim)],
                 )
                 for p, err in zip(todo, errors, strict=True):
                     if err is None:
-                        held.done(p.claim, p.instances, mirror.relative(p.final), p.fetched.size)
+                        held.done(
+                            p.claim,
+                            p.instances,
+                            mirror.relative(p.final),
+                            p.fetched.size,
+                            p.fetched.unverified,
+                        )
                     else:
                         p.error = err  # still leased to us: its worker records the failure
             for p in batch:
@@ -532,6 +551,10 @@ class _Drain:
                 if job is not None:
                     job.lost = True
                     job.scope.cancel()
+
+
+def _small(claim: Claim) -> bool:
+    return claim.file_size is not None and claim.file_size < SMALL_SERIES_BYTES
 
 
 async def drain(

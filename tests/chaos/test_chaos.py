@@ -324,7 +324,11 @@ async def test_repeated_sigkill_then_resume(tmp_path: Path) -> None:
             done = {uid for uid, state in states.items() if state == "done"}
             done_snapshots.append((done, dict(started_per_series(server))))
 
-        # The final run, to completion.
+        # The final run, to completion, once the killed processes' heartbeats are stale
+        # (config.stale_after: the lease, 4 s): only then is their staging theirs to
+        # remove. Downloads stage from their first 64 KiB on, so a kill mid-stream
+        # leaves a .part file there.
+        await asyncio.sleep(4.5)
         rc, out = await run_cli(cfg, "sync")
         assert rc == 0, out[-3000:]
         rc, out = await run_cli(cfg, "verify")
@@ -344,3 +348,78 @@ async def test_repeated_sigkill_then_resume(tmp_path: Path) -> None:
         assert not refetched, f"series fetched again after `done`: {sorted(refetched)[:3]}"
     assert sum(completed.values()) <= len(archive.series) + killed * workers
     assert all(completed.get(uid, 0) >= 1 for uid in archive.series)
+
+
+# ------------------------------------------------------- kill -9 inside the group commit
+
+# Runs `sync` in this child with a SIGKILL planted at one point of the production
+# placement path (Mirror.place_many inside Catalog.placing_many).
+_KILL_IN_COMMIT = """
+import os, signal, sys, types
+import nbia_sync.storage as storage
+from nbia_sync.cli import main
+
+where, cfg = sys.argv[1], sys.argv[2]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if where == "between-renames":
+    # The second series rename of a batch: one series renamed, the rest not, nothing
+    # fsynced, nothing committed.
+    calls = [0]
+    def rename(src, dst):
+        if ".nbia-sync" in str(src) and ".nbia-sync" not in str(dst):
+            calls[0] += 1
+            if calls[0] == 2:
+                die()
+        os.rename(src, dst)
+    storage.os = types.SimpleNamespace(**{**vars(os), "rename": rename})
+elif where == "before-commit":
+    # Every rename and directory fsync of the first batch done; the commit not yet.
+    real = storage.Mirror._place_many_sync
+    def place(self, moves, *args):
+        errors = real(self, moves, *args)
+        die()
+        return errors
+    storage.Mirror._place_many_sync = place
+sys.exit(main(["-c", cfg, "sync"]))
+"""
+
+
+@pytest.mark.parametrize("where", ["between-renames", "before-commit"])
+async def test_kill_inside_the_group_commit_leaves_catalog_and_tree_consistent(
+    where: str, tmp_path: Path
+) -> None:
+    """SIGKILL at a chosen point of the real placement path (renames into the tree, then
+    directory fsyncs, then the commit): the tree holds only whole series, every series
+    the catalog says done is whole in the tree, and a resumed sync converges."""
+    archive = small_archive(seed=7, patients=6, series=2, images=3, image_size=4000)
+    root = tmp_path / "mirror"
+    expected = expected_files(archive, root)
+    by_series: dict[Path, set[Path]] = {}
+    for path in expected:
+        by_series.setdefault(path.parent, set()).add(path)
+    async with SimServer(archive, SimFaults(seed=1)) as server:
+        cfg = write_config(tmp_path / "cfg.toml", root, server.url, workers=6)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _KILL_IN_COMMIT, where, str(cfg), cwd=REPO
+        )
+        assert await asyncio.wait_for(proc.wait(), 90) == -signal.SIGKILL
+        found = mirror_files(root)
+        assert found <= set(expected)
+        present = {p.parent for p in found}
+        for series_dir in present:
+            assert by_series[series_dir] <= found, f"partial series {series_dir}"
+        assert present, "killed before anything was renamed into the tree"
+        done = {uid for uid, state in catalog_states(root).items() if state == "done"}
+        assert {d.name for d in by_series if d in present} >= done
+        assert len(done) < len(by_series)  # the kill came before the first commit
+        await asyncio.sleep(4.5)  # the killed process's staging is removable once stale
+        rc, out = await run_cli(cfg, "sync")
+        assert rc == 0, out[-3000:]
+        rc, out = await run_cli(cfg, "verify")
+        assert rc == 0, out[-3000:]
+    assert_mirror_equals(root, expected)
+    assert staging_leftovers(root) == []
+    assert set(catalog_states(root).values()) == {"done"}

@@ -73,11 +73,13 @@ async def test_status_json_shape(sim_mirror: SimMirror) -> None:
         "catalog",
         "mirror",
         "series",
+        "unverified",
         "last_run",
         "failures",
         "workers",
         "withdrawn",
     }
+    assert status["unverified"] == {"series": 0, "files": 0}
     series = status["series"]
     assert isinstance(series, dict)
     assert set(series) == {s.value for s in SeriesState}
@@ -103,6 +105,18 @@ async def test_status_text_shows_states_and_failures(sim_mirror: SimMirror) -> N
     assert done.code == 0
     assert "done" in done.stdout and victim in done.stdout
     assert "processes: none running" in done.stdout
+
+
+async def test_status_shows_files_placed_without_an_md5(sim_mirror: SimMirror) -> None:
+    sim_mirror.server.faults.md5_blank = 1.0  # the archive lists no hash for any file
+    assert await run_main("-c", str(sim_mirror.config), "sync") == 0
+    assert_mirror_complete(sim_mirror)
+    files = len(expected_files(sim_mirror.archive, sim_mirror.root))
+    series = len(sim_mirror.archive.series)
+    done = await run_subprocess("-c", str(sim_mirror.config), "status")
+    assert f"unverified: {files} files in {series} series" in done.stdout
+    status = await status_json(sim_mirror)
+    assert status["unverified"] == {"series": series, "files": files}
 
 
 async def test_retry_failed_then_sync_completes(sim_mirror: SimMirror) -> None:

@@ -8,7 +8,7 @@ import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -23,7 +23,7 @@ from nbia_sync.errors import (
     RetryableError,
 )
 from nbia_sync.progress import NullProgress
-from nbia_sync.sim import SimArchive, SimSeries, SimServer
+from nbia_sync.sim import SimArchive, SimFaults, SimSeries, SimServer
 from nbia_sync.sim.testing import running_sim
 from nbia_sync.transfer import download
 from nbia_sync.transfer.download import FetchedSeries, fetch_series
@@ -248,3 +248,194 @@ async def test_disk_full_while_writing_is_disk_space_error(
     with pytest.raises(DiskSpaceError, match="disk full"):
         await fetch(sim, first_series(sim_archive), tmp_path / "stage")
     assert not exists(tmp_path / "stage")
+
+
+# -- hostile sizes, empty archives, long UIDs, blank and unpadded hashes ------------------
+
+
+async def test_deflate_bomb_from_the_simulator_is_hostile_before_the_disk_fills(
+    sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    s = first_series(sim_archive)
+    async with running_sim(sim_archive, SimFaults(bomb_bytes=256 << 20)) as sim:
+        sim.faults.script_series(s.uid, ["bomb"])
+        tracemalloc.start()
+        try:
+            with pytest.raises(HostileArchiveError, match="declared size of 1024"):
+                await fetch(sim, s, tmp_path / "stage")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 32 << 20
+    assert not (tmp_path / "stage").exists()
+
+
+def _zip_server(body: bytes) -> Any:
+    """A few lines of hostile server: every getImage* answers ``body`` as a ZIP."""
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/zip"})
+        await resp.prepare(request)
+        for i in range(0, len(body), 1 << 16):
+            await resp.write(body[i : i + (1 << 16)])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/nbia-api/services/v4/{endpoint}", handler)
+    return app
+
+
+@asynccontextmanager
+async def serving(body: bytes) -> AsyncIterator[str]:
+    from aiohttp import web
+
+    runner = web.AppRunner(_zip_server(body))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}/nbia-api/"
+    finally:
+        await runner.cleanup()
+
+
+async def fetch_from(url: str, claim: Claim, staging: Path) -> FetchedSeries:
+    source = SourceSettings(name="hostile", url=url, api="v4")
+    policy = RetryPolicy(base_delay=0.0, max_delay=0.0, attempts=1)
+    async with NbiaClient(source, TRANSFER, policy=policy) as client:
+        return await fetch_series(
+            client, claim, staging, chunk_size=TRANSFER.chunk_size, progress=NullProgress()
+        )
+
+
+def _hash_list(rows: list[tuple[str, str]]) -> bytes:
+    return "\n".join(["Filename,MD5Hash", *(f"{n},{m}" for n, m in rows), ""]).encode()
+
+
+async def test_series_inflating_past_its_listed_file_size_is_hostile(
+    sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    from transfer_zips import DEFLATED, Entry, build_zip
+
+    # Sizes only in data descriptors (no declared size to check): the listing's
+    # FileSize is the bound.
+    s = first_series(sim_archive)
+    big = b"\0" * (download.SIZE_MARGIN_BYTES + (2 << 20))
+    body = build_zip(
+        [
+            Entry("1.dcm", big, DEFLATED, descriptor=True, sizes_in_header=False),
+            Entry("md5hashes.csv", _hash_list([("1.dcm", hashlib.md5(big).hexdigest())])),
+        ]
+    )
+    async with serving(body) as url:
+        with pytest.raises(HostileArchiveError, match="FileSize is 1000"):
+            await fetch_from(url, claim_for(s, file_size=1000, image_count=1), tmp_path / "st")
+    assert not (tmp_path / "st").exists()
+
+
+@pytest.mark.parametrize("image_count", [None, 3])
+async def test_an_empty_archive_is_not_a_zero_file_series(
+    sim_archive: SimArchive, tmp_path: Path, image_count: int | None
+) -> None:
+    from transfer_zips import Entry, build_zip
+
+    body = build_zip([Entry("md5hashes.csv", _hash_list([]))])
+    s = first_series(sim_archive)
+    async with serving(body) as url:
+        with pytest.raises(IntegrityError, match=r"no files|ImageCount"):
+            await fetch_from(url, claim_for(s, image_count=image_count), tmp_path / "st")
+
+
+async def test_an_empty_archive_is_accepted_when_the_listing_says_zero(
+    sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    from transfer_zips import Entry, build_zip
+
+    body = build_zip([Entry("md5hashes.csv", _hash_list([]))])
+    s = first_series(sim_archive)
+    async with serving(body) as url:
+        fetched = await fetch_from(url, claim_for(s, image_count=0), tmp_path / "st")
+    assert fetched.files == []
+
+
+async def test_unpadded_hashes_from_the_simulator_are_compared_padded(
+    tmp_path: Path,
+) -> None:
+    archive = SimArchive.generate(
+        collections=("C",), patients=1, studies=1, series=1, images=40, image_size=600, seed=3
+    )
+    s = first_series(archive)
+    assert any(md5.startswith("0") for md5 in archive.truth()[s.uid].values())
+    async with running_sim(archive) as sim:
+        sim.faults.md5_unpadded = True
+        fetched = await fetch(sim, s, tmp_path / "stage")
+    assert_matches_truth(fetched, archive, s)
+    assert fetched.unverified == 0
+
+
+async def test_blank_hashes_are_accepted_on_the_other_checks_and_counted(
+    tmp_path: Path,
+) -> None:
+    archive = SimArchive.generate(
+        collections=("C",), patients=1, studies=1, series=1, images=12, image_size=600, seed=4
+    )
+    s = first_series(archive)
+    async with running_sim(archive) as sim:
+        sim.faults.md5_blank = 0.5
+        fetched = await fetch(sim, s, tmp_path / "stage")
+    assert_matches_truth(fetched, archive, s)  # our own MD5 of every file is recorded
+    assert 0 < fetched.unverified < 12
+
+
+async def test_a_blank_hash_still_needs_the_file_to_be_of_this_series(
+    tmp_path: Path,
+) -> None:
+    archive = SimArchive.generate(
+        collections=("C",), patients=1, studies=1, series=1, images=4, image_size=600, seed=4
+    )
+    s = first_series(archive)
+    async with running_sim(archive) as sim:
+        sim.faults.md5_blank = 1.0
+        with pytest.raises(IntegrityError, match="study"):
+            async with client_for(sim) as client:
+                await fetch_series(
+                    client,
+                    claim_for(s, study_uid="1.2.3.999"),
+                    tmp_path / "stage",
+                    chunk_size=TRANSFER.chunk_size,
+                    progress=NullProgress(),
+                    check_dicom=False,  # the UID checks apply to unverified files anyway
+                )
+
+
+@pytest.mark.filterwarnings("ignore:The value length:UserWarning")  # pydicom: UI > 64 chars
+async def test_a_300_digit_sop_uid_is_stored_under_a_short_safe_name(
+    sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    import io
+
+    import pydicom
+    from transfer_zips import Entry, build_zip
+
+    s = first_series(sim_archive)
+    data = s.instances[0].read()
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.SOPInstanceUID = "1." + "2" * 298
+    out = io.BytesIO()
+    ds.save_as(out)
+    dcm = out.getvalue()
+    body = build_zip(
+        [Entry("1.dcm", dcm), Entry("md5hashes.csv", _hash_list([("1.dcm", md5_hex(dcm))]))]
+    )
+    async with serving(body) as url:
+        fetched = await fetch_from(url, claim_for(s, image_count=1), tmp_path / "st")
+    (f,) = fetched.files
+    assert f.sop_uid == "1." + "2" * 298
+    assert len(f.path.name.encode()) <= 255 and f.path.is_file()
+
+
+def md5_hex(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()

@@ -383,25 +383,53 @@ async def test_a_stop_releases_claims_no_worker_started(
 async def test_many_small_series_are_placed_in_group_commits(
     catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Series that finish while a commit is under way share the next one: the first
+    batch is held until the other workers have queued theirs, so the next batch must
+    carry several series (it cannot with MAX_PLACE_BATCH = 1)."""
     from nbia_sync.transfer import pool
 
     archive = SimArchive.generate(
         collections=("SIM-CT",), patients=24, studies=1, series=1, images=1, image_size=2000, seed=5
     )
     batches: list[int] = []
-    real = pool._Drain._place_batch
+    commits: list[int] = []
+    real_place = pool._Drain._place
+    real_batch = pool._Drain._place_batch
+    real_placing = Catalog.placing_many
+    placed = 0
+    three_queued = anyio.Event()
+
+    async def place(self: Any, claim: Any, fetched: Any) -> None:
+        nonlocal placed
+        placed += 1
+        if placed == 4:  # the first one's and three more, queued before they await
+            three_queued.set()
+        await real_place(self, claim, fetched)
 
     async def spy(self: Any, batch: list[Any]) -> None:
+        if not batches:
+            # The other workers finish their downloads and queue behind this one.
+            with anyio.fail_after(20):
+                await three_queued.wait()
         batches.append(len(batch))
-        await real(self, batch)
+        await real_batch(self, batch)
 
+    def counting(self: Catalog, claims: Any, *args: Any, **kwargs: Any) -> Any:
+        commits.append(len(claims))
+        return real_placing(self, claims, *args, **kwargs)
+
+    monkeypatch.setattr(pool._Drain, "_place", place)
     monkeypatch.setattr(pool._Drain, "_place_batch", spy)
+    monkeypatch.setattr(Catalog, "placing_many", counting)
     async with running_sim(archive, SimFaults()) as sim:
         settings = make_settings(tmp_path / "mirror", sim, workers=8)
         await queue_all(catalog, settings, archive)
         report = await run_drain(settings, catalog)
     assert (report.done, report.failed, report.lease_lost) == (24, 0, 0)
     assert sum(batches) == 24
+    assert batches[1] >= 3  # everything queued during the first commit, in one
+    assert commits == batches  # one transaction per batch
+    assert len(commits) < 24
     assert await downloading(catalog) == 0
     assert len(mirror_state(tmp_path / "mirror", archive)) == 24
 
@@ -545,3 +573,35 @@ async def test_crash_right_after_placing_a_moved_series_leaves_no_orphan(
     assert mirror_state(root, sim_archive) == sim_archive.truth()
     await Mirror(root).clean_staging([])
     assert not any((root / ".nbia-sync" / "trash").rglob("*"))
+
+
+async def test_a_deflate_bomb_fails_its_series_and_the_pass_goes_on(
+    catalog: Catalog, sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    bomb = next(iter(sim_archive.series))
+    faults = SimFaults(bomb_bytes=256 << 20)
+    faults.script_series(bomb, ["bomb"])
+    async with running_sim(sim_archive, faults) as sim:
+        settings = make_settings(tmp_path / "mirror", sim)
+        await queue_all(catalog, settings, sim_archive)
+        report = await run_drain(settings, catalog)
+    assert (report.done, report.failed) == (len(sim_archive.series) - 1, 1)
+    truth = sim_archive.truth()
+    del truth[bomb]
+    assert mirror_state(tmp_path / "mirror", sim_archive) == truth
+    (failure,) = await catalog.failures()
+    assert failure.series_uid == bomb and "declared size" in (failure.last_error or "")
+    assert staging_files(tmp_path / "mirror") == []
+
+
+async def test_blank_hashes_are_counted_in_the_catalog(
+    catalog: Catalog, sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    async with running_sim(sim_archive, SimFaults(md5_blank=0.3)) as sim:
+        settings = make_settings(tmp_path / "mirror", sim)
+        await queue_all(catalog, settings, sim_archive)
+        report = await run_drain(settings, catalog)
+    assert report.failed == 0
+    assert mirror_state(tmp_path / "mirror", sim_archive) == sim_archive.truth()
+    series, files = await catalog.unverified_files()
+    assert series > 0 and 0 < files < sum(s.image_count for s in sim_archive.series.values())

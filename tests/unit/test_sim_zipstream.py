@@ -76,3 +76,14 @@ async def test_stored_entry_without_crc_is_refused() -> None:
 
     with pytest.raises(ValueError, match="CRC"):
         await ZipStreamWriter(sink).write_entry("x", [b"1"], size=1)
+
+
+async def test_the_deflate_bomb_inflates_to_its_size() -> None:
+    import zlib
+
+    from nbia_sync.sim.downloads import _bomb
+
+    payload = _bomb((3 << 20) + 5)
+    assert len(payload) < 8 << 10
+    inflater = zlib.decompressobj(-15)
+    assert len(inflater.decompress(payload)) == (3 << 20) + 5 and inflater.eof

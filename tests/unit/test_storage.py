@@ -98,6 +98,11 @@ def stage(dir_: Path, files: dict[str, bytes]) -> Path:
     return dir_
 
 
+async def place(m: Mirror, staged: Path, final: Path) -> None:
+    """What the pool does for one series (the download fsynced the staged files)."""
+    assert await m.place_many([(staged, final)]) == [None]
+
+
 def tree(root: Path) -> dict[str, bytes]:
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
@@ -106,11 +111,11 @@ def tree(root: Path) -> dict[str, bytes]:
     }
 
 
-async def test_place_series_moves_staging_into_the_tree(tmp_path: Path) -> None:
+async def test_place_many_moves_staging_into_the_tree(tmp_path: Path) -> None:
     m = Mirror(tmp_path)
     staged = stage(m.staging_dir("me", "1.2"), {"1.dcm": b"one", "2.dcm": b"two"})
     final = m.series_dir("C", "P", "1.1", "1.2")
-    await m.place_series(staged, final)
+    await place(m, staged, final)
     assert tree(tmp_path) == {"C/P/1.1/1.2/1.dcm": b"one", "C/P/1.1/1.2/2.dcm": b"two"}
     assert not staged.exists()
 
@@ -118,8 +123,8 @@ async def test_place_series_moves_staging_into_the_tree(tmp_path: Path) -> None:
 async def test_replacing_a_series_leaves_no_stale_file(tmp_path: Path) -> None:
     m = Mirror(tmp_path)
     final = m.series_dir("C", "P", "1.1", "1.2")
-    await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"o", "2.dcm": b"o"}), final)
-    await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"new"}), final)
+    await place(m, stage(m.staging_dir("me", "1.2"), {"1.dcm": b"o", "2.dcm": b"o"}), final)
+    await place(m, stage(m.staging_dir("me", "1.2"), {"1.dcm": b"new"}), final)
     assert tree(tmp_path) == {"C/P/1.1/1.2/1.dcm": b"new"}
     assert not any(m.trash_root.iterdir())
 
@@ -143,7 +148,8 @@ _KILL_SCRIPT = textwrap.dedent(
 
     os.rename = rename
     m = Mirror(root)
-    anyio.run(m.place_series, m.staging_dir("dead", "1.2"), m.series_dir("C", "P", "1.1", "1.2"))
+    moves = [(m.staging_dir("dead", "1.2"), m.series_dir("C", "P", "1.1", "1.2"))]
+    assert anyio.run(m.place_many, moves) == [None]
     """
 )
 
@@ -159,7 +165,7 @@ async def test_placement_killed_midway_never_shows_a_mixed_or_partial_series(
 ) -> None:
     m = Mirror(tmp_path)
     final = m.series_dir("C", "P", "1.1", "1.2")
-    await m.place_series(stage(m.staging_dir("old", "1.2"), OLD), final)
+    await place(m, stage(m.staging_dir("old", "1.2"), OLD), final)
     staged = stage(m.staging_dir("dead", "1.2"), NEW)
     proc = await anyio.run_process(
         [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), str(kill_at)], check=False
@@ -236,7 +242,7 @@ async def test_place_many_places_each_series_and_reports_failures_one_by_one(
 ) -> None:
     m = Mirror(tmp_path)
     old = m.series_dir("C", "P1", "1.1", "1.2")
-    await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"old"}), old)
+    await place(m, stage(m.staging_dir("me", "1.2"), {"1.dcm": b"old"}), old)
     moves = [
         (stage(m.staging_dir("me", "1.2"), {"1.dcm": b"new"}), old),  # replaces
         (m.staging_dir("me", "missing"), m.series_dir("C", "P2", "2.1", "2.2")),  # fails
@@ -259,6 +265,7 @@ async def test_place_many_fsyncs_each_touched_directory_once(
 
     m = Mirror(tmp_path)
     synced: list[Path] = []
+    monkeypatch.setattr(storage, "_sync_fs", lambda path: False)  # no syncfs(2) here
     monkeypatch.setattr(
         storage, "_fsync_path", lambda path, *, directory=False: synced.append(path)
     )
@@ -286,9 +293,10 @@ async def test_place_many_moves_the_old_copy_of_a_moved_series_aside_durably(
 
     m = Mirror(tmp_path)
     before = m.series_dir("C", "P1", "1.1", "1.2")
-    await m.place_series(stage(m.staging_dir("me", "1.2"), {"1.dcm": b"old"}), before)
+    await place(m, stage(m.staging_dir("me", "1.2"), {"1.dcm": b"old"}), before)
     after = m.series_dir("C", "P2", "2.1", "1.2")
     synced: list[Path] = []
+    monkeypatch.setattr(storage, "_sync_fs", lambda path: False)  # no syncfs(2) here
     monkeypatch.setattr(
         storage, "_fsync_path", lambda path, *, directory=False: synced.append(path)
     )
@@ -300,3 +308,50 @@ async def test_place_many_moves_the_old_copy_of_a_moved_series_aside_durably(
     monkeypatch.undo()
     await m.clean_staging([])
     assert not m.trash_root.exists()
+
+
+async def test_place_many_with_syncfs_syncs_data_then_names_once_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small series: their data is synced before the first rename, and the new names
+    once after the last, one syncfs(2) each, however many series the batch holds."""
+    import nbia_sync.storage as storage
+
+    m = Mirror(tmp_path)
+    calls: list[tuple[str, int]] = []
+
+    def sync_fs(path: Path) -> bool:
+        calls.append(("syncfs", len(tree(tmp_path))))
+        return True
+
+    monkeypatch.setattr(storage, "_sync_fs", sync_fs)
+    monkeypatch.setattr(
+        storage, "_fsync_path", lambda path, *, directory=False: calls.append(("fsync", 0))
+    )
+    staged = [stage(m.staging_dir("me", f"{i}.2"), {"1.dcm": b"x"}) for i in range(4)]
+    moves = [(d, m.series_dir("C", f"P{i}", f"{i}.1", f"{i}.2")) for i, d in enumerate(staged)]
+    assert await m.place_many(moves, unsynced=staged) == [None] * 4
+    # Nothing in the tree at the first (data), all four series at the second (names).
+    assert calls == [("syncfs", 0), ("syncfs", 4)]
+
+
+async def test_place_many_without_syncfs_fsyncs_unsynced_files_before_renaming(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nbia_sync.storage as storage
+
+    m = Mirror(tmp_path)
+    order: list[str] = []
+    monkeypatch.setattr(storage, "_sync_fs", lambda path: False)
+    monkeypatch.setattr(
+        storage,
+        "_fsync_path",
+        lambda path, *, directory=False: order.append(
+            "tree" if ".nbia-sync" not in path.parts else path.name
+        ),
+    )
+    staged = stage(m.staging_dir("me", "1.2"), {"1.dcm": b"x", "2.dcm": b"y"})
+    final = m.series_dir("C", "P", "1.1", "1.2")
+    assert await m.place_many([(staged, final)], unsynced=[staged]) == [None]
+    assert sorted(order[:3]) == ["1.2", "1.dcm", "2.dcm"]  # files, then their directory
+    assert set(order[3:]) == {"tree"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,37 @@ def test_deflate_bomb_is_inflated_in_bounded_pieces(tmp_path: Path) -> None:
     list(reader.finish())
     assert sum(sizes) == 8 << 20
     assert max(sizes) <= 1 << 20
+
+
+def test_deflate_bomb_memory_stays_bounded_while_it_is_consumed(tmp_path: Path) -> None:
+    import tracemalloc
+
+    bomb = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = b"\0" * (1 << 20)
+    payload = b"".join(bomb.compress(block) for _ in range(256)) + bomb.flush()
+    data = build_zip([Entry("bomb.dcm", b"", DEFLATED, descriptor=True, sizes_in_header=False)])
+    # Splice the 256 MiB bomb in place of the empty entry's deflate data ("\x03\x00").
+    cut = data.index(b"bomb.dcm") + len(b"bomb.dcm")
+    data = data[:cut] + payload + data[cut + 2 :]
+    reader = ZipStreamReader(tmp_path / "spool.zip")
+    tracemalloc.start()
+    try:
+        produced = 0
+        for ev in reader.feed(data):
+            if isinstance(ev, EntryData):
+                produced += len(ev.data)
+                if produced >= 64 << 20:
+                    break
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert produced >= 64 << 20
+    assert peak < 8 << 20  # one inflate step at a time, never the whole output
+
+
+def test_entry_inflating_past_its_declared_size_is_hostile(tmp_path: Path) -> None:
+    data = build_zip([Entry("x.dcm", b"\0" * (4 << 20), DEFLATED, declared_size=1024)])
+    reader = ZipStreamReader(tmp_path / "spool.zip")
+    with pytest.raises(HostileArchiveError, match="declared size of 1024"):
+        for _ in reader.feed(data):
+            pass

@@ -1,0 +1,320 @@
+"""nbia-sync beside the real peers (tcia-utils 3.3.5, nbiatoolkit 1.3.1), one run, ratios.
+
+    python bench/bench_peers.py                 # every case (~5 min on 2 busy cores)
+    python bench/bench_peers.py --case series40 --case onefile
+    python bench/bench_peers.py --quick         # fewer one-file series
+    python bench/bench_peers.py --no-peers      # skip the real peers (no venv needed)
+
+The peers are installed on first use into bench/.peers-venv (git-ignored; they are not
+project dependencies) with pip: ``tcia_utils==3.3.5 nbiatoolkit==1.3.1``. Each client is a
+measured subprocess against one simulator process per case (bench/_common.py), on a fresh
+folder, in the same run:
+
+  nbia-sync            ``python -m nbia_sync sync`` (discovery included), api v4, N workers
+  tcia-utils 3.3.5     ``nbia.downloadSeries`` (its default max_workers = 10, and nbia-sync's N)
+  nbiatoolkit 1.3.1    ``NBIAClient.downloadSeries`` (its default nParallel = 1, and N)
+  in-house baseline    bench/baseline_tciautils.py (stdlib stand-in for tcia-utils' loop)
+  bare aiohttp         bench/bare_fetch.py: fetch every archive, discard it
+
+Printed per client: wall, fraction of ideal, speed relative to nbia-sync, peak RSS, CPU
+per GB. Then the case's ratios against the targets (issue 15), and the CPU floor: MD5 +
+inflate of the same archives with hashlib and zlib in this process (the bare client keeps
+them once for this), per GB, next to nbia-sync's CPU per GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    PYTHON,
+    REPO,
+    Measured,
+    SimProcess,
+    check_engine_mirror,
+    engine_argv,
+    run_measured,
+    write_config,
+)
+
+BENCH = Path(__file__).resolve().parent
+PEERS_VENV = BENCH / ".peers-venv"
+PEERS = ("tcia_utils==3.3.5", "nbiatoolkit==1.3.1")
+MB = 1_000_000
+
+
+@dataclass
+class Case:
+    name: str
+    what: str
+    archive: dict[str, Any]
+    latency: float
+    bandwidth: int | None
+    streams: int
+    peers: bool = True  # run the real peers (one-file: bare client only)
+
+
+def arch(series: int, images: int, image_size: int, seed: int) -> dict[str, Any]:
+    return {
+        "seed": seed,
+        "collections": ["BENCH-CT"],
+        "patients": series,
+        "studies": 1,
+        "series": 1,
+        "images": images,
+        "image_size": image_size,
+    }
+
+
+def cases(quick: bool) -> list[Case]:
+    return [
+        Case(
+            "series40",
+            "48 series x 40 files of 25 KB (~1 MB ZIP), 2 MB/s per stream, 50 ms",
+            arch(48, 40, 25_000, 21),
+            latency=0.05,
+            bandwidth=2 * MB,
+            streams=10,
+        ),
+        Case(
+            "onefile",
+            f"{1000 if quick else 5000} one-file series of 2 KB, 2 ms, uncapped",
+            arch(1000 if quick else 5000, 1, 2_000, 22),
+            latency=0.002,
+            bandwidth=None,
+            streams=8,
+            peers=False,
+        ),
+        Case(
+            "medium",
+            "32 series x 4 files of 500 KB (2 MB), 1 MB/s per stream, 8 streams",
+            arch(32, 4, 500_000, 23),
+            latency=0.0,
+            bandwidth=1 * MB,
+            streams=8,
+            peers=False,
+        ),
+        Case(
+            "large",
+            "3 series x 50 files of 2 MB (100 MB each), 20 MB/s per stream",
+            arch(3, 50, 2 * MB, 24),
+            latency=0.0,
+            bandwidth=20 * MB,
+            streams=10,
+            peers=False,
+        ),
+    ]
+
+
+def ensure_peers() -> Path:
+    python = PEERS_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"installing {', '.join(PEERS)} into {PEERS_VENV} (benchmark only)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEERS], check=True)
+    return python
+
+
+def ideal_seconds(sizes: dict[str, int], latency: float, bandwidth: int | None, n: int) -> float:
+    if bandwidth is None:
+        return 0.0
+    per_series = [latency + size / bandwidth for size in sizes.values()]
+    return max(sum(per_series) / n, max(per_series))
+
+
+def cpu_floor(zips: Path) -> tuple[float, int]:
+    """CPU seconds to inflate and MD5 every member of the kept archives; bytes read."""
+    t0 = time.process_time()
+    total = 0
+    for path in sorted(zips.iterdir()):
+        data = path.read_bytes()
+        total += len(data)
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                h = hashlib.md5(usedforsecurity=False)
+                with zf.open(info) as member:  # zlib inflate + CRC, as the engine does
+                    while chunk := member.read(1 << 20):
+                        h.update(chunk)
+    return time.process_time() - t0, total
+
+
+@dataclass
+class Row:
+    client: str
+    m: Measured
+    downloaded: int
+    right: str = ""
+
+
+def sent(sim: SimProcess) -> int:
+    return int(sim.counters()["counters"]["bytes_sent"])
+
+
+def run_case(case: Case, work: Path, peers: Path | None) -> list[dict[str, Any]]:
+    faults: dict[str, Any] = {"latency": case.latency, "bandwidth": case.bandwidth}
+    rows: list[Row] = []
+    floor: tuple[float, int] | None = None
+    with SimProcess(case.archive, faults, work / "sim") as sim:
+        uids_path = work / "uids.json"
+        uids_path.write_text(json.dumps(sorted(sim.sizes)))
+        n, streams = len(sim.sizes), case.streams
+        ideal = ideal_seconds(sim.sizes, case.latency, case.bandwidth, streams)
+
+        def measure(name: str, argv: list[str], check: Any = None) -> None:
+            before = sent(sim)
+            m = run_measured(argv, cwd=REPO, log_dir=work, name=name.replace(" ", "_"))
+            row = Row(name, m, sent(sim) - before)
+            if m.returncode != 0:
+                print(f"  {name} exited {m.returncode}: {m.stderr[-1500:]}", file=sys.stderr)
+            if check is not None:
+                row.right = check()
+            rows.append(row)
+
+        # nbia-sync
+        root = work / "mirror"
+        cfg = write_config(work / "nbia-sync.toml", root=root, url=sim.url, workers=streams)
+        cfg.write_text(cfg.read_text().replace('api = "v2"', 'api = "v4"'))
+        measure(
+            "nbia-sync",
+            engine_argv(cfg, "sync"),
+            lambda: f"{check_engine_mirror(root, sim.truth, sim.layout)[0]}/{n}",
+        )
+        starts = [
+            run_measured(engine_argv(cfg, *a), cwd=REPO, log_dir=work, name="startup").wall
+            for a in (("sync",), ("status",))
+        ]
+        print(
+            f"  [{case.name}] start-up on the complete mirror: sync {starts[0]:.2f} s, "
+            f"status {starts[1]:.2f} s"
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+        # the bare client (kept archives give the CPU floor)
+        keep = work / "zips"
+        bare = [PYTHON, str(BENCH / "bare_fetch.py"), "--url", sim.url, "--uids", str(uids_path)]
+        measure("bare aiohttp", [*bare, "--workers", str(streams), "--keep", str(keep)])
+        floor = cpu_floor(keep)
+        shutil.rmtree(keep, ignore_errors=True)
+
+        if case.peers:
+            out = work / "baseline"
+            measure(
+                "in-house baseline",
+                [
+                    PYTHON,
+                    str(BENCH / "baseline_tciautils.py"),
+                    *("--url", sim.url, "--out", str(out), "--threads", str(streams)),
+                ],
+            )
+            shutil.rmtree(out, ignore_errors=True)
+        if case.peers and peers is not None:
+            for peer, default in (("tcia-utils", 10), ("nbiatoolkit", 1)):
+                for workers in sorted({default, streams}):
+                    out = work / f"{peer}-{workers}"
+                    argv = [str(peers), str(BENCH / "peers.py"), peer, "--url", sim.url]
+                    argv += ["--uids", str(uids_path), "--out", str(out)]
+                    if workers != default:
+                        argv += ["--workers", str(workers)]
+                    label = f"{peer} x{workers}" + (" (default)" if workers == default else "")
+                    measure(label, argv)
+                    shutil.rmtree(out, ignore_errors=True)
+    return report(case, rows, ideal, n, floor)
+
+
+def report(
+    case: Case, rows: list[Row], ideal: float, n: int, floor: tuple[float, int] | None
+) -> list[dict[str, Any]]:
+    print(f"\n== {case.name}: {case.what}; {n} series, {case.streams} streams", end="")
+    print(f"; ideal {ideal:.2f} s" if ideal else "")
+    print(
+        f"{'client':<28}{'exit':>5}{'wall s':>8}{'ideal':>7}{'speed vs':>9}{'series/s':>9}"
+        f"{'RSS MiB':>8}{'CPU s/GB':>9}{'right':>9}"
+    )
+    engine = rows[0]
+    out = []
+    for r in rows:
+        gb = max(r.downloaded, 1) / 1e9
+        rec = {
+            "case": case.name,
+            "client": r.client,
+            "exit": r.m.returncode,
+            "wall": round(r.m.wall, 2),
+            "fraction_of_ideal": round(ideal / r.m.wall, 3) if ideal else None,
+            "nbia_sync_speed_ratio": round(r.m.wall / engine.m.wall, 2),
+            "series_per_s": round(n / r.m.wall, 1),
+            "rss_mib": round(r.m.maxrss / 2**20, 1),
+            "cpu_s_per_gb": round(r.m.cpu / gb, 1),
+            "right": r.right,
+        }
+        out.append(rec)
+        frac = f"{rec['fraction_of_ideal']:.2f}" if ideal else "-"
+        print(
+            f"{r.client:<28}{rec['exit']:>5}{rec['wall']:>8.2f}{frac:>7}"
+            f"{rec['nbia_sync_speed_ratio']:>9.2f}{rec['series_per_s']:>9.1f}"
+            f"{rec['rss_mib']:>8.1f}{rec['cpu_s_per_gb']:>9.1f}{r.right:>9}"
+        )
+    by = {r.client: r for r in rows}
+    lines = [f"peak RSS nbia-sync {engine.m.maxrss / 2**20:.0f} MiB (target <= 96)"]
+    if ideal:
+        lines.append(f"nbia-sync fraction of ideal {ideal / engine.m.wall:.2f}")
+    tu = by.get("tcia-utils x10 (default)")
+    if tu is not None:
+        lines.append(f"nbia-sync speed / tcia-utils' {tu.m.wall / engine.m.wall:.2f}x (>= 1.5)")
+    bare = by.get("bare aiohttp")
+    if bare is not None:
+        lines.append(f"nbia-sync rate / bare aiohttp's {bare.m.wall / engine.m.wall:.2f}")
+    if floor is not None and floor[1]:
+        floor_gb = floor[0] / (floor[1] / 1e9)
+        engine_gb = engine.m.cpu / (max(engine.downloaded, 1) / 1e9)
+        lines.append(
+            f"CPU/GB nbia-sync {engine_gb:.1f} s, floor (MD5 + inflate) {floor_gb:.1f} s: "
+            f"{engine_gb / floor_gb:.2f}x the floor (<= 1.5; nbia-sync's includes HTTP, "
+            "discovery, catalog and start-up)"
+        )
+        out.append({"case": case.name, "client": "cpu-floor", "cpu_s_per_gb": round(floor_gb, 1)})
+    print("  " + "\n  ".join(lines))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="nbia-sync beside the real peers, one run")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--case", action="append", default=[])
+    ap.add_argument("--no-peers", action="store_true", help="skip tcia-utils and nbiatoolkit")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    peers = None if args.no_peers else ensure_peers()
+    load = os.getloadavg()
+    print(f"load average before the run: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    base = args.workdir or Path(tempfile.mkdtemp(prefix="nbia-peers-"))
+    results: list[dict[str, Any]] = []
+    for case in cases(args.quick):
+        if args.case and case.name not in args.case:
+            continue
+        results.extend(run_case(case, base / case.name, peers))
+    load = os.getloadavg()
+    print(f"\nload average after the run: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.workdir is None:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0 if all(r.get("exit", 0) == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
