@@ -121,11 +121,11 @@ async def run_pass(
     )
     host, pid = socket.gethostname(), os.getpid()
     owner = owner or make_owner(host=host, pid=pid)
-    run_id = await catalog.start_run(owner, command, run_id_of(owner))
+    run_id = await catalog.fleet.start_run(owner, command, run_id_of(owner))
     started_at, t0 = clock.now(), clock.monotonic()
     held_locks: set[str] = set()
     log.info("pass_started", run_id=run_id, owner=owner, command=command)
-    await catalog.register_worker(owner, host, pid, run_id)
+    await catalog.fleet.register_worker(owner, host, pid, run_id)
 
     outcome, error = Outcome.ERROR, None
     discovered = done = files = placed_bytes = bad_records = 0
@@ -274,7 +274,7 @@ async def _discover_source(
     holder is skipped as before: its lease runs out and the next pass discovers.
     """
     lock = discovery_lock(source)
-    source_id = await catalog.ensure_source(source)
+    source_id = await catalog.sources.ensure_source(source)
     forced = options is not None and options.full  # `sync --full`: not someone else's
     while True:
         if not forced and await _discovered_by_fleet(settings, catalog, source_id):
@@ -284,9 +284,9 @@ async def _discover_source(
                 reason="discovered by another process of this fleet",
             )
             return None
-        if await catalog.try_lock(lock, owner, _lock_ttl(settings)):
+        if await catalog.fleet.try_lock(lock, owner, _lock_ttl(settings)):
             break
-        holder = await catalog.lock_holder(lock)
+        holder = await catalog.fleet.lock_holder(lock)
         if holder is not None and not await _is_live(settings, catalog, holder):
             log.info(
                 "discovery_skipped", source=source.name, reason="another process holds the lock"
@@ -314,13 +314,13 @@ async def _discover_source(
     finally:
         held_locks.discard(lock)
         with anyio.CancelScope(shield=True):
-            await catalog.unlock(lock, owner)
+            await catalog.fleet.unlock(lock, owner)
     return report
 
 
 async def _is_live(settings: Settings, catalog: Catalog, owner: str) -> bool:
     limit = stale_after(settings)
-    return any(w.owner == owner and w.heartbeat_age < limit for w in await catalog.workers())
+    return any(w.owner == owner and w.heartbeat_age < limit for w in await catalog.fleet.workers())
 
 
 async def _discovered_by_fleet(settings: Settings, catalog: Catalog, source_id: int) -> bool:
@@ -331,13 +331,13 @@ async def _discovered_by_fleet(settings: Settings, catalog: Catalog, source_id: 
     that runs after the others have finished (a later sync, the daemon's next pass)
     discovers for itself.
     """
-    last = await catalog.last_discovery_at(source_id)
+    last = await catalog.sources.last_discovery_at(source_id)
     if last is None:
         return False
     if (catalog.clock.now() - last).total_seconds() >= settings.schedule.poll_interval:
         return False
     limit = stale_after(settings)
-    starts = [w.started_at for w in await catalog.workers() if w.heartbeat_age < limit]
+    starts = [w.started_at for w in await catalog.fleet.workers() if w.heartbeat_age < limit]
     return bool(starts) and last >= min(starts)
 
 
@@ -352,9 +352,9 @@ async def _heartbeat(
     while True:
         await catalog.clock.sleep(settings.transfer.heartbeat_interval)
         try:
-            alive = await catalog.worker_heartbeat(owner)
+            alive = await catalog.fleet.worker_heartbeat(owner)
             for lock in list(held_locks):
-                await catalog.renew_lock(lock, owner, _lock_ttl(settings))
+                await catalog.fleet.renew_lock(lock, owner, _lock_ttl(settings))
         except Exception as exc:  # a catalog hiccup must not kill the pass; the next beat retries
             log.warning("heartbeat_failed", error=str(exc))
             continue
@@ -369,7 +369,7 @@ async def _forget_dead_workers(settings: Settings, catalog: Catalog) -> None:
     shows a dead process as STALE for `forget_workers_after`, then no more.
     Housekeeping only: a failure here must not fail the pass."""
     try:
-        gone = await catalog.prune_workers(forget_workers_after(settings))
+        gone = await catalog.fleet.prune_workers(forget_workers_after(settings))
     except CatalogError as exc:
         log.warning("worker_prune_failed", error=str(exc))
         return
@@ -381,7 +381,7 @@ async def _take_back_dead_local(catalog: Catalog, host: str, own: str) -> None:
     """Leases of this host's processes that are gone (kill -9, crash) are freed now
     rather than when they expire. Housekeeping: a failure must not fail the pass."""
     try:
-        gone = await catalog.take_back_dead_local(host, own)
+        gone = await catalog.fleet.take_back_dead_local(host, own)
     except CatalogError as exc:
         log.warning("dead_local_takeback_failed", error=str(exc))
         return
@@ -392,7 +392,7 @@ async def _take_back_dead_local(catalog: Catalog, host: str, own: str) -> None:
 async def _live_owners(settings: Settings, catalog: Catalog, own: str) -> set[str]:
     """Owners whose staging must be kept: ours and every worker with a fresh heartbeat."""
     limit = stale_after(settings)
-    return {own} | {w.owner for w in await catalog.workers() if w.heartbeat_age < limit}
+    return {own} | {w.owner for w in await catalog.fleet.workers() if w.heartbeat_age < limit}
 
 
 async def _close_pass(
@@ -405,10 +405,10 @@ async def _close_pass(
     run_counts: RunCounts,
 ) -> None:
     for lock in list(held_locks):
-        await catalog.unlock(lock, owner)
-    await catalog.release_leases(owner)
-    await catalog.finish_run(run_id, outcome, run_counts)
-    await catalog.unregister_worker(owner)
+        await catalog.fleet.unlock(lock, owner)
+    await catalog.queue.release_leases(owner)
+    await catalog.fleet.finish_run(run_id, outcome, run_counts)
+    await catalog.fleet.unregister_worker(owner)
 
 
 def _lock_ttl(settings: Settings) -> float:
