@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,9 +21,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.catalog.db import Database
+from nbia_sync.catalog.membership import Membership, join
 from nbia_sync.catalog.models import SeriesState
+from nbia_sync.catalog.queue import Queue
 from nbia_sync.catalog.records import RunCounts, RunInfo, WorkerInfo
+from nbia_sync.catalog.sources import Sources
 from nbia_sync.catalog.tables import LOCKS, RUNS, SERIES, WORKERS
+from nbia_sync.clock import Clock
+from nbia_sync.config import Settings
 
 # ---- runs -------------------------------------------------------------------------------
 
@@ -67,10 +74,40 @@ def process_gone(pid: int, started: int | None) -> bool:
 
 
 class Fleet:
-    """Runs, the workers of the fleet and named lease locks."""
+    """Runs, the workers of the fleet and named lease locks; `join` to take part."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, queue: Queue, sources: Sources) -> None:
         self._db = db
+        # For members: leaving gives their leases back to the queue, and whether the
+        # fleet discovered a source already is read from the source's row.
+        self._queue, self._sources = queue, sources
+
+    @property
+    def clock(self) -> Clock:
+        return self._db.clock
+
+    def join(
+        self,
+        settings: Settings,
+        *,
+        owner: str,
+        host: str,
+        pid: int,
+        run_id: str,
+        on_heartbeat: Callable[[], None] | None = None,
+    ) -> AbstractAsyncContextManager[Membership]:
+        """Take part in the fleet for one pass (see membership.py)."""
+        return join(
+            self,
+            self._queue,
+            self._sources,
+            settings,
+            owner=owner,
+            host=host,
+            pid=pid,
+            run_id=run_id,
+            on_heartbeat=on_heartbeat,
+        )
 
     async def start_run(self, owner: str, command: str, run_id: str | None = None) -> str:
         # The engine may choose the id itself: its owner name (host:pid:run_id) embeds it.

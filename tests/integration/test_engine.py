@@ -18,10 +18,10 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.catalog import Catalog, SeriesState
+from nbia_sync.catalog.membership import discovery_lock
 from nbia_sync.catalog.tables import WORKERS
 from nbia_sync.config import Settings, settings_from_dict
 from nbia_sync.engine import (
-    discovery_lock,
     make_owner,
     run_id_of,
     run_pass,

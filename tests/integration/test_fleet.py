@@ -374,8 +374,9 @@ async def test_a_pass_waits_for_a_live_peers_discovery_then_drains_without_repea
     import anyio
 
     from nbia_sync.api.client import NbiaClient
+    from nbia_sync.catalog.membership import discovery_lock
     from nbia_sync.discovery import discover
-    from nbia_sync.engine import discovery_lock, run_pass
+    from nbia_sync.engine import run_pass
     from nbia_sync.progress import NullProgress
 
     archive = fleet_archive()
