@@ -1,7 +1,7 @@
 """The worker pool: drain the catalog's queue into the mirror.
 
 N workers each loop: claim one series, reserve its disk space, fetch it into staging,
-then place it and mark it done in one catalog transaction (``catalog.placing_many``). The
+then place it and mark it done in one catalog transaction (``catalog.queue.placing_many``). The
 catalog decides retries (attempts and next-try times live there, so a restart resumes the
 schedule); the pool only classifies failures by their exception class:
 
