@@ -157,8 +157,9 @@ class _Problems:
             self.first = f"{self.where} {reason}"
 
     def identity(self, value: str | None, key: str, limit: int) -> str:
-        """An identifying value as given, or "" with a problem noted."""
-        if value is None:
+        """An identifying value as given, or "" with a problem noted (an empty or blank
+        value names nothing: it is missing too)."""
+        if value is None or not value.strip():
             self.add(f"has no {key}")
             return ""
         if "\x00" in value or _has_surrogate(value):

@@ -12,7 +12,7 @@ import contextlib
 import json
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from nbia_sync.api import _records as records
@@ -100,6 +100,11 @@ def _assert_storable(info: SeriesInfo) -> None:
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(record=RECORDS, collection=st.none() | ANY_TEXT)
+# Found by this property: no Collection in the record and an empty one from the caller.
+@example(
+    record={"SeriesInstanceUID": 0, "StudyInstanceUID": 0, "PatientID": 0, "Collection": None},
+    collection="",
+)
 def test_series_info_never_raises_and_returns_storable_records(
     record: dict[str, Any], collection: str | None
 ) -> None:

@@ -39,6 +39,7 @@ def test_text_status_summarises_withdrawn_series() -> None:
         "last_run": None,
         "failures": [],
         "workers": [],
+        "unverified": {"series": 0, "files": 0},
         "withdrawn": [
             {
                 "series_uid": "1.2.3",
