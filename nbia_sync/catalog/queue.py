@@ -1,4 +1,5 @@
-"""The work queue over the series table: claim, heartbeat, place, fail, release.
+"""`Queue`: the work queue over the series table (`catalog.queue`): claim, heartbeat,
+place, fail, release.
 
 A claim is a lease (owner + expiry) on a series *generation*. Everything that ends a
 lease re-checks, under a row lock, that the lease is still ours and the generation
@@ -9,7 +10,7 @@ the archive has since replaced, can never overwrite newer state.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,13 +31,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from nbia_sync.catalog.db import Database
 from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.records import Claim, InstanceRecord
-from nbia_sync.catalog.tables import INSTANCES, SERIES, SOURCES
+from nbia_sync.catalog.tables import INSTANCES, SERIES, SOURCES, batches
 from nbia_sync.errors import CatalogError
 from nbia_sync.redaction import redact_text
 
 MAX_ERROR_CHARS = 2000
-# UIDs per statement: far below every dialect's bound-parameter limit.
-_BATCH = 500
 
 _CLAIM_COLUMNS = (
     SERIES.c.id,
@@ -306,11 +305,6 @@ async def _complete_many(
 def _retry_delay(seconds: float) -> timedelta:
     # Clamped (and NaN-proof): a delay from a hostile Retry-After must not overflow datetime.
     return timedelta(seconds=min(max(0.0, seconds), 366 * 24 * 3600.0))
-
-
-def _batches(items: Sequence[str]) -> Iterable[list[str]]:
-    for start in range(0, len(items), _BATCH):
-        yield list(items[start : start + _BATCH])
 
 
 class Queue:
@@ -617,7 +611,7 @@ class Queue:
         """Queue placed series again (verify --repair): the next pass downloads them afresh
         and places them over the damaged copy."""
         total = 0
-        for batch in _batches(sorted(set(uids))):
+        for batch in batches(sorted(set(uids))):
 
             async def op(conn: AsyncConnection, batch: list[str] = batch) -> int:
                 result = await conn.execute(

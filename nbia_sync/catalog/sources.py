@@ -18,7 +18,7 @@ UID another source already holds, holds that series as CONFLICT (the row keeps t
 it had: first listed or placed wins) and never downloads it until a full listing sees it
 under one place only. Because a move (listed under a new place only) and a duplicate
 (listed under both) look alike until the pass has seen everything, moves are applied at
-the end of the pass, by :func:`finish_listing`.
+the end of the pass, by `Sources.finish_listing`.
 """
 
 from __future__ import annotations
@@ -39,19 +39,22 @@ from nbia_sync.api.models import PatientInfo, SeriesInfo, StudyInfo
 from nbia_sync.catalog.db import Database
 from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.records import PlacedWithdrawn, UpsertResult, WithdrawnInfo
-from nbia_sync.catalog.tables import COLLECTIONS, INSTANCES, PATIENTS, SERIES, SOURCES, STUDIES
+from nbia_sync.catalog.tables import (
+    COLLECTIONS,
+    INSTANCES,
+    PATIENTS,
+    SERIES,
+    SOURCES,
+    STUDIES,
+    batches,
+)
 from nbia_sync.config import SourceSettings
 
 log = structlog.get_logger(__name__)
 
-# UIDs per statement: far below every dialect's bound-parameter limit.
-_BATCH = 500
 # States a full listing may turn into withdrawn: a conflict is held back for its own
 # reason, and a withdrawn series is already withdrawn.
 _LISTABLE = [s for s in SeriesState if s not in (SeriesState.WITHDRAWN, SeriesState.CONFLICT)]
-# Rows per transaction: small enough to keep the SQLite write lock briefly, large enough
-# that a 1,000,000-series first listing is not a million commits.
-BATCH = 500
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -133,11 +136,6 @@ def is_changed(row: Any, info: SeriesInfo) -> bool:
         or (info.image_count is not None and info.image_count != row.image_count)
         or (info.file_size is not None and info.file_size != row.file_size)
     )
-
-
-def _chunks(items: Sequence[SeriesInfo], size: int) -> Iterable[Sequence[SeriesInfo]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def insert_for(conn: AsyncConnection, table: Table) -> Any:
@@ -334,14 +332,10 @@ async def _upsert_batch(
 
 
 async def _rows(conn: AsyncConnection, source_id: int, uids: Iterable[str]) -> list[Any]:
-    wanted = sorted(uids)
     rows: list[Any] = []
-    for start in range(0, len(wanted), BATCH):
+    for batch in batches(sorted(uids)):
         rows += await conn.execute(
-            select(SERIES).where(
-                SERIES.c.source_id == source_id,
-                SERIES.c.series_uid.in_(wanted[start : start + BATCH]),
-            )
+            select(SERIES).where(SERIES.c.source_id == source_id, SERIES.c.series_uid.in_(batch))
         )
     return rows
 
@@ -434,8 +428,7 @@ async def _apply_moves(
 async def _insert_absent(
     db: Database, table: Table, rows: list[dict[str, Any]], key: list[str]
 ) -> None:
-    for start in range(0, len(rows), BATCH):
-        chunk = rows[start : start + BATCH]
+    for chunk in batches(rows):
 
         async def op(conn: AsyncConnection, chunk: list[dict[str, Any]] = chunk) -> None:
             await conn.execute(
@@ -446,11 +439,6 @@ async def _insert_absent(
 
 
 # ---- withdrawals -----------------------------------------------------------------------
-
-
-def _batches(items: Sequence[str]) -> Iterable[list[str]]:
-    for start in range(0, len(items), _BATCH):
-        yield list(items[start : start + _BATCH])
 
 
 def _in_collection(collection: str) -> Any:
@@ -585,7 +573,7 @@ class Sources:
         # Last report of a UID wins; sorted so concurrent writers lock rows in one order.
         unique = sorted({s.series_uid: s for s in good}.values(), key=lambda s: s.series_uid)
         total = UpsertResult(skipped=skipped)
-        for batch in _chunks(unique, BATCH):
+        for batch in batches(unique):
 
             async def op(conn: AsyncConnection, b: Sequence[SeriesInfo] = batch) -> UpsertResult:
                 return await _upsert_batch(conn, source_id, b, listing, self._db.clock.now())
@@ -638,7 +626,7 @@ class Sources:
         to another collection meanwhile was listed there and is not withdrawn). A lease is
         dropped: the worker's placement re-check then refuses to place the series."""
         total = 0
-        for batch in _batches(sorted(uids)):
+        for batch in batches(sorted(uids)):
 
             async def op(conn: AsyncConnection, batch: list[str] = batch) -> int:
                 now = self._db.clock.now()
@@ -726,7 +714,7 @@ class Sources:
     async def series_states(self, source_id: int, uids: Sequence[str]) -> dict[str, SeriesState]:
         """State of each of `uids` the catalog holds for the source (absent: unknown)."""
         found: dict[str, SeriesState] = {}
-        for batch in _batches(list(dict.fromkeys(uids))):
+        for batch in batches(list(dict.fromkeys(uids))):
 
             async def op(conn: AsyncConnection, batch: list[str] = batch) -> dict[str, SeriesState]:
                 rows = await conn.execute(
