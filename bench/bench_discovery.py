@@ -96,7 +96,7 @@ async def run(n: int, path: Path) -> None:
     url = f"sqlite+aiosqlite:///{path}"
     source = SourceSettings(name="bench", url="http://127.0.0.1:1/nbia-api/")
     catalog = await Catalog.open(url)
-    source_id = await catalog.ensure_source(source)
+    source_id = await catalog.sources.ensure_source(source)
     await catalog.close()
 
     start = time.perf_counter()
@@ -137,22 +137,26 @@ async def run(n: int, path: Path) -> None:
         result = await timed(
             "upsert 2,000 changed + 1,000 new",
             results,
-            catalog.upsert_series(source_id, changed + new),
+            catalog.sources.upsert_series(source_id, changed + new),
         )
         await timed(
             "upsert same 3,000 again (no change)",
             results,
-            catalog.upsert_series(source_id, changed + new),
+            catalog.sources.upsert_series(source_id, changed + new),
         )
         await timed(
-            "claim 8 (3,000 queued)", results, catalog.claim("bench", limit=8, lease_seconds=60)
+            "claim 8 (3,000 queued)",
+            results,
+            catalog.queue.claim("bench", limit=8, lease_seconds=60),
         )
-        while await catalog.claim("drain", limit=500, lease_seconds=600):
+        while await catalog.queue.claim("drain", limit=500, lease_seconds=600):
             pass
         await timed(
-            "claim 8 (nothing ready)", results, catalog.claim("bench", limit=8, lease_seconds=60)
+            "claim 8 (nothing ready)",
+            results,
+            catalog.queue.claim("bench", limit=8, lease_seconds=60),
         )
-        await timed("next_ready_at", results, catalog.next_ready_at())
+        await timed("next_ready_at", results, catalog.queue.next_ready_at())
         await timed("state_counts", results, catalog.state_counts())
     finally:
         await catalog.close()

@@ -343,7 +343,7 @@ def _run_pass_command(
     async def job(stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
         try:
-            with terminal_progress(files_total=catalog.planned_files) as progress:
+            with terminal_progress(files_total=catalog.queue.planned_files) as progress:
                 report = await run_pass(
                     settings,
                     catalog,
@@ -388,7 +388,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     source = settings.sources[0]
 
     async def after(catalog: Catalog) -> int:
-        states = await catalog.series_states(await catalog.ensure_source(source), uids)
+        states = await catalog.sources.series_states(
+            await catalog.sources.ensure_source(source), uids
+        )
         unknown = [u for u in uids if u not in states]
         for uid in unknown:
             print(f"unknown: {uid}", flush=True)
@@ -522,7 +524,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             )
             if args.repair:
                 damaged = report.damaged_series()
-                queued = await catalog.requeue_done(
+                queued = await catalog.queue.requeue_done(
                     damaged, "verify --repair: a file was missing or differed"
                 )
                 print(
@@ -570,7 +572,7 @@ def cmd_add_manifest(args: argparse.Namespace) -> int:
     async def job(_stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
         try:
-            source_id = await catalog.ensure_source(source)
+            source_id = await catalog.sources.ensure_source(source)
             try:
                 async with NbiaClient(source, settings.transfer) as client:
                     report = await add_manifest(catalog, client, source_id, manifest.series_uids)
@@ -632,7 +634,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
     async def job(_stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
         try:
-            count = await catalog.retry_failed()
+            count = await catalog.queue.retry_failed()
         finally:
             await catalog.close()
         print(f"retry-failed: {count} series queued again; run `nbia-sync sync`")

@@ -173,7 +173,7 @@ class _Pass:
                 released = _as_utc(s.date_released)
                 self.newest = released if self.newest is None else max(self.newest, released)
         if kept:
-            stored = await self.catalog.upsert_series(self.source_id, kept, self.listing)
+            stored = await self.catalog.sources.upsert_series(self.source_id, kept, self.listing)
             # Not `self.result += await ...`: that reads self.result before the await and
             # would drop the counts of collections stored concurrently.
             self.result = self.result + stored
@@ -196,14 +196,14 @@ class _Pass:
         return await self.query(series(collection=collection))
 
     async def full_listing(self, collections: Sequence[str]) -> None:
-        await self.catalog.record_collections(self.source_id, collections)
+        await self.catalog.sources.record_collections(self.source_id, collections)
 
         async def one(collection: str) -> None:
             # Stored collection by collection: a full listing of the whole archive is
             # never held in memory at once.
             listed = await self.list_collection(collection)
             await self.store(listed)
-            held = await self.catalog.held_in_collection(
+            held = await self.catalog.sources.held_in_collection(
                 self.source_id, collection, sorted(self.source.patients)
             )
             absent = held - {s.series_uid for s in listed}
@@ -245,7 +245,7 @@ class _Pass:
                     "nbia-sync sync --full --allow-mass-withdrawal",
                 )
                 continue
-            count = await self.catalog.withdraw(self.source_id, collection, sorted(absent))
+            count = await self.catalog.sources.withdraw(self.source_id, collection, sorted(absent))
             if count:
                 log.warning(
                     "discovery.withdrawn",
@@ -264,7 +264,7 @@ class _Pass:
         if since is not None:
             updated = await self.query(self.client.updated_series(since))
             await self.store(s for s in updated if s.series_uid in wanted)
-            known = await self.catalog.series_states(self.source_id, uids)
+            known = await self.catalog.sources.series_states(self.source_id, uids)
             lookup = [u for u in uids if u not in known]
         found = await _lookup(self.client, lookup)
         returned = {s.series_uid for s in found}
@@ -276,11 +276,13 @@ class _Pass:
                 count=len(self.unknown),
                 first=self.unknown[0],
             )
-        await self.catalog.record_collections(self.source_id, sorted({s.collection for s in found}))
+        await self.catalog.sources.record_collections(
+            self.source_id, sorted({s.collection for s in found})
+        )
         await self.store(found)
 
     async def increments(self, collections: Sequence[str], since: date) -> None:
-        known = {c.casefold() for c in await self.catalog.known_collections(self.source_id)}
+        known = {c.casefold() for c in await self.catalog.sources.known_collections(self.source_id)}
         fresh = [c for c in collections if c.casefold() not in known]
         if fresh:
             log.info("discovery.new_collections", source=self.source.name, collections=fresh)
@@ -306,9 +308,9 @@ class _Pass:
         patients = [p for p in self.usable(patients) if self.filter.patient(p.patient_id)]
         studies = [s for s in self.usable(studies) if self.filter.patient(s.patient_id)]
         if patients:
-            await self.catalog.record_patients(self.source_id, patients)
+            await self.catalog.sources.record_patients(self.source_id, patients)
         if studies:
-            await self.catalog.record_studies(self.source_id, studies)
+            await self.catalog.sources.record_studies(self.source_id, studies)
         # A new patient's listing covers its new studies: ask for each thing once.
         listed = {p.patient_id for p in patients}
         series = self.client.series
@@ -420,7 +422,7 @@ async def _discover_once(
     full_listing: bool,
 ) -> DiscoveryReport:
     started = datetime.now(UTC)
-    watermark = _not_after(await catalog.get_watermark(source_id), started)
+    watermark = _not_after(await catalog.sources.get_watermark(source_id), started)
     if watermark is not None and watermark < EARLIEST_RELEASE:
         # Stored before absurd dates were ignored (api/_records.py): list in full instead
         # of doing arithmetic on year 1.
@@ -428,7 +430,9 @@ async def _discover_once(
     full = (
         full_listing
         or options.full
-        or _full_listing_due(watermark, await catalog.last_full_listing_at(source_id), schedule)
+        or _full_listing_due(
+            watermark, await catalog.sources.last_full_listing_at(source_id), schedule
+        )
     )
     work = _Pass(catalog, client, source, source_id)
     since = None
@@ -446,7 +450,7 @@ async def _discover_once(
     await client.confirm()  # before anything trusts an empty answer
     # Conflicts are judged, and released, only on a listing of whole collections.
     work.listing.full = listed
-    work.result = work.result + await catalog.finish_listing(source_id, work.listing)
+    work.result = work.result + await catalog.sources.finish_listing(source_id, work.listing)
     if listed:  # after the moves: a series moved to another collection is not withdrawn
         withdrawn, held_back = await work.withdraw_absent(options)
     # Only now, with every batch committed, may the watermark move forward.
@@ -454,7 +458,7 @@ async def _discover_once(
         work.newest if watermark is None or work.newest is None else max(watermark, work.newest)
     )
     newest = _not_after(newest, started)
-    await catalog.set_watermark(source_id, newest, full_listing=full)
+    await catalog.sources.set_watermark(source_id, newest, full_listing=full)
     report = DiscoveryReport(
         new=work.result.new,
         changed=work.result.changed,
@@ -541,8 +545,8 @@ async def add_manifest(
     unknown = tuple(u for u in uids if u not in known)
     if unknown:
         log.warning("discovery.manifest_unknown", count=len(unknown), first=unknown[0])
-    await catalog.record_collections(source_id, sorted({s.collection for s in found}))
-    result = await catalog.upsert_series(source_id, found) if found else UpsertResult()
+    await catalog.sources.record_collections(source_id, sorted({s.collection for s in found}))
+    result = await catalog.sources.upsert_series(source_id, found) if found else UpsertResult()
     return DiscoveryReport(
         new=result.new,
         changed=result.changed,

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from nbia_sync.catalog.models import SeriesState
-from nbia_sync.catalog.operations import WithdrawnInfo
-from nbia_sync.catalog.records import FailureInfo, RunInfo, WorkerInfo
+from nbia_sync.catalog.records import FailureInfo
 from nbia_sync.config import Settings, stale_after
 from nbia_sync.errors import MirrorRootError
+
+if TYPE_CHECKING:
+    from nbia_sync.catalog.fleet import Fleet
+    from nbia_sync.catalog.sources import Sources
 
 
 class StatusSource(Protocol):
     @property
     def description(self) -> str: ...
+    @property
+    def fleet(self) -> Fleet: ...
+    @property
+    def sources(self) -> Sources: ...
     async def state_counts(self) -> dict[SeriesState, tuple[int, int]]: ...
-    async def last_run(self) -> RunInfo | None: ...
     async def failures(self, limit: int = 50) -> list[FailureInfo]: ...
     async def unverified_files(self) -> tuple[int, int]: ...
-    async def workers(self) -> list[WorkerInfo]: ...
-    async def withdrawn(self) -> list[WithdrawnInfo]: ...
 
 
 def require_catalog(settings: Settings) -> None:
@@ -68,7 +72,7 @@ async def collect_status(
 ) -> dict[str, Any]:
     """The status as plain JSON types (the `status --json` document)."""
     counts = await catalog.state_counts()
-    run = await catalog.last_run()
+    run = await catalog.fleet.last_run()
     unverified_series, unverified_files = await catalog.unverified_files()
     limit = stale_after(settings)
     return {
@@ -119,9 +123,9 @@ async def collect_status(
                 "heartbeat_age": round(w.heartbeat_age, 1),
                 "in_flight": w.in_flight,
                 # Stale: no heartbeat for as long as a lease lasts: the process is gone.
-                "alive": w.heartbeat_age < limit,
+                "alive": w.is_live(limit),
             }
-            for w in await catalog.workers()
+            for w in await catalog.fleet.workers()
         ],
         "withdrawn": [
             {
@@ -131,7 +135,7 @@ async def collect_status(
                 "withdrawn_at": _iso(w.withdrawn_at),
                 "files_deleted": w.files_deleted,
             }
-            for w in await catalog.withdrawn()
+            for w in await catalog.sources.withdrawn()
         ],
     }
 

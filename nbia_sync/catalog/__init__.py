@@ -12,7 +12,7 @@ from nbia_sync.catalog.records import (
     WorkerInfo,
 )
 from nbia_sync.catalog.repository import Catalog
-from nbia_sync.catalog.upsert import Listing
+from nbia_sync.catalog.sources import Listing
 
 __all__ = [
     "BatchPlacement",

@@ -30,7 +30,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class Base(DeclarativeBase):
@@ -179,10 +179,6 @@ class Series(Base):
     discovered_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
     updated_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
 
-    instances: Mapped[list[Instance]] = relationship(
-        back_populates="series", cascade="all, delete-orphan", passive_deletes=True
-    )
-
 
 class Instance(Base):
     __tablename__ = "instances"
@@ -196,8 +192,6 @@ class Instance(Base):
     md5: Mapped[str] = mapped_column(String(32))
     size: Mapped[int] = mapped_column(BigInteger)
     path: Mapped[str] = mapped_column(Text)  # relative to the mirror root
-
-    series: Mapped[Series] = relationship(back_populates="instances")
 
 
 class SyncRun(Base):

@@ -1,4 +1,5 @@
-"""The work queue over the series table: claim, heartbeat, place, fail, release.
+"""`Queue`: the work queue over the series table (`catalog.queue`): claim, heartbeat,
+place, fail, release.
 
 A claim is a lease (owner + expiry) on a series *generation*. Everything that ends a
 lease re-checks, under a row lock, that the lease is still ours and the generation
@@ -11,11 +12,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Collection, Sequence
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     Select,
-    Table,
     and_,
     bindparam,
     case,
@@ -29,14 +29,12 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.catalog.db import Database
-from nbia_sync.catalog.models import Instance, Series, SeriesState, Source
+from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.records import Claim, InstanceRecord
+from nbia_sync.catalog.tables import INSTANCES, SERIES, SOURCES, batches
 from nbia_sync.errors import CatalogError
 from nbia_sync.redaction import redact_text
 
-SERIES = cast(Table, Series.__table__)
-SOURCES = cast(Table, Source.__table__)
-INSTANCES = cast(Table, Instance.__table__)
 MAX_ERROR_CHARS = 2000
 
 _CLAIM_COLUMNS = (
@@ -147,23 +145,6 @@ async def _source_names(
     return cache
 
 
-async def claim(
-    db: Database,
-    owner: str,
-    *,
-    limit: int,
-    lease_seconds: float,
-    source_ids: Collection[int] | None = None,
-) -> list[Claim]:
-    if limit <= 0:
-        return []
-
-    async def op(conn: AsyncConnection) -> list[Claim]:
-        return await _claim_in(conn, db, owner, limit, lease_seconds, source_ids)
-
-    return await db.run_write(op)
-
-
 async def _claim_in(
     conn: AsyncConnection,
     db: Database,
@@ -254,56 +235,6 @@ def _owned(series_id: int, owner: str) -> Any:
     )
 
 
-async def heartbeat(
-    db: Database, owner: str, series_ids: Collection[int], lease_seconds: float
-) -> set[int]:
-    """Extend our leases on ``series_ids``; the ids still ours (the others are lost).
-
-    Never waits for a row lock on PostgreSQL: a row another transaction holds (our own
-    group commit placing it, typically, which keeps its rows locked across renames and
-    directory fsyncs) is skipped, not queued behind; a heartbeat that waited there would
-    stop renewing every other in-flight lease for as long as the placement lasts. A
-    skipped row counts as held if its last committed state is ours: the lock holder is
-    finishing it, or it is re-checked on the next beat (and every placement re-checks
-    ownership under the row lock anyway). SQLite has no row locks: one writer at a time.
-    """
-    if not series_ids:
-        return set()
-    ids = list(series_ids)
-    mine = and_(
-        SERIES.c.id.in_(ids),
-        SERIES.c.state == SeriesState.DOWNLOADING,
-        SERIES.c.lease_owner == owner,
-    )
-
-    async def op(conn: AsyncConnection) -> set[int]:
-        expires = db.clock.now() + timedelta(seconds=lease_seconds)
-        if conn.dialect.name == "sqlite":
-            result = await conn.execute(
-                update(SERIES).where(mine).values(lease_expires_at=expires).returning(SERIES.c.id)
-            )
-            return set(result.scalars())
-        free = select(SERIES.c.id).where(mine).with_for_update(skip_locked=True)
-        result = await conn.execute(
-            update(SERIES)
-            .where(SERIES.c.id.in_(free.scalar_subquery()))
-            .values(lease_expires_at=expires)
-            .returning(SERIES.c.id)
-        )
-        held = set(result.scalars())
-        if len(held) < len(ids):
-            # A plain read never waits on row locks: rows locked by someone else, as
-            # last committed.
-            held.update(
-                (
-                    await conn.execute(select(SERIES.c.id).where(mine, SERIES.c.id.not_in(held)))
-                ).scalars()
-            )
-        return held
-
-    return await db.run_write(op)
-
-
 async def _lock_owned_row(conn: AsyncConnection, claim: Claim, owner: str) -> Any:
     return (
         await conn.execute(
@@ -320,102 +251,6 @@ async def _requeue(conn: AsyncConnection, series_id: int, now: datetime) -> None
         .where(SERIES.c.id == series_id)
         .values(state=SeriesState.WANTED, next_try_at=None, updated_at=now, **_UNLEASED)
     )
-
-
-@contextlib.asynccontextmanager
-async def placing(db: Database, claim: Claim, owner: str) -> AsyncIterator[PlacementGuard]:
-    """`placing_many` for one series: hold its row while the caller renames its files.
-
-    Raises LeaseLostError before the block runs if the lease is gone or the series
-    changed on the archive (re-queued, committed). The block must call ``guard.done()``.
-    """
-    lost: LeaseLostError | None = None
-    async with placing_many(db, [claim], owner) as batch:
-        lost = batch.lost.get(claim.series_id)
-        if lost is None:
-            guard = PlacementGuard()
-            yield guard
-            if guard.instances is None or guard.placed_path is None:
-                raise CatalogError("placing block ended without guard.done(): nothing recorded")
-            batch.done(claim, guard.instances, guard.placed_path, guard.bytes, guard.unverified)
-    if lost is not None:
-        raise lost
-
-
-@contextlib.asynccontextmanager
-async def placing_many(
-    db: Database,
-    claims: Sequence[Claim],
-    owner: str,
-    *,
-    claim_next: int = 0,
-    lease_seconds: float = 0.0,
-    source_ids: Collection[int] | None = None,
-) -> AsyncIterator[BatchPlacement]:
-    """`placing` for several series in one transaction (a group commit).
-
-    One locking read checks every lease and generation; the caller renames the held
-    series into the mirror inside the block, and every ``done()`` is recorded with a few
-    multi-row statements before the one commit. A lost lease or a changed series affects
-    only that series (reported in ``lost``), never the others. If the block raises, the
-    whole transaction rolls back (re-queues included), as with `placing`.
-
-    ``claim_next``: also `claim` up to that many series (``lease_seconds``,
-    ``source_ids`` as there) in the same transaction, for the workers this placement
-    frees; they are in ``claimed`` after the block. Saves a transaction per batch.
-    """
-    async with db.catalog_errors(), db.write() as conn:
-        ids = sorted({c.series_id for c in claims})
-        generations: dict[int, int] = {}
-        if ids:
-            rows = await conn.execute(
-                select(SERIES.c.id, SERIES.c.generation)
-                .where(
-                    SERIES.c.id.in_(ids),
-                    SERIES.c.state == SeriesState.DOWNLOADING,
-                    SERIES.c.lease_owner == owner,
-                )
-                .order_by(SERIES.c.id)  # one lock order for every placer (PostgreSQL)
-                .with_for_update()
-            )
-            generations = {int(r.id): int(r.generation) for r in rows}
-        held: list[Claim] = []
-        lost: dict[int, LeaseLostError] = {}
-        changed: list[int] = []
-        for c in claims:
-            gen = generations.get(c.series_id)
-            if gen is None:
-                lost[c.series_id] = LeaseLostError(
-                    f"series {c.series_uid}: lease no longer held by this worker"
-                )
-            elif gen != c.generation:
-                changed.append(c.series_id)
-                lost[c.series_id] = LeaseLostError(
-                    f"series {c.series_uid}: changed on the archive; re-queued"
-                )
-            else:
-                held.append(c)
-        if changed:
-            await conn.execute(
-                update(SERIES)
-                .where(SERIES.c.id.in_(changed))
-                .values(
-                    state=SeriesState.WANTED,
-                    next_try_at=None,
-                    updated_at=db.clock.now(),
-                    **_UNLEASED,
-                )
-            )
-        batch = BatchPlacement(held, lost)
-        yield batch
-        if batch.placed:
-            await _complete_many(conn, list(batch.placed.values()), db.clock.now())
-        claimed = (
-            await _claim_in(conn, db, owner, claim_next, lease_seconds, source_ids)
-            if claim_next > 0
-            else []
-        )
-    batch.claimed = claimed  # only now: a rolled-back claim must never be handed out
 
 
 async def _complete_many(
@@ -467,135 +302,343 @@ async def _complete_many(
         await conn.execute(insert(INSTANCES), rows)
 
 
-async def fail(
-    db: Database,
-    claim: Claim,
-    owner: str,
-    *,
-    error: str,
-    retryable: bool,
-    max_attempts: int,
-    delay: float,
-) -> SeriesState:
-    """Count a failed attempt; the state the series ends in (unchanged if not ours)."""
-
-    async def op(conn: AsyncConnection) -> SeriesState:
-        row = await _lock_owned_row(conn, claim, owner)
-        if row is None:
-            current = await conn.scalar(
-                select(SERIES.c.state).where(SERIES.c.id == claim.series_id)
-            )
-            return SeriesState(current) if current is not None else SeriesState.WANTED
-        if row.generation != claim.generation:
-            # A failure fetching a version that no longer exists says nothing about the new one.
-            await _requeue(conn, claim.series_id, db.clock.now())
-            return SeriesState.WANTED
-        now = db.clock.now()
-        attempts = row.attempts + 1
-        give_up = not retryable or attempts >= max_attempts
-        state = SeriesState.FAILED if give_up else SeriesState.PENDING
-        await conn.execute(
-            update(SERIES)
-            .where(SERIES.c.id == claim.series_id)
-            .values(
-                state=state,
-                attempts=attempts,
-                last_error=redact_text(error)[:MAX_ERROR_CHARS],  # before cutting: no fragments
-                next_try_at=None if give_up else now + _retry_delay(delay),
-                updated_at=now,
-                **_UNLEASED,
-            )
-        )
-        return state
-
-    return await db.run_write(op)
-
-
 def _retry_delay(seconds: float) -> timedelta:
     # Clamped (and NaN-proof): a delay from a hostile Retry-After must not overflow datetime.
     return timedelta(seconds=min(max(0.0, seconds), 366 * 24 * 3600.0))
 
 
-async def release(db: Database, claim: Claim, owner: str) -> bool:
-    """Give a series back without counting an attempt; False if it was not ours."""
+class Queue:
+    """The work queue: claims are leases on series generations (see the module doc)."""
 
-    async def op(conn: AsyncConnection) -> bool:
-        result = await conn.execute(
-            update(SERIES)
-            .where(_owned(claim.series_id, owner))
-            .values(
-                state=SeriesState.WANTED, next_try_at=None, updated_at=db.clock.now(), **_UNLEASED
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def claim(
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        source_ids: Collection[int] | None = None,
+    ) -> list[Claim]:
+        if limit <= 0:
+            return []
+
+        async def op(conn: AsyncConnection) -> list[Claim]:
+            return await _claim_in(conn, self._db, owner, limit, lease_seconds, source_ids)
+
+        return await self._db.run_write(op)
+
+    async def heartbeat(
+        self, owner: str, series_ids: Collection[int], lease_seconds: float
+    ) -> set[int]:
+        """Extend our leases on ``series_ids``; the ids still ours (the others are lost).
+
+        Never waits for a row lock on PostgreSQL: a row another transaction holds (our own
+        group commit placing it, typically, which keeps its rows locked across renames and
+        directory fsyncs) is skipped, not queued behind; a heartbeat that waited there would
+        stop renewing every other in-flight lease for as long as the placement lasts. A
+        skipped row counts as held if its last committed state is ours: the lock holder is
+        finishing it, or it is re-checked on the next beat (and every placement re-checks
+        ownership under the row lock anyway). SQLite has no row locks: one writer at a time.
+        """
+        if not series_ids:
+            return set()
+        ids = list(series_ids)
+        mine = and_(
+            SERIES.c.id.in_(ids),
+            SERIES.c.state == SeriesState.DOWNLOADING,
+            SERIES.c.lease_owner == owner,
+        )
+
+        async def op(conn: AsyncConnection) -> set[int]:
+            expires = self._db.clock.now() + timedelta(seconds=lease_seconds)
+            if conn.dialect.name == "sqlite":
+                result = await conn.execute(
+                    update(SERIES)
+                    .where(mine)
+                    .values(lease_expires_at=expires)
+                    .returning(SERIES.c.id)
+                )
+                return set(result.scalars())
+            free = select(SERIES.c.id).where(mine).with_for_update(skip_locked=True)
+            result = await conn.execute(
+                update(SERIES)
+                .where(SERIES.c.id.in_(free.scalar_subquery()))
+                .values(lease_expires_at=expires)
+                .returning(SERIES.c.id)
             )
-        )
-        return result.rowcount > 0
+            held = set(result.scalars())
+            if len(held) < len(ids):
+                # A plain read never waits on row locks: rows locked by someone else, as
+                # last committed.
+                held.update(
+                    (
+                        await conn.execute(
+                            select(SERIES.c.id).where(mine, SERIES.c.id.not_in(held))
+                        )
+                    ).scalars()
+                )
+            return held
 
-    return await db.run_write(op)
+        return await self._db.run_write(op)
 
+    @contextlib.asynccontextmanager
+    async def placing(self, claim: Claim, owner: str) -> AsyncIterator[PlacementGuard]:
+        """`placing_many` for one series: hold its row while the caller renames its files.
 
-async def release_leases(db: Database, owner: str) -> int:
-    async def op(conn: AsyncConnection) -> int:
-        result = await conn.execute(
-            update(SERIES)
-            .where(SERIES.c.state == SeriesState.DOWNLOADING, SERIES.c.lease_owner == owner)
-            .values(
-                state=SeriesState.WANTED, next_try_at=None, updated_at=db.clock.now(), **_UNLEASED
-            )
-        )
-        return int(result.rowcount)
+        Raises LeaseLostError before the block runs if the lease is gone or the series
+        changed on the archive (re-queued, committed). The block must call ``guard.done()``.
+        """
+        lost: LeaseLostError | None = None
+        async with self.placing_many([claim], owner) as batch:
+            lost = batch.lost.get(claim.series_id)
+            if lost is None:
+                guard = PlacementGuard()
+                yield guard
+                if guard.instances is None or guard.placed_path is None:
+                    raise CatalogError("placing block ended without guard.done(): nothing recorded")
+                batch.done(claim, guard.instances, guard.placed_path, guard.bytes, guard.unverified)
+        if lost is not None:
+            raise lost
 
-    return await db.run_write(op)
+    @contextlib.asynccontextmanager
+    async def placing_many(
+        self,
+        claims: Sequence[Claim],
+        owner: str,
+        *,
+        claim_next: int = 0,
+        lease_seconds: float = 0.0,
+        source_ids: Collection[int] | None = None,
+    ) -> AsyncIterator[BatchPlacement]:
+        """`placing` for several series in one transaction (a group commit).
 
+        One locking read checks every lease and generation; the caller renames the held
+        series into the mirror inside the block, and every ``done()`` is recorded with a few
+        multi-row statements before the one commit. A lost lease or a changed series affects
+        only that series (reported in ``lost``), never the others. If the block raises, the
+        whole transaction rolls back (re-queues included), as with `placing`.
 
-async def retry_failed(db: Database, source_id: int | None = None) -> int:
-    async def op(conn: AsyncConnection) -> int:
-        stmt = update(SERIES).where(SERIES.c.state == SeriesState.FAILED)
-        if source_id is not None:
-            stmt = stmt.where(SERIES.c.source_id == source_id)
-        result = await conn.execute(
-            stmt.values(
-                state=SeriesState.WANTED,
-                attempts=0,
-                next_try_at=None,
-                last_error=None,
-                updated_at=db.clock.now(),
-            )
-        )
-        return int(result.rowcount)
-
-    return await db.run_write(op)
-
-
-async def next_ready_at(db: Database, source_ids: Collection[int] | None = None) -> datetime | None:
-    """When more work becomes claimable: now if any is wanted; None if nothing is left."""
-
-    async def op(conn: AsyncConnection) -> datetime | None:
-        def scoped(query: Select[Any]) -> Select[Any]:
-            if source_ids is None:
-                return query
-            return query.where(SERIES.c.source_id.in_(list(source_ids)))
-
-        wanted = await conn.scalar(
-            scoped(select(SERIES.c.id).where(SERIES.c.state == SeriesState.WANTED).limit(1))
-        )
-        if wanted is not None:
-            return db.clock.now()
-        times = [
-            await conn.scalar(
-                scoped(
-                    select(func.min(SERIES.c.next_try_at)).where(
-                        SERIES.c.state == SeriesState.PENDING
+        ``claim_next``: also `claim` up to that many series (``lease_seconds``,
+        ``source_ids`` as there) in the same transaction, for the workers this placement
+        frees; they are in ``claimed`` after the block. Saves a transaction per batch.
+        """
+        async with self._db.catalog_errors(), self._db.write() as conn:
+            ids = sorted({c.series_id for c in claims})
+            generations: dict[int, int] = {}
+            if ids:
+                rows = await conn.execute(
+                    select(SERIES.c.id, SERIES.c.generation)
+                    .where(
+                        SERIES.c.id.in_(ids),
+                        SERIES.c.state == SeriesState.DOWNLOADING,
+                        SERIES.c.lease_owner == owner,
+                    )
+                    .order_by(SERIES.c.id)  # one lock order for every placer (PostgreSQL)
+                    .with_for_update()
+                )
+                generations = {int(r.id): int(r.generation) for r in rows}
+            held: list[Claim] = []
+            lost: dict[int, LeaseLostError] = {}
+            changed: list[int] = []
+            for c in claims:
+                gen = generations.get(c.series_id)
+                if gen is None:
+                    lost[c.series_id] = LeaseLostError(
+                        f"series {c.series_uid}: lease no longer held by this worker"
+                    )
+                elif gen != c.generation:
+                    changed.append(c.series_id)
+                    lost[c.series_id] = LeaseLostError(
+                        f"series {c.series_uid}: changed on the archive; re-queued"
+                    )
+                else:
+                    held.append(c)
+            if changed:
+                await conn.execute(
+                    update(SERIES)
+                    .where(SERIES.c.id.in_(changed))
+                    .values(
+                        state=SeriesState.WANTED,
+                        next_try_at=None,
+                        updated_at=self._db.clock.now(),
+                        **_UNLEASED,
                     )
                 )
-            ),
-            await conn.scalar(
-                scoped(
-                    select(func.min(SERIES.c.lease_expires_at)).where(
-                        SERIES.c.state == SeriesState.DOWNLOADING
+            batch = BatchPlacement(held, lost)
+            yield batch
+            if batch.placed:
+                await _complete_many(conn, list(batch.placed.values()), self._db.clock.now())
+            claimed = (
+                await _claim_in(conn, self._db, owner, claim_next, lease_seconds, source_ids)
+                if claim_next > 0
+                else []
+            )
+        batch.claimed = claimed  # only now: a rolled-back claim must never be handed out
+
+    async def fail(
+        self,
+        claim: Claim,
+        owner: str,
+        *,
+        error: str,
+        retryable: bool,
+        max_attempts: int,
+        delay: float,
+    ) -> SeriesState:
+        """Count a failed attempt; the state the series ends in (unchanged if not ours)."""
+
+        async def op(conn: AsyncConnection) -> SeriesState:
+            row = await _lock_owned_row(conn, claim, owner)
+            if row is None:
+                current = await conn.scalar(
+                    select(SERIES.c.state).where(SERIES.c.id == claim.series_id)
+                )
+                return SeriesState(current) if current is not None else SeriesState.WANTED
+            if row.generation != claim.generation:
+                # A failure fetching a version that no longer exists says nothing about the new one.
+                await _requeue(conn, claim.series_id, self._db.clock.now())
+                return SeriesState.WANTED
+            now = self._db.clock.now()
+            attempts = row.attempts + 1
+            give_up = not retryable or attempts >= max_attempts
+            state = SeriesState.FAILED if give_up else SeriesState.PENDING
+            await conn.execute(
+                update(SERIES)
+                .where(SERIES.c.id == claim.series_id)
+                .values(
+                    state=state,
+                    attempts=attempts,
+                    last_error=redact_text(error)[:MAX_ERROR_CHARS],  # before cutting: no fragments
+                    next_try_at=None if give_up else now + _retry_delay(delay),
+                    updated_at=now,
+                    **_UNLEASED,
+                )
+            )
+            return state
+
+        return await self._db.run_write(op)
+
+    async def release(self, claim: Claim, owner: str) -> bool:
+        """Give a series back without counting an attempt; False if it was not ours."""
+
+        async def op(conn: AsyncConnection) -> bool:
+            result = await conn.execute(
+                update(SERIES)
+                .where(_owned(claim.series_id, owner))
+                .values(
+                    state=SeriesState.WANTED,
+                    next_try_at=None,
+                    updated_at=self._db.clock.now(),
+                    **_UNLEASED,
+                )
+            )
+            return result.rowcount > 0
+
+        return await self._db.run_write(op)
+
+    async def release_leases(self, owner: str) -> int:
+        async def op(conn: AsyncConnection) -> int:
+            result = await conn.execute(
+                update(SERIES)
+                .where(SERIES.c.state == SeriesState.DOWNLOADING, SERIES.c.lease_owner == owner)
+                .values(
+                    state=SeriesState.WANTED,
+                    next_try_at=None,
+                    updated_at=self._db.clock.now(),
+                    **_UNLEASED,
+                )
+            )
+            return int(result.rowcount)
+
+        return await self._db.run_write(op)
+
+    async def retry_failed(self, source_id: int | None = None) -> int:
+        async def op(conn: AsyncConnection) -> int:
+            stmt = update(SERIES).where(SERIES.c.state == SeriesState.FAILED)
+            if source_id is not None:
+                stmt = stmt.where(SERIES.c.source_id == source_id)
+            result = await conn.execute(
+                stmt.values(
+                    state=SeriesState.WANTED,
+                    attempts=0,
+                    next_try_at=None,
+                    last_error=None,
+                    updated_at=self._db.clock.now(),
+                )
+            )
+            return int(result.rowcount)
+
+        return await self._db.run_write(op)
+
+    async def next_ready_at(self, source_ids: Collection[int] | None = None) -> datetime | None:
+        """When more work becomes claimable: now if any is wanted; None if nothing is left."""
+
+        async def op(conn: AsyncConnection) -> datetime | None:
+            def scoped(query: Select[Any]) -> Select[Any]:
+                if source_ids is None:
+                    return query
+                return query.where(SERIES.c.source_id.in_(list(source_ids)))
+
+            wanted = await conn.scalar(
+                scoped(select(SERIES.c.id).where(SERIES.c.state == SeriesState.WANTED).limit(1))
+            )
+            if wanted is not None:
+                return self._db.clock.now()
+            times = [
+                await conn.scalar(
+                    scoped(
+                        select(func.min(SERIES.c.next_try_at)).where(
+                            SERIES.c.state == SeriesState.PENDING
+                        )
+                    )
+                ),
+                await conn.scalar(
+                    scoped(
+                        select(func.min(SERIES.c.lease_expires_at)).where(
+                            SERIES.c.state == SeriesState.DOWNLOADING
+                        )
+                    )
+                ),
+            ]
+            found = [t for t in times if t is not None]
+            return min(found) if found else None
+
+        return await self._db.run_read(op)
+
+    async def requeue_done(self, uids: Sequence[str], reason: str) -> int:
+        """Queue placed series again (verify --repair): the next pass downloads them afresh
+        and places them over the damaged copy."""
+        total = 0
+        for batch in batches(sorted(set(uids))):
+
+            async def op(conn: AsyncConnection, batch: list[str] = batch) -> int:
+                result = await conn.execute(
+                    update(SERIES)
+                    .where(SERIES.c.series_uid.in_(batch), SERIES.c.state == SeriesState.DONE)
+                    .values(
+                        state=SeriesState.WANTED,
+                        attempts=0,
+                        next_try_at=None,
+                        last_error=reason,
+                        updated_at=self._db.clock.now(),
                     )
                 )
-            ),
-        ]
-        found = [t for t in times if t is not None]
-        return min(found) if found else None
+                return int(result.rowcount)
 
-    return await db.run_read(op)
+            total += await self._db.run_write(op)
+        return total
+
+    async def planned_files(self) -> int:
+        """Files the queue's series hold, by the archive's image counts (progress totals)."""
+
+        async def op(conn: AsyncConnection) -> int:
+            total = await conn.scalar(
+                select(func.coalesce(func.sum(SERIES.c.image_count), 0)).where(
+                    SERIES.c.state.in_([SeriesState.WANTED, SeriesState.PENDING])
+                )
+            )
+            return int(total or 0)
+
+        return await self._db.run_read(op)

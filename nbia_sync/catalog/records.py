@@ -100,3 +100,24 @@ class WorkerInfo:
     heartbeat_at: datetime
     heartbeat_age: float  # seconds since the last heartbeat
     in_flight: int  # series this worker holds a lease on
+
+    def is_live(self, stale_after: float) -> bool:
+        """Heartbeated within `stale_after` seconds (config.stale_after): past that the
+        process is gone and its leases have run out."""
+        return self.heartbeat_age < stale_after
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawnInfo:
+    series_uid: str
+    source_name: str
+    collection: str
+    withdrawn_at: datetime | None
+    files_deleted: bool  # its files left the mirror (on_withdrawn = "delete")
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedWithdrawn:
+    series_id: int
+    series_uid: str
+    placed_path: str

@@ -1,49 +1,36 @@
-"""`Catalog`: the one object the rest of nbia-sync uses to read and change the catalog.
+"""`Catalog`: the one object the rest of nbia-sync opens to read and change the catalog.
 
-A façade: the SQL lives in upsert.py (discovery results), queue.py (the work queue) and
-fleet.py (runs, workers, locks); this module adds sources, reports and opening/closing.
-Every method is one short transaction (or a few, for batches) and never spans network I/O.
+It exposes its parts, each bound to the same Database: `catalog.sources` (what each
+source lists: sources.py), `catalog.queue` (the work queue: queue.py) and
+`catalog.fleet` (runs, workers, locks, membership: fleet.py). This module keeps opening
+and closing, the clock and the whole-catalog reports. Every method is one short
+transaction (or a few, for batches) and never spans network I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import AbstractAsyncContextManager
-from datetime import datetime
+from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Self
 
 import structlog
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from nbia_sync.api.models import PatientInfo, SeriesInfo, StudyInfo
-from nbia_sync.catalog import fleet, migrate, operations, queue, upsert
+from nbia_sync.catalog import migrate
 from nbia_sync.catalog.db import Database, describe_url
-from nbia_sync.catalog.models import Collection as CollectionRow
-from nbia_sync.catalog.models import Instance, Series, SeriesState, Source
-from nbia_sync.catalog.operations import PlacedWithdrawn, WithdrawnInfo
-from nbia_sync.catalog.queue import BatchPlacement, PlacementGuard
-from nbia_sync.catalog.records import (
-    Claim,
-    FailureInfo,
-    InstanceRecord,
-    RunCounts,
-    RunInfo,
-    UpsertResult,
-    WorkerInfo,
-)
+from nbia_sync.catalog.fleet import Fleet
+from nbia_sync.catalog.models import SeriesState
+from nbia_sync.catalog.queue import Queue
+from nbia_sync.catalog.records import FailureInfo, InstanceRecord
+from nbia_sync.catalog.sources import Sources
+from nbia_sync.catalog.tables import INSTANCES, SERIES, SOURCES
 from nbia_sync.clock import SYSTEM_CLOCK, Clock
-from nbia_sync.config import SourceSettings
 from nbia_sync.errors import CatalogError
 
 log = structlog.get_logger(__name__)
 
-SOURCES = cast(Table, Source.__table__)
-SERIES = cast(Table, Series.__table__)
-INSTANCES = cast(Table, Instance.__table__)
-COLLECTIONS = cast(Table, CollectionRow.__table__)
 # Series per page when streaming done instances (one short read transaction each).
 _VERIFY_PAGE = 200
 
@@ -51,6 +38,9 @@ _VERIFY_PAGE = 200
 class Catalog:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self.sources = Sources(db)
+        self.queue = Queue(db)
+        self.fleet = Fleet(db, queue=self.queue, sources=self.sources)
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -94,201 +84,6 @@ class Catalog:
     @property
     def description(self) -> str:
         return describe_url(self._db.url)
-
-    # ---- sources ------------------------------------------------------------------------
-
-    async def ensure_source(self, source: SourceSettings) -> int:
-        """The source's id, creating its row (or updating its url/api) as needed."""
-
-        async def op(conn: AsyncConnection) -> int:
-            # Insert-if-absent first: fleet processes starting together must not collide.
-            await conn.execute(
-                upsert.insert_for(conn, SOURCES)
-                .values(name=source.name, url=source.url, api=source.api)
-                .on_conflict_do_nothing(index_elements=["name"])
-            )
-            row = (
-                await conn.execute(
-                    select(SOURCES.c.id, SOURCES.c.url, SOURCES.c.api).where(
-                        SOURCES.c.name == source.name
-                    )
-                )
-            ).one()
-            if (row.url, row.api) != (source.url, source.api):
-                await conn.execute(
-                    update(SOURCES)
-                    .where(SOURCES.c.id == row.id)
-                    .values(url=source.url, api=source.api)
-                )
-            return int(row.id)
-
-        return await self._db.run_write(op)
-
-    async def get_watermark(self, source_id: int) -> datetime | None:
-        return await self._source_column(source_id, SOURCES.c.watermark)
-
-    async def last_full_listing_at(self, source_id: int) -> datetime | None:
-        return await self._source_column(source_id, SOURCES.c.last_full_listing_at)
-
-    async def last_discovery_at(self, source_id: int) -> datetime | None:
-        """When a discovery of the source (by any process of the fleet) last committed."""
-        return await self._source_column(source_id, SOURCES.c.last_discovery_at)
-
-    async def _source_column(self, source_id: int, column: Any) -> datetime | None:
-        async def op(conn: AsyncConnection) -> datetime | None:
-            value = await conn.scalar(select(column).where(SOURCES.c.id == source_id))
-            return cast(datetime | None, value)
-
-        return await self._db.run_read(op)
-
-    async def set_watermark(
-        self, source_id: int, value: datetime | None, *, full_listing: bool = False
-    ) -> None:
-        """Record a committed discovery pass: its watermark (None keeps the old one)."""
-
-        async def op(conn: AsyncConnection) -> None:
-            now = self._db.clock.now()
-            values: dict[str, Any] = {"last_discovery_at": now}
-            if value is not None:
-                values["watermark"] = upsert.as_utc(value)
-            if full_listing:
-                values["last_full_listing_at"] = now
-            await conn.execute(update(SOURCES).where(SOURCES.c.id == source_id).values(**values))
-
-        await self._db.run_write(op)
-
-    # ---- discovery results --------------------------------------------------------------
-
-    async def record_collections(self, source_id: int, names: Collection[str]) -> None:
-        await upsert.record_collections(self._db, source_id, names)
-
-    async def known_collections(self, source_id: int) -> list[str]:
-        async def op(conn: AsyncConnection) -> list[str]:
-            rows = await conn.execute(
-                select(COLLECTIONS.c.name)
-                .where(COLLECTIONS.c.source_id == source_id)
-                .order_by(COLLECTIONS.c.name)
-            )
-            return [str(n) for n in rows.scalars()]
-
-        return await self._db.run_read(op)
-
-    async def record_patients(self, source_id: int, patients: list[PatientInfo]) -> None:
-        await upsert.record_patients(self._db, source_id, patients)
-
-    async def record_studies(self, source_id: int, studies: list[StudyInfo]) -> None:
-        await upsert.record_studies(self._db, source_id, studies)
-
-    async def upsert_series(
-        self, source_id: int, series: Sequence[SeriesInfo], listing: upsert.Listing | None = None
-    ) -> UpsertResult:
-        return await upsert.upsert_series(self._db, source_id, series, listing)
-
-    async def finish_listing(self, source_id: int, listing: upsert.Listing) -> UpsertResult:
-        """End a discovery pass: hold its identity conflicts, apply its moves."""
-        return await upsert.finish_listing(self._db, source_id, listing)
-
-    # ---- the work queue -----------------------------------------------------------------
-
-    async def claim(
-        self,
-        owner: str,
-        *,
-        limit: int,
-        lease_seconds: float,
-        source_ids: Collection[int] | None = None,
-    ) -> list[Claim]:
-        return await queue.claim(
-            self._db, owner, limit=limit, lease_seconds=lease_seconds, source_ids=source_ids
-        )
-
-    async def heartbeat(
-        self, owner: str, series_ids: Collection[int], lease_seconds: float
-    ) -> set[int]:
-        return await queue.heartbeat(self._db, owner, series_ids, lease_seconds)
-
-    def placing(self, claim: Claim, owner: str) -> AbstractAsyncContextManager[PlacementGuard]:
-        return queue.placing(self._db, claim, owner)
-
-    def placing_many(
-        self,
-        claims: Sequence[Claim],
-        owner: str,
-        *,
-        claim_next: int = 0,
-        lease_seconds: float = 0.0,
-        source_ids: Collection[int] | None = None,
-    ) -> AbstractAsyncContextManager[BatchPlacement]:
-        """`placing` for several series in one transaction, optionally claiming the
-        next ones in it too (see queue.placing_many)."""
-        return queue.placing_many(
-            self._db,
-            claims,
-            owner,
-            claim_next=claim_next,
-            lease_seconds=lease_seconds,
-            source_ids=source_ids,
-        )
-
-    async def fail(
-        self,
-        claim: Claim,
-        owner: str,
-        *,
-        error: str,
-        retryable: bool,
-        max_attempts: int,
-        delay: float,
-    ) -> SeriesState:
-        return await queue.fail(
-            self._db,
-            claim,
-            owner,
-            error=error,
-            retryable=retryable,
-            max_attempts=max_attempts,
-            delay=delay,
-        )
-
-    async def release(self, claim: Claim, owner: str) -> bool:
-        return await queue.release(self._db, claim, owner)
-
-    async def release_leases(self, owner: str) -> int:
-        return await queue.release_leases(self._db, owner)
-
-    async def retry_failed(self, source_id: int | None = None) -> int:
-        return await queue.retry_failed(self._db, source_id)
-
-    async def next_ready_at(self, source_ids: Collection[int] | None = None) -> datetime | None:
-        return await queue.next_ready_at(self._db, source_ids)
-
-    # ---- operator jobs: withdrawals, repairs, manifests (see operations.py) --------------
-
-    async def held_in_collection(
-        self, source_id: int, collection: str, patients: Collection[str] = ()
-    ) -> set[str]:
-        return await operations.held_in_collection(self._db, source_id, collection, patients)
-
-    async def withdraw(self, source_id: int, collection: str, uids: Sequence[str]) -> int:
-        return await operations.withdraw(self._db, source_id, collection, uids)
-
-    async def withdrawn(self) -> list[WithdrawnInfo]:
-        return await operations.withdrawn(self._db)
-
-    async def placed_withdrawn(self) -> list[PlacedWithdrawn]:
-        return await operations.placed_withdrawn(self._db)
-
-    async def forget_placement(self, series_id: int) -> bool:
-        return await operations.forget_placement(self._db, series_id)
-
-    async def requeue_done(self, uids: Sequence[str], reason: str) -> int:
-        return await operations.requeue_done(self._db, uids, reason)
-
-    async def series_states(self, source_id: int, uids: Sequence[str]) -> dict[str, SeriesState]:
-        return await operations.series_states(self._db, source_id, uids)
-
-    async def planned_files(self) -> int:
-        return await operations.planned_files(self._db)
 
     # ---- reports ------------------------------------------------------------------------
 
@@ -404,44 +199,3 @@ class Catalog:
             for _sid, uid, instances in batch:
                 yield uid, instances
             after = batch[-1][0]
-
-    # ---- runs, workers, locks -----------------------------------------------------------
-
-    async def start_run(self, owner: str, command: str, run_id: str | None = None) -> str:
-        return await fleet.start_run(self._db, owner, command, run_id)
-
-    async def finish_run(self, run_id: str, outcome: str, counts: RunCounts) -> None:
-        await fleet.finish_run(self._db, run_id, outcome, counts)
-
-    async def last_run(self) -> RunInfo | None:
-        return await fleet.last_run(self._db)
-
-    async def register_worker(self, owner: str, host: str, pid: int, run_id: str) -> None:
-        await fleet.register_worker(self._db, owner, host, pid, run_id)
-
-    async def worker_heartbeat(self, owner: str) -> bool:
-        return await fleet.worker_heartbeat(self._db, owner)
-
-    async def take_back_dead_local(self, host: str, own: str) -> list[str]:
-        return await fleet.take_back_dead_local(self._db, host, own)
-
-    async def unregister_worker(self, owner: str) -> None:
-        await fleet.unregister_worker(self._db, owner)
-
-    async def workers(self) -> list[WorkerInfo]:
-        return await fleet.workers(self._db)
-
-    async def prune_workers(self, older_than: float) -> list[str]:
-        return await fleet.prune_workers(self._db, older_than)
-
-    async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
-        return await fleet.try_lock(self._db, name, owner, ttl)
-
-    async def renew_lock(self, name: str, owner: str, ttl: float) -> bool:
-        return await fleet.renew_lock(self._db, name, owner, ttl)
-
-    async def lock_holder(self, name: str) -> str | None:
-        return await fleet.lock_holder(self._db, name)
-
-    async def unlock(self, name: str, owner: str) -> None:
-        await fleet.unlock(self._db, name, owner)

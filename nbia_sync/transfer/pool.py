@@ -1,7 +1,7 @@
 """The worker pool: drain the catalog's queue into the mirror.
 
 N workers each loop: claim one series, reserve its disk space, fetch it into staging,
-then place it and mark it done in one catalog transaction (``catalog.placing_many``). The
+then place it and mark it done in one catalog transaction (``catalog.queue.placing_many``). The
 catalog decides retries (attempts and next-try times live there, so a restart resumes the
 schedule); the pool only classifies failures by their exception class:
 
@@ -157,7 +157,9 @@ class _Drain:
     async def run(self, stop: anyio.Event | None) -> DrainReport:
         started = time.monotonic()
         for name in self.clients:
-            self.source_ids[name] = await self.catalog.ensure_source(self.settings.source(name))
+            self.source_ids[name] = await self.catalog.sources.ensure_source(
+                self.settings.source(name)
+            )
         await self._plan()
         try:
             async with anyio.create_task_group() as tg:
@@ -177,7 +179,7 @@ class _Drain:
             with anyio.CancelScope(shield=True):
                 # Claims taken by a cancelled claim() call we never saw come back.
                 try:
-                    await self.catalog.release_leases(self.owner)
+                    await self.catalog.queue.release_leases(self.owner)
                 except CatalogError as exc:  # the leases run out on their own
                     log.warning("release_failed", owner=self.owner, error=str(exc))
         self.report.duration = time.monotonic() - started
@@ -247,7 +249,7 @@ class _Drain:
                 # short, and a transaction cut half way can leave the driver's connection
                 # unusable (seen with aiosqlite), or a committed claim that we never saw.
                 with anyio.CancelScope(shield=True):
-                    claims = await self.catalog.claim(
+                    claims = await self.catalog.queue.claim(
                         self.owner,
                         limit=idle,
                         lease_seconds=self.transfer.lease_seconds,
@@ -268,7 +270,7 @@ class _Drain:
             while self._prefetched:
                 claim = self._prefetched.popleft()
                 try:
-                    await self.catalog.release(claim, self.owner)
+                    await self.catalog.queue.release(claim, self.owner)
                 except CatalogError as exc:
                     log.warning("release_failed", series_uid=claim.series_uid, error=str(exc))
 
@@ -282,7 +284,7 @@ class _Drain:
         if not self.jobs:
             try:
                 with anyio.CancelScope(shield=True):  # see _claim
-                    ready = await self.catalog.next_ready_at(list(self.source_ids.values()))
+                    ready = await self.catalog.queue.next_ready_at(list(self.source_ids.values()))
             except CatalogError as exc:
                 self._abort(exc)
                 return False
@@ -423,7 +425,7 @@ class _Drain:
             if sem.value > 0 or name in batch_sources
         ]
         try:
-            async with self.catalog.placing_many(
+            async with self.catalog.queue.placing_many(
                 [p.claim for p in batch],
                 self.owner,
                 claim_next=claim_next,
@@ -485,7 +487,7 @@ class _Drain:
         error = str(exc) or type(exc).__name__
         with anyio.CancelScope(shield=True):
             try:
-                state = await self.catalog.fail(
+                state = await self.catalog.queue.fail(
                     claim,
                     self.owner,
                     error=error,
@@ -520,7 +522,7 @@ class _Drain:
         with anyio.CancelScope(shield=True):
             await self.mirror.remove_staging(staging)
             try:
-                await self.catalog.release(claim, self.owner)
+                await self.catalog.queue.release(claim, self.owner)
             except CatalogError as exc:
                 log.warning("release_failed", series_uid=claim.series_uid, error=str(exc))
 
@@ -537,7 +539,7 @@ class _Drain:
                 continue
             try:
                 with anyio.CancelScope(shield=True):
-                    held = await self.catalog.heartbeat(
+                    held = await self.catalog.queue.heartbeat(
                         self.owner, ids, self.transfer.lease_seconds
                     )
             except CatalogError as exc:

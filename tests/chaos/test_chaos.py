@@ -353,7 +353,7 @@ async def test_repeated_sigkill_then_resume(tmp_path: Path) -> None:
 # ------------------------------------------------------- kill -9 inside the group commit
 
 # Runs `sync` in this child with a SIGKILL planted at one point of the production
-# placement path (Mirror.place_many inside Catalog.placing_many).
+# placement path (Mirror.place_many inside Queue.placing_many).
 _KILL_IN_COMMIT = """
 import os, signal, sys, types
 import nbia_sync.storage as storage

@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.catalog import Catalog, SeriesState
-from nbia_sync.catalog.upsert import SERIES
+from nbia_sync.catalog.tables import SERIES
 from nbia_sync.config import Settings, settings_from_dict
 from nbia_sync.discovery import discover
 from nbia_sync.engine import run_pass
@@ -82,7 +82,7 @@ async def test_bad_record_is_skipped_and_the_rest_mirrored(
     sim.faults.record_overrides[victim] = override
     settings = settings_for(tmp_path / "mirror", sim.url)
     assert await sync(settings, catalog) == Outcome.OK
-    run = await catalog.last_run()
+    run = await catalog.fleet.last_run()
     assert run is not None and (run.skipped, run.done) == (1, len(sim_archive.series) - 1)
     stored = await rows(catalog)
     assert victim not in stored
@@ -133,7 +133,9 @@ async def test_year_one_release_date_is_ignored_and_later_passes_run(
     assert await sync(settings, catalog) == Outcome.OK
     assert await sync(settings, catalog) == Outcome.OK
     assert await sync(settings, catalog) == Outcome.OK
-    watermark = await catalog.get_watermark(await catalog.ensure_source(settings.sources[0]))
+    watermark = await catalog.sources.get_watermark(
+        await catalog.sources.ensure_source(settings.sources[0])
+    )
     assert watermark is None or watermark.year >= 1970
 
 
@@ -142,10 +144,10 @@ async def test_year_one_watermark_left_by_an_older_version_means_a_full_listing(
 ) -> None:
     settings = settings_for(tmp_path / "mirror", sim.url)
     assert await sync(settings, catalog) == Outcome.OK
-    sid = await catalog.ensure_source(settings.sources[0])
-    await catalog.set_watermark(sid, datetime(1, 1, 1, tzinfo=UTC), full_listing=True)
+    sid = await catalog.sources.ensure_source(settings.sources[0])
+    await catalog.sources.set_watermark(sid, datetime(1, 1, 1, tzinfo=UTC), full_listing=True)
     assert await sync(settings, catalog) == Outcome.OK
-    watermark = await catalog.get_watermark(sid)
+    watermark = await catalog.sources.get_watermark(sid)
     assert watermark is not None and watermark.year >= 1970
 
 
@@ -191,7 +193,7 @@ async def test_run_row_counts_what_was_placed_before_the_disk_filled(
         update={"transfer": settings.transfer.model_copy(update={"workers": 1})}
     )
     assert await sync(settings, catalog) == Outcome.ERROR
-    run = await catalog.last_run()
+    run = await catalog.fleet.last_run()
     assert run is not None and run.outcome == Outcome.ERROR
     assert run.done == 4 and run.bytes > 0
     counts = await catalog.state_counts()
@@ -249,7 +251,7 @@ async def test_hostile_listing_stores_only_what_the_catalog_can_hold(
     try:
         settings = settings_for(tmp_path / "m", f"http://127.0.0.1:{port}/", api="v4")
         source = settings.sources[0]
-        sid = await catalog.ensure_source(source)
+        sid = await catalog.sources.ensure_source(source)
         async with NbiaClient(source, settings.transfer) as client:
             report = await discover(catalog, client, source, sid, settings.schedule)
     finally:
@@ -259,7 +261,7 @@ async def test_hostile_listing_stores_only_what_the_catalog_can_hold(
     assert sorted(stored) == ["1.2.3.5", "1.2.3.9"]
     assert stored["1.2.3.5"].date_released is None and stored["1.2.3.5"].image_count is None
     assert (report.new, report.skipped) == (2, 5)
-    watermark = await catalog.get_watermark(sid)
+    watermark = await catalog.sources.get_watermark(sid)
     assert watermark == datetime(2024, 1, 2, tzinfo=UTC)
 
 
@@ -293,7 +295,7 @@ async def test_bad_patient_and_study_records_of_an_increment_are_skipped(
     try:
         settings = settings_for(tmp_path / "m", f"http://127.0.0.1:{port}/", api="v4")
         source = settings.sources[0]
-        sid = await catalog.ensure_source(source)
+        sid = await catalog.sources.ensure_source(source)
         async with NbiaClient(source, settings.transfer) as client:
             first = await discover(catalog, client, source, sid, settings.schedule)
             increment = await discover(catalog, client, source, sid, settings.schedule)

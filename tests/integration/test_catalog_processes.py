@@ -29,13 +29,13 @@ async def main(url, owner):
     sys.stdin.readline()
     got = []
     try:
-        while claims := await catalog.claim(owner, limit=2, lease_seconds=60):
+        while claims := await catalog.queue.claim(owner, limit=2, lease_seconds=60):
             # Stands in for the download between a claim and its placement: a real worker
             # never claims back to back, and SQLite's busy handler (which backs off) gives
             # no turn to a waiting process while another re-takes the lock in a tight loop.
             await asyncio.sleep(0.005)
             for c in claims:
-                async with catalog.placing(c, owner) as guard:
+                async with catalog.queue.placing(c, owner) as guard:
                     guard.done([InstanceRecord("1", "0" * 32, 1, "p")], "p", 1)
                 got.append(c.series_uid)
     finally:
@@ -93,8 +93,8 @@ async def _run_children(url: str, n: int) -> list[list[str]]:
 async def test_two_processes_never_claim_the_same_series(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path}/catalog.sqlite"
     catalog = await Catalog.open(url)
-    sid = await catalog.ensure_source(make_source())
-    await catalog.upsert_series(sid, [make_series(f"s{i:03d}") for i in range(200)])
+    sid = await catalog.sources.ensure_source(make_source())
+    await catalog.sources.upsert_series(sid, [make_series(f"s{i:03d}") for i in range(200)])
     try:
         results = await _run_children(url, 2)
         claimed = [uid for got in results for uid in got]

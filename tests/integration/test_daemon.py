@@ -262,7 +262,7 @@ async def test_daemon_serves_health_and_metrics_then_stops_on_sigterm(
         assert await daemon.terminate() == 0
     catalog = await open_catalog(sim_mirror.root)
     try:
-        assert await catalog.workers() == []
+        assert await catalog.fleet.workers() == []
         assert (await catalog.state_counts())[SeriesState.DOWNLOADING][0] == 0
     finally:
         await catalog.close()
@@ -288,8 +288,8 @@ async def test_sigterm_mid_download_exits_0_and_gives_work_back(
         counts = await catalog.state_counts()
         assert counts[SeriesState.DOWNLOADING][0] == 0
         assert counts[SeriesState.WANTED][0] > 0
-        assert await catalog.workers() == []
-        run = await catalog.last_run()
+        assert await catalog.fleet.workers() == []
+        run = await catalog.fleet.last_run()
         assert run is not None and run.outcome == "interrupted" and run.finished_at is not None
     finally:
         await catalog.close()

@@ -40,15 +40,15 @@ async def _pass(
     source: SourceSettings,
     schedule: ScheduleSettings = SCHEDULE,
 ) -> DiscoveryReport:
-    sid = await catalog.ensure_source(source)
+    sid = await catalog.sources.ensure_source(source)
     return await discover(catalog, client, source, sid, schedule)
 
 
 async def _drain(catalog: Catalog) -> list[str]:
     """Claim and complete everything queued; the series UIDs in the queue."""
     uids = []
-    for claim in await catalog.claim("t", limit=10_000, lease_seconds=60):
-        async with catalog.placing(claim, "t") as guard:
+    for claim in await catalog.queue.claim("t", limit=10_000, lease_seconds=60):
+        async with catalog.queue.placing(claim, "t") as guard:
             guard.done([InstanceRecord("1", "0" * 32, 1, "p")], "p", 1)
         uids.append(claim.series_uid)
     return sorted(uids)
@@ -60,9 +60,9 @@ async def test_first_pass_lists_every_series(
     report = await _pass(catalog, client, _source(sim))
     assert report == DiscoveryReport(new=len(sim_archive.series), full=True)
     assert await _drain(catalog) == sorted(sim_archive.series)
-    sid = await catalog.ensure_source(_source(sim))
+    sid = await catalog.sources.ensure_source(_source(sim))
     newest = max(s.date_released for s in sim_archive.series.values()).replace(tzinfo=UTC)
-    assert await catalog.get_watermark(sid) == newest
+    assert await catalog.sources.get_watermark(sid) == newest
 
 
 async def test_pass_without_change_queues_nothing(
@@ -93,8 +93,8 @@ async def test_new_patient_released_with_an_old_date_is_found(
     """getUpdatedSeries misses it; NewPatientsInCollection (on/after the date) does not."""
     await _pass(catalog, client, _source(sim))
     await _drain(catalog)
-    sid = await catalog.ensure_source(_source(sim))
-    watermark = await catalog.get_watermark(sid)
+    sid = await catalog.sources.ensure_source(_source(sim))
+    watermark = await catalog.sources.get_watermark(sid)
     assert watermark is not None
     on_the_boundary = (watermark - timedelta(days=SCHEDULE.overlap_days)).replace(tzinfo=None)
     added = sim_archive.add_patient("SIM-MR", series=1, released=on_the_boundary)
@@ -159,8 +159,8 @@ async def test_future_release_date_does_not_push_the_watermark_past_today(
     bogus = sim_archive.add_patient("SIM-CT", series=1, released=future)
     await _pass(catalog, client, _source(sim))
     assert await _drain(catalog) == [bogus[0].uid]
-    sid = await catalog.ensure_source(_source(sim))
-    watermark = await catalog.get_watermark(sid)
+    sid = await catalog.sources.ensure_source(_source(sim))
+    watermark = await catalog.sources.get_watermark(sid)
     assert watermark is not None and watermark <= datetime.now(UTC)
     added = sim_archive.add_patient("SIM-MR", series=1)  # released today
     report = await _pass(catalog, client, _source(sim))
@@ -185,18 +185,18 @@ async def test_watermark_stays_when_the_pass_fails(
     catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
 ) -> None:
     await _pass(catalog, client, _source(sim))
-    sid = await catalog.ensure_source(_source(sim))
-    before = await catalog.get_watermark(sid)
+    sid = await catalog.sources.ensure_source(_source(sim))
+    before = await catalog.sources.get_watermark(sid)
     sim_archive.add_patient("SIM-NEW", series=1)  # a new collection: stored before the failure
     with pytest.raises(RetryableError):
         await discover(catalog, _FailingUpdates(client), _source(sim), sid, SCHEDULE)
-    assert await catalog.get_watermark(sid) == before
+    assert await catalog.sources.get_watermark(sid) == before
 
 
 async def test_manifest_queues_known_series_and_reports_unknown(
     catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
 ) -> None:
-    sid = await catalog.ensure_source(_source(sim))
+    sid = await catalog.sources.ensure_source(_source(sim))
     known = sorted(sim_archive.series)[:2]
     report = await add_manifest(catalog, client, sid, [*known, "1.2.3.999", known[0]])
     assert (report.new, report.unknown) == (2, ("1.2.3.999",))

@@ -18,10 +18,10 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.catalog import Catalog, SeriesState
-from nbia_sync.catalog.fleet import WORKERS
+from nbia_sync.catalog.membership import discovery_lock
+from nbia_sync.catalog.tables import WORKERS
 from nbia_sync.config import Settings, settings_from_dict
 from nbia_sync.engine import (
-    discovery_lock,
     make_owner,
     run_id_of,
     run_pass,
@@ -77,24 +77,24 @@ async def test_pass_mirrors_the_archive_and_closes_its_books(
     expected = expected_files(sim_archive, settings.mirror.root)
     assert report.files == len(expected)
     assert mirror_files(settings.mirror.root) == set(expected)
-    run = await catalog.last_run()
+    run = await catalog.fleet.last_run()
     assert run is not None and run.run_id == report.run_id
     assert (run.outcome, run.done, run.discovered) == (Outcome.OK, total, total)
     assert run.finished_at is not None and run.owner == report.owner
-    assert await catalog.workers() == []
+    assert await catalog.fleet.workers() == []
 
 
 async def test_discovery_is_skipped_while_another_process_holds_the_lock(
     sim: SimServer, catalog: Catalog, tmp_path: Path
 ) -> None:
     settings = settings_for(tmp_path / "m", sim.url)
-    assert await catalog.try_lock(discovery_lock(settings.sources[0]), "other:1:x", 60)
+    assert await catalog.fleet.try_lock(discovery_lock(settings.sources[0]), "other:1:x", 60)
     report = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
     assert report.discovery_skipped == ("sim",)
     assert report.discovered == 0 and report.done == 0
     assert sim.counters.requests["getCollectionValues"] == 0
     # The other holder's lock is left alone.
-    assert not await catalog.try_lock(discovery_lock(settings.sources[0]), "third:1:y", 60)
+    assert not await catalog.fleet.try_lock(discovery_lock(settings.sources[0]), "third:1:y", 60)
 
 
 async def test_discovery_lock_is_released_after_the_pass(
@@ -102,7 +102,7 @@ async def test_discovery_lock_is_released_after_the_pass(
 ) -> None:
     settings = settings_for(tmp_path / "m", sim.url)
     await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
-    assert await catalog.try_lock(discovery_lock(settings.sources[0]), "next:1:z", 60)
+    assert await catalog.fleet.try_lock(discovery_lock(settings.sources[0]), "next:1:z", 60)
 
 
 async def test_stop_before_the_pass_downloads_nothing(
@@ -114,7 +114,7 @@ async def test_stop_before_the_pass_downloads_nothing(
     report = await run_pass(settings, catalog, progress=NullProgress(), stop=stop)
     assert report.outcome == Outcome.INTERRUPTED
     assert sum(sim.counters.downloads_started.values()) == 0
-    run = await catalog.last_run()
+    run = await catalog.fleet.last_run()
     assert run is not None and run.outcome == Outcome.INTERRUPTED
 
 
@@ -131,7 +131,7 @@ async def test_stop_mid_drain_releases_leases_and_staging(
     assert counts[SeriesState.WANTED][0] + counts[SeriesState.PENDING][0] > 0
     staging = settings.state_dir / "staging"
     assert not [p for p in staging.rglob("*") if p.is_file()]
-    assert await catalog.workers() == []
+    assert await catalog.fleet.workers() == []
 
 
 async def test_a_body_cut_mid_listing_ends_the_pass_with_an_error_naming_the_source(
@@ -171,7 +171,7 @@ async def test_a_body_cut_mid_listing_ends_the_pass_with_an_error_naming_the_sou
         await runner.cleanup()
     assert report.outcome is Outcome.ERROR
     assert report.error is not None and report.error.startswith("source 'cut'")
-    assert await catalog.workers() == []
+    assert await catalog.fleet.workers() == []
 
 
 async def test_unreachable_source_ends_the_pass_with_an_error_naming_it(
@@ -183,10 +183,10 @@ async def test_unreachable_source_ends_the_pass_with_an_error_naming_it(
     report = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
     assert report.outcome == Outcome.ERROR
     assert report.error is not None and report.error.startswith("source 'sim'")
-    run = await catalog.last_run()
+    run = await catalog.fleet.last_run()
     assert run is not None and run.outcome == Outcome.ERROR
-    assert await catalog.workers() == []
-    assert await catalog.try_lock(discovery_lock(settings.sources[0]), "next:1:z", 60)
+    assert await catalog.fleet.workers() == []
+    assert await catalog.fleet.try_lock(discovery_lock(settings.sources[0]), "next:1:z", 60)
 
 
 async def test_heartbeats_reach_the_callback(
@@ -225,7 +225,7 @@ async def test_pass_forgets_workers_dead_for_a_day_and_keeps_recently_stale_ones
         ("h:1:killed-long-ago", timedelta(days=2)),
         ("h:2:killed-just-now", timedelta(minutes=10)),
     ):
-        await catalog.register_worker(owner, "h", 1, "run")
+        await catalog.fleet.register_worker(owner, "h", 1, "run")
 
         async def op(conn: AsyncConnection, owner: str = owner, age: timedelta = age) -> None:
             await conn.execute(
@@ -235,4 +235,4 @@ async def test_pass_forgets_workers_dead_for_a_day_and_keeps_recently_stale_ones
         await catalog.database.run_write(op)
     report = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
     assert report.outcome == Outcome.OK
-    assert [w.owner for w in await catalog.workers()] == ["h:2:killed-just-now"]
+    assert [w.owner for w in await catalog.fleet.workers()] == ["h:2:killed-just-now"]

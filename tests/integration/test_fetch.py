@@ -199,7 +199,7 @@ async def test_manifest_source_never_lists_the_archive(tmp_path: Path, catalog: 
     async with _serve(app) as url:
         write_manifest(tmp_path / "a.tcia", ["1.2.3.4"])
         source = SourceSettings(name="s", url=url, api="v4", manifests=[tmp_path / "a.tcia"])
-        sid = await catalog.ensure_source(source)
+        sid = await catalog.sources.ensure_source(source)
         schedule = ScheduleSettings(full_listing_days=0)
         async with NbiaClient(source, TransferSettings(request_attempts=1)) as client:
             first = await discover(catalog, client, source, sid, schedule)

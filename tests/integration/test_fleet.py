@@ -21,22 +21,21 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from catalog_fixtures import fresh_pg_database
 from cli_fixtures import REPO, expected_files, mirror_files, write_config
-from sqlalchemy import Table, select
+from sqlalchemy import select
 
 from nbia_sync.catalog import Catalog, SeriesState
-from nbia_sync.catalog.models import Series
+from nbia_sync.catalog.tables import SERIES
 from nbia_sync.config import load_settings
 from nbia_sync.sim import SimArchive, SimCounters, SimFaults, SimServer
 from nbia_sync.sim.queries import DOWNLOADS
 
 pytestmark = pytest.mark.asyncio
 
-SERIES = cast(Table, Series.__table__)
 HOST = socket.gethostname()
 # 12 series of 4 images x 16 KiB; at 40 kB/s per stream a series takes ~1.6 s.
 ARCHIVE: dict[str, Any] = {
@@ -375,8 +374,9 @@ async def test_a_pass_waits_for_a_live_peers_discovery_then_drains_without_repea
     import anyio
 
     from nbia_sync.api.client import NbiaClient
+    from nbia_sync.catalog.membership import discovery_lock
     from nbia_sync.discovery import discover
-    from nbia_sync.engine import discovery_lock, run_pass
+    from nbia_sync.engine import run_pass
     from nbia_sync.progress import NullProgress
 
     archive = fleet_archive()
@@ -389,18 +389,18 @@ async def test_a_pass_waits_for_a_live_peers_discovery_then_drains_without_repea
         catalog = await Catalog.open(settings.catalog_url)
         try:
             peer = "peer-host:1:peer-run"
-            await catalog.register_worker(peer, "peer-host", 1, "peer-run")
-            assert await catalog.try_lock(discovery_lock(source), peer, 60)
+            await catalog.fleet.register_worker(peer, "peer-host", 1, "peer-run")
+            assert await catalog.fleet.try_lock(discovery_lock(source), peer, 60)
             ours = asyncio.create_task(
                 run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
             )
             await asyncio.sleep(1.0)
             assert not ours.done()  # waiting for the peer, not draining an empty queue
             assert sim.counters.requests["getCollectionValues"] == 0
-            source_id = await catalog.ensure_source(source)
+            source_id = await catalog.sources.ensure_source(source)
             async with NbiaClient(source, settings.transfer) as client:
                 await discover(catalog, client, source, source_id, settings.schedule)
-            await catalog.unlock(discovery_lock(source), peer)
+            await catalog.fleet.unlock(discovery_lock(source), peer)
             report = await asyncio.wait_for(ours, RUN_LIMIT)
         finally:
             await catalog.close()

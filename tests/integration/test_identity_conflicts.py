@@ -29,7 +29,7 @@ from sqlalchemy import select
 
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.catalog import Catalog, SeriesState
-from nbia_sync.catalog.upsert import SERIES, SOURCES
+from nbia_sync.catalog.tables import SERIES, SOURCES
 from nbia_sync.config import Settings, settings_from_dict
 from nbia_sync.discovery import discover
 from nbia_sync.engine import run_pass
@@ -267,7 +267,7 @@ async def test_hostile_listing_of_one_uid_in_two_collections_is_one_conflict(
             env={},
         )
         source = settings.sources[0]
-        sid = await catalog.ensure_source(source)
+        sid = await catalog.sources.ensure_source(source)
         async with NbiaClient(source, settings.transfer) as client:
             first = await discover(catalog, client, source, sid, settings.schedule)
             held = await row_of(catalog, "1.2.840.99.1")

@@ -199,7 +199,7 @@ async def test_increment_with_a_token_revoked_mid_pass_still_finds_new_series(
     catalog: Catalog, sim: SimServer, sim_archive: SimArchive
 ) -> None:
     source = _source(sim.url)
-    sid = await catalog.ensure_source(source)
+    sid = await catalog.sources.ensure_source(source)
     async with _client(sim.url) as client:
         await discover(catalog, client, source, sid, INCREMENTS)
     fresh = sim_archive.add_patient("SIM-CT")
@@ -210,7 +210,7 @@ async def test_increment_with_a_token_revoked_mid_pass_still_finds_new_series(
     assert sim.counters.dead_token_queries > 0
     assert sim.counters.grants["password"] == 3  # first pass, second pass, relogin
     newest = max(s.date_released for s in fresh)
-    watermark = await catalog.get_watermark(sid)
+    watermark = await catalog.sources.get_watermark(sid)
     assert watermark is not None and watermark.replace(tzinfo=None) == newest.replace(
         tzinfo=None, microsecond=0
     )
@@ -220,7 +220,7 @@ async def test_manifest_lookup_with_a_dead_token_does_not_call_series_unknown(
     catalog: Catalog, sim: SimServer, sim_archive: SimArchive
 ) -> None:
     source = _source(sim.url)
-    sid = await catalog.ensure_source(source)
+    sid = await catalog.sources.ensure_source(source)
     uids = sorted(sim_archive.series)[:3]
     async with _client(sim.url) as client:
         assert await client.collections()
@@ -300,11 +300,11 @@ async def test_discovery_fails_and_changes_nothing_when_even_a_fresh_login_gets_
     hostile = EmptyAfter(budget=2)  # the first pass: getCollectionValues, getSeries
     async with serving(hostile.app()) as url:
         source = _source(url)
-        sid = await catalog.ensure_source(source)
+        sid = await catalog.sources.ensure_source(source)
         async with _client(url) as client:
             first = await discover(catalog, client, source, sid, schedule)
-        watermark = await catalog.get_watermark(sid)
-        listed_at = await catalog.last_full_listing_at(sid)
+        watermark = await catalog.sources.get_watermark(sid)
+        listed_at = await catalog.sources.last_full_listing_at(sid)
         assert first.new == 2 and watermark == hostile.released
         hostile.grants.clear()
         async with _client(url) as client:
@@ -314,21 +314,21 @@ async def test_discovery_fails_and_changes_nothing_when_even_a_fresh_login_gets_
             ):
                 await discover(catalog, client, source, sid, schedule)
     assert hostile.grants == Counter(password=2)  # the pass's login, then a fresh one
-    assert await catalog.get_watermark(sid) == watermark
-    assert await catalog.last_full_listing_at(sid) == listed_at
+    assert await catalog.sources.get_watermark(sid) == watermark
+    assert await catalog.sources.last_full_listing_at(sid) == listed_at
     counts = await catalog.state_counts()
     assert counts[SeriesState.WANTED][0] == 2
-    assert await catalog.known_collections(sid) == ["H"]
+    assert await catalog.sources.known_collections(sid) == ["H"]
 
 
 async def test_truly_empty_answers_under_a_live_token_are_trusted(
     catalog: Catalog, sim: SimServer, sim_archive: SimArchive
 ) -> None:
     source = _source(sim.url)
-    sid = await catalog.ensure_source(source)
+    sid = await catalog.sources.ensure_source(source)
     async with _client(sim.url) as client:
         await discover(catalog, client, source, sid, INCREMENTS)
-        await catalog.set_watermark(sid, datetime.now(UTC) - timedelta(days=1))
+        await catalog.sources.set_watermark(sid, datetime.now(UTC) - timedelta(days=1))
         report = await discover(catalog, client, source, sid, INCREMENTS)
     assert report.queued == 0
     assert sim.counters.grants["password"] == 1  # no doubt, no relogin

@@ -96,30 +96,34 @@ def _info(uid: str) -> SeriesInfo:
 
 
 async def _held_by(catalog: Catalog, owner: str, host: str, pid: int) -> None:
-    await catalog.register_worker(owner, host, pid, "run")
-    claims = await catalog.claim(owner, limit=1, lease_seconds=300)
+    await catalog.fleet.register_worker(owner, host, pid, "run")
+    claims = await catalog.queue.claim(owner, limit=1, lease_seconds=300)
     assert len(claims) == 1
 
 
 async def test_dead_local_worker_leases_become_claimable(catalog: Catalog) -> None:
-    source_id = await catalog.ensure_source(SourceSettings(name="s", url="http://127.0.0.1/"))
-    await catalog.upsert_series(source_id, [_info("1.1")])
+    source_id = await catalog.sources.ensure_source(
+        SourceSettings(name="s", url="http://127.0.0.1/")
+    )
+    await catalog.sources.upsert_series(source_id, [_info("1.1")])
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
     await proc.wait()  # a PID with no process behind it
     dead = f"{socket.gethostname()}:{proc.pid}:run"
     await _held_by(catalog, dead, socket.gethostname(), proc.pid)
-    assert await catalog.take_back_dead_local(socket.gethostname(), "me") == [dead]
-    claims = await catalog.claim("me", limit=5, lease_seconds=300)
+    assert await catalog.fleet.take_back_dead_local(socket.gethostname(), "me") == [dead]
+    claims = await catalog.queue.claim("me", limit=5, lease_seconds=300)
     assert [c.series_uid for c in claims] == ["1.1"]
-    assert dead not in {w.owner for w in await catalog.workers()}
+    assert dead not in {w.owner for w in await catalog.fleet.workers()}
 
 
 async def test_other_hosts_leases_are_left_to_expire(catalog: Catalog) -> None:
-    source_id = await catalog.ensure_source(SourceSettings(name="s", url="http://127.0.0.1/"))
-    await catalog.upsert_series(source_id, [_info("1.1")])
+    source_id = await catalog.sources.ensure_source(
+        SourceSettings(name="s", url="http://127.0.0.1/")
+    )
+    await catalog.sources.upsert_series(source_id, [_info("1.1")])
     # PID 2**22 + 1 exists nowhere here, but the process is on another host.
     await _held_by(catalog, "elsewhere:4194305:run", "elsewhere", 4194305)
-    assert await catalog.take_back_dead_local(socket.gethostname(), "me") == []
-    assert await catalog.claim("me", limit=5, lease_seconds=300) == []
+    assert await catalog.fleet.take_back_dead_local(socket.gethostname(), "me") == []
+    assert await catalog.queue.claim("me", limit=5, lease_seconds=300) == []
     counts = await catalog.state_counts()
     assert counts[SeriesState.DOWNLOADING][0] == 1

@@ -89,8 +89,8 @@ def make_settings(root: Path, sim: SimServer, **transfer: Any) -> Settings:
 
 
 async def queue_all(catalog: Catalog, settings: Settings, archive: SimArchive) -> None:
-    source_id = await catalog.ensure_source(settings.sources[0])
-    await catalog.upsert_series(
+    source_id = await catalog.sources.ensure_source(settings.sources[0])
+    await catalog.sources.upsert_series(
         source_id,
         [
             SeriesInfo(
@@ -271,7 +271,7 @@ async def test_heartbeat_keeps_leases_of_slow_downloads(
                 await clock.until_sleeping()  # the pool's heartbeat waits for its next beat
                 clock.advance(0.1)
                 await clock.until_sleeping()  # ... and has renewed the leases
-                stolen.extend(await catalog.claim("thief", limit=8, lease_seconds=60))
+                stolen.extend(await catalog.queue.claim("thief", limit=8, lease_seconds=60))
             in_flight_at_release.append(8 - sum(sim.counters.downloads_completed.values()))
             gate.set()
 
@@ -349,7 +349,7 @@ async def test_every_fault_at_once_converges_on_the_truth_and_never_shows_a_wron
                     if not report.failed:
                         break
                     # Hostile downloads fail for good; the operator's retry-failed.
-                    await catalog.retry_failed()
+                    await catalog.queue.retry_failed()
             tg.cancel_scope.cancel()
         assert sum(sim.counters.downloads_started.values()) > len(truth)  # faults did hit
     assert bad == []
@@ -371,7 +371,7 @@ async def test_a_stop_releases_claims_no_worker_started(
     async with clients_for(settings) as clients:
         d = _Drain(settings, catalog, clients, Mirror(settings.mirror.root), OWNER, Recorder())
         # As the claimer leaves them: prefetched for workers that never get to run.
-        d._prefetched.extend(await catalog.claim(OWNER, limit=5, lease_seconds=60))
+        d._prefetched.extend(await catalog.queue.claim(OWNER, limit=5, lease_seconds=60))
         report = await d.run(stop)
     assert report.interrupted
     assert not d._prefetched
@@ -395,7 +395,7 @@ async def test_many_small_series_are_placed_in_group_commits(
     commits: list[int] = []
     real_place = pool._Drain._place
     real_batch = pool._Drain._place_batch
-    real_placing = Catalog.placing_many
+    real_placing = catalog_queue.Queue.placing_many
     placed = 0
     three_queued = anyio.Event()
 
@@ -414,13 +414,13 @@ async def test_many_small_series_are_placed_in_group_commits(
         batches.append(len(batch))
         await real_batch(self, batch)
 
-    def counting(self: Catalog, claims: Any, *args: Any, **kwargs: Any) -> Any:
+    def counting(self: catalog_queue.Queue, claims: Any, *args: Any, **kwargs: Any) -> Any:
         commits.append(len(claims))
         return real_placing(self, claims, *args, **kwargs)
 
     monkeypatch.setattr(pool._Drain, "_place", place)
     monkeypatch.setattr(pool._Drain, "_place_batch", spy)
-    monkeypatch.setattr(Catalog, "placing_many", counting)
+    monkeypatch.setattr(catalog_queue.Queue, "placing_many", counting)
     async with running_sim(archive, SimFaults()) as sim:
         settings = make_settings(tmp_path / "mirror", sim, workers=8)
         await queue_all(catalog, settings, archive)

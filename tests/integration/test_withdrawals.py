@@ -43,13 +43,13 @@ async def _pass(
     catalog: Catalog, client: NbiaClient, url: str, options: DiscoveryOptions = FULL
 ) -> DiscoveryReport:
     source = _source(url)
-    sid = await catalog.ensure_source(source)
+    sid = await catalog.sources.ensure_source(source)
     return await discover(catalog, client, source, sid, SCHEDULE, options)
 
 
 async def _states(catalog: Catalog, uids: list[str]) -> dict[str, SeriesState]:
-    sid = await catalog.ensure_source(_source("http://unused/"))
-    return await catalog.series_states(sid, uids)
+    sid = await catalog.sources.ensure_source(_source("http://unused/"))
+    return await catalog.sources.series_states(sid, uids)
 
 
 def one_of(archive: SimArchive, collection: str = "SIM-CT") -> str:
@@ -65,7 +65,7 @@ async def test_series_no_longer_listed_becomes_withdrawn(
     report = await _pass(catalog, client, sim.url)
     assert report.withdrawn == 1
     assert (await _states(catalog, [gone]))[gone] == SeriesState.WITHDRAWN
-    assert [w.series_uid for w in await catalog.withdrawn()] == [gone]
+    assert [w.series_uid for w in await catalog.sources.withdrawn()] == [gone]
 
 
 async def test_an_increment_withdraws_nothing(
@@ -89,7 +89,7 @@ async def test_a_withdrawn_series_that_reappears_is_wanted_again(
     sim_archive.series[gone] = kept
     await _pass(catalog, client, sim.url)
     assert (await _states(catalog, [gone]))[gone] == SeriesState.WANTED
-    assert await catalog.withdrawn() == []
+    assert await catalog.sources.withdrawn() == []
 
 
 async def test_a_series_moved_to_another_collection_is_not_withdrawn(
@@ -176,13 +176,13 @@ async def test_an_empty_listing_withdraws_nothing(
 ) -> None:
     archive, url = flaky
     source = _source(url, "v4")
-    sid = await catalog.ensure_source(source)
+    sid = await catalog.sources.ensure_source(source)
     async with NbiaClient(source, TransferSettings()) as client:
         await discover(catalog, client, source, sid, SCHEDULE, FULL)
         archive.empty = True
         report = await discover(catalog, client, source, sid, SCHEDULE, FULL)
     assert (report.withdrawn, report.withdrawals_held) == (0, ("C", "D"))
-    assert await catalog.withdrawn() == []
+    assert await catalog.sources.withdrawn() == []
 
 
 async def test_a_failed_listing_of_one_collection_withdraws_nothing_anywhere(
@@ -190,14 +190,14 @@ async def test_a_failed_listing_of_one_collection_withdraws_nothing_anywhere(
 ) -> None:
     archive, url = flaky
     source = _source(url, "v4")
-    sid = await catalog.ensure_source(source)
+    sid = await catalog.sources.ensure_source(source)
     settings = TransferSettings(request_attempts=1)
     async with NbiaClient(source, settings) as client:
         await discover(catalog, client, source, sid, SCHEDULE, FULL)
         archive.failing = True
         with pytest.raises(RetryableError):
             await discover(catalog, client, source, sid, SCHEDULE, FULL)
-    assert await catalog.withdrawn() == []
+    assert await catalog.sources.withdrawn() == []
 
 
 # ---- end to end: sync --full, status, verify, on_withdrawn ------------------------------

@@ -1,4 +1,7 @@
-"""Merging what discovery found into the catalog.
+"""`Sources`: what each source lists, merged into the catalog (`catalog.sources`).
+
+Its row and watermarks, the collections, patients, studies and series discovery found,
+and the series a full listing no longer returns (withdrawals).
 
 A series is CHANGED when the archive reports a different DateReleased, ImageCount or
 FileSize (an attribute the archive omitted is "unknown", never a change), or files it
@@ -15,38 +18,43 @@ UID another source already holds, holds that series as CONFLICT (the row keeps t
 it had: first listed or placed wins) and never downloads it until a full listing sees it
 under one place only. Because a move (listed under a new place only) and a duplicate
 (listed under both) look alike until the pass has seen everything, moves are applied at
-the end of the pass, by :func:`finish_listing`.
+the end of the pass, by `Sources.finish_listing`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import Table, bindparam, delete, select, update
+from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.api.models import PatientInfo, SeriesInfo, StudyInfo
 from nbia_sync.catalog.db import Database
-from nbia_sync.catalog.models import Collection, Patient, Series, SeriesState, Source, Study
-from nbia_sync.catalog.records import UpsertResult
+from nbia_sync.catalog.models import SeriesState
+from nbia_sync.catalog.records import PlacedWithdrawn, UpsertResult, WithdrawnInfo
+from nbia_sync.catalog.tables import (
+    COLLECTIONS,
+    INSTANCES,
+    PATIENTS,
+    SERIES,
+    SOURCES,
+    STUDIES,
+    batches,
+)
+from nbia_sync.config import SourceSettings
 
 log = structlog.get_logger(__name__)
 
-SERIES = cast(Table, Series.__table__)
-SOURCES = cast(Table, Source.__table__)
-COLLECTIONS = cast(Table, Collection.__table__)
-PATIENTS = cast(Table, Patient.__table__)
-STUDIES = cast(Table, Study.__table__)
-# Rows per transaction: small enough to keep the SQLite write lock briefly, large enough
-# that a 1,000,000-series first listing is not a million commits.
-BATCH = 500
+# States a full listing may turn into withdrawn: a conflict is held back for its own
+# reason, and a withdrawn series is already withdrawn.
+_LISTABLE = [s for s in SeriesState if s not in (SeriesState.WITHDRAWN, SeriesState.CONFLICT)]
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -130,11 +138,6 @@ def is_changed(row: Any, info: SeriesInfo) -> bool:
     )
 
 
-def _chunks(items: Sequence[SeriesInfo], size: int) -> Iterable[Sequence[SeriesInfo]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def insert_for(conn: AsyncConnection, table: Table) -> Any:
     """INSERT with the dialect's ON CONFLICT support (same syntax on SQLite and PG)."""
     return (sqlite.insert if conn.dialect.name == "sqlite" else postgresql.insert)(table)
@@ -205,30 +208,6 @@ def _without_bad(series: Sequence[SeriesInfo]) -> tuple[list[SeriesInfo], int]:
         else:
             log.warning("record_skipped", series_uid=s.series_uid or None, reason=s.problem)
     return good, len(series) - len(good)
-
-
-async def upsert_series(
-    db: Database, source_id: int, series: Sequence[SeriesInfo], listing: Listing | None = None
-) -> UpsertResult:
-    """Merge ``series`` into the catalog. ``listing`` is the discovery pass's memory
-    (see Listing); without one the call is a pass of its own, finished here."""
-    good, skipped = _without_bad(series)
-    own = listing is None
-    listing = Listing() if listing is None else listing
-    for s in good:
-        listing.note(s)
-    # Last report of a UID wins; sorted so concurrent writers lock rows in one order.
-    unique = sorted({s.series_uid: s for s in good}.values(), key=lambda s: s.series_uid)
-    total = UpsertResult(skipped=skipped)
-    for batch in _chunks(unique, BATCH):
-
-        async def op(conn: AsyncConnection, b: Sequence[SeriesInfo] = batch) -> UpsertResult:
-            return await _upsert_batch(conn, source_id, b, listing, db.clock.now())
-
-        total += await db.run_write(op)
-    if own:
-        total += await finish_listing(db, source_id, listing)
-    return total
 
 
 async def _other_sources(
@@ -352,34 +331,11 @@ async def _upsert_batch(
     )
 
 
-async def finish_listing(db: Database, source_id: int, listing: Listing) -> UpsertResult:
-    """End of a pass: hold its conflicts, apply its moves, and (full listing) release the
-    conflicts it saw resolved. Counts moves as changed and newly held series as conflicts."""
-
-    async def op(conn: AsyncConnection) -> UpsertResult:
-        now = db.clock.now()
-        held = await _hold_conflicts(conn, source_id, listing, now)
-        released = await _release_resolved(conn, source_id, listing, now) if listing.full else set()
-        moved = [
-            info
-            for uid, info in sorted(listing.moves.items())
-            if uid not in listing.conflicts and uid not in released
-        ]
-        result = await _apply_moves(conn, source_id, moved, now)
-        return UpsertResult(changed=result + len(released), conflicts=held)
-
-    return await db.run_write(op)
-
-
 async def _rows(conn: AsyncConnection, source_id: int, uids: Iterable[str]) -> list[Any]:
-    wanted = sorted(uids)
     rows: list[Any] = []
-    for start in range(0, len(wanted), BATCH):
+    for batch in batches(sorted(uids)):
         rows += await conn.execute(
-            select(SERIES).where(
-                SERIES.c.source_id == source_id,
-                SERIES.c.series_uid.in_(wanted[start : start + BATCH]),
-            )
+            select(SERIES).where(SERIES.c.source_id == source_id, SERIES.c.series_uid.in_(batch))
         )
     return rows
 
@@ -469,45 +425,10 @@ async def _apply_moves(
     return len(requeue) + len(bump)
 
 
-async def record_collections(db: Database, source_id: int, names: Iterable[str]) -> None:
-    now = db.clock.now()
-    rows = [{"source_id": source_id, "name": n, "discovered_at": now} for n in sorted(set(names))]
-    await _insert_absent(db, COLLECTIONS, rows, ["source_id", "name"])
-
-
-async def record_patients(db: Database, source_id: int, patients: Iterable[PatientInfo]) -> None:
-    now = db.clock.now()
-    keys = sorted({(p.collection, p.patient_id) for p in patients if p.problem is None})
-    rows = [
-        {"source_id": source_id, "collection": c, "patient_id": p, "discovered_at": now}
-        for c, p in keys
-    ]
-    await _insert_absent(db, PATIENTS, rows, ["source_id", "collection", "patient_id"])
-
-
-async def record_studies(db: Database, source_id: int, studies: Iterable[StudyInfo]) -> None:
-    now = db.clock.now()
-    by_uid = {s.study_uid: s for s in studies if s.problem is None}
-    rows = [
-        {
-            "source_id": source_id,
-            "collection": s.collection,
-            "patient_id": s.patient_id,
-            "study_uid": uid,
-            "study_date": s.study_date.isoformat() if s.study_date else None,
-            "description": s.study_description,
-            "discovered_at": now,
-        }
-        for uid, s in sorted(by_uid.items())
-    ]
-    await _insert_absent(db, STUDIES, rows, ["source_id", "study_uid"])
-
-
 async def _insert_absent(
     db: Database, table: Table, rows: list[dict[str, Any]], key: list[str]
 ) -> None:
-    for start in range(0, len(rows), BATCH):
-        chunk = rows[start : start + BATCH]
+    for chunk in batches(rows):
 
         async def op(conn: AsyncConnection, chunk: list[dict[str, Any]] = chunk) -> None:
             await conn.execute(
@@ -515,3 +436,293 @@ async def _insert_absent(
             )
 
         await db.run_write(op)
+
+
+# ---- withdrawals -----------------------------------------------------------------------
+
+
+def _in_collection(collection: str) -> Any:
+    # The archive spells collection names differently between endpoints.
+    return func.lower(SERIES.c.collection) == collection.lower()
+
+
+# ---- the source rows --------------------------------------------------------------------
+
+
+async def _source_column(db: Database, source_id: int, column: Any) -> datetime | None:
+    async def op(conn: AsyncConnection) -> datetime | None:
+        value = await conn.scalar(select(column).where(SOURCES.c.id == source_id))
+        return cast(datetime | None, value)
+
+    return await db.run_read(op)
+
+
+class Sources:
+    """What each source lists: its row, watermarks, discovery results, withdrawals."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def ensure_source(self, source: SourceSettings) -> int:
+        """The source's id, creating its row (or updating its url/api) as needed."""
+
+        async def op(conn: AsyncConnection) -> int:
+            # Insert-if-absent first: fleet processes starting together must not collide.
+            await conn.execute(
+                insert_for(conn, SOURCES)
+                .values(name=source.name, url=source.url, api=source.api)
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+            row = (
+                await conn.execute(
+                    select(SOURCES.c.id, SOURCES.c.url, SOURCES.c.api).where(
+                        SOURCES.c.name == source.name
+                    )
+                )
+            ).one()
+            if (row.url, row.api) != (source.url, source.api):
+                await conn.execute(
+                    update(SOURCES)
+                    .where(SOURCES.c.id == row.id)
+                    .values(url=source.url, api=source.api)
+                )
+            return int(row.id)
+
+        return await self._db.run_write(op)
+
+    async def get_watermark(self, source_id: int) -> datetime | None:
+        return await _source_column(self._db, source_id, SOURCES.c.watermark)
+
+    async def last_full_listing_at(self, source_id: int) -> datetime | None:
+        return await _source_column(self._db, source_id, SOURCES.c.last_full_listing_at)
+
+    async def last_discovery_at(self, source_id: int) -> datetime | None:
+        """When a discovery of the source (by any process of the fleet) last committed."""
+        return await _source_column(self._db, source_id, SOURCES.c.last_discovery_at)
+
+    async def set_watermark(
+        self, source_id: int, value: datetime | None, *, full_listing: bool = False
+    ) -> None:
+        """Record a committed discovery pass: its watermark (None keeps the old one)."""
+
+        async def op(conn: AsyncConnection) -> None:
+            now = self._db.clock.now()
+            values: dict[str, Any] = {"last_discovery_at": now}
+            if value is not None:
+                values["watermark"] = as_utc(value)
+            if full_listing:
+                values["last_full_listing_at"] = now
+            await conn.execute(update(SOURCES).where(SOURCES.c.id == source_id).values(**values))
+
+        await self._db.run_write(op)
+
+    async def record_collections(self, source_id: int, names: Iterable[str]) -> None:
+        now = self._db.clock.now()
+        rows = [
+            {"source_id": source_id, "name": n, "discovered_at": now} for n in sorted(set(names))
+        ]
+        await _insert_absent(self._db, COLLECTIONS, rows, ["source_id", "name"])
+
+    async def known_collections(self, source_id: int) -> list[str]:
+        async def op(conn: AsyncConnection) -> list[str]:
+            rows = await conn.execute(
+                select(COLLECTIONS.c.name)
+                .where(COLLECTIONS.c.source_id == source_id)
+                .order_by(COLLECTIONS.c.name)
+            )
+            return [str(n) for n in rows.scalars()]
+
+        return await self._db.run_read(op)
+
+    async def record_patients(self, source_id: int, patients: Iterable[PatientInfo]) -> None:
+        now = self._db.clock.now()
+        keys = sorted({(p.collection, p.patient_id) for p in patients if p.problem is None})
+        rows = [
+            {"source_id": source_id, "collection": c, "patient_id": p, "discovered_at": now}
+            for c, p in keys
+        ]
+        await _insert_absent(self._db, PATIENTS, rows, ["source_id", "collection", "patient_id"])
+
+    async def record_studies(self, source_id: int, studies: Iterable[StudyInfo]) -> None:
+        now = self._db.clock.now()
+        by_uid = {s.study_uid: s for s in studies if s.problem is None}
+        rows = [
+            {
+                "source_id": source_id,
+                "collection": s.collection,
+                "patient_id": s.patient_id,
+                "study_uid": uid,
+                "study_date": s.study_date.isoformat() if s.study_date else None,
+                "description": s.study_description,
+                "discovered_at": now,
+            }
+            for uid, s in sorted(by_uid.items())
+        ]
+        await _insert_absent(self._db, STUDIES, rows, ["source_id", "study_uid"])
+
+    async def upsert_series(
+        self, source_id: int, series: Sequence[SeriesInfo], listing: Listing | None = None
+    ) -> UpsertResult:
+        """Merge ``series`` into the catalog. ``listing`` is the discovery pass's memory
+        (see Listing); without one the call is a pass of its own, finished here."""
+        good, skipped = _without_bad(series)
+        own = listing is None
+        listing = Listing() if listing is None else listing
+        for s in good:
+            listing.note(s)
+        # Last report of a UID wins; sorted so concurrent writers lock rows in one order.
+        unique = sorted({s.series_uid: s for s in good}.values(), key=lambda s: s.series_uid)
+        total = UpsertResult(skipped=skipped)
+        for batch in batches(unique):
+
+            async def op(conn: AsyncConnection, b: Sequence[SeriesInfo] = batch) -> UpsertResult:
+                return await _upsert_batch(conn, source_id, b, listing, self._db.clock.now())
+
+            total += await self._db.run_write(op)
+        if own:
+            total += await self.finish_listing(source_id, listing)
+        return total
+
+    async def finish_listing(self, source_id: int, listing: Listing) -> UpsertResult:
+        """End of a pass: hold its conflicts, apply its moves, and (full listing) release the
+        conflicts it saw resolved. Counts moves as changed and newly held series as conflicts."""
+
+        async def op(conn: AsyncConnection) -> UpsertResult:
+            now = self._db.clock.now()
+            held = await _hold_conflicts(conn, source_id, listing, now)
+            released = (
+                await _release_resolved(conn, source_id, listing, now) if listing.full else set()
+            )
+            moved = [
+                info
+                for uid, info in sorted(listing.moves.items())
+                if uid not in listing.conflicts and uid not in released
+            ]
+            result = await _apply_moves(conn, source_id, moved, now)
+            return UpsertResult(changed=result + len(released), conflicts=held)
+
+        return await self._db.run_write(op)
+
+    async def held_in_collection(
+        self, source_id: int, collection: str, patients: Collection[str] = ()
+    ) -> set[str]:
+        """UIDs of the series the catalog holds in `collection` (of `patients` only, when
+        given) that a full listing of it should still return."""
+
+        async def op(conn: AsyncConnection) -> set[str]:
+            query = select(SERIES.c.series_uid).where(
+                SERIES.c.source_id == source_id,
+                _in_collection(collection),
+                SERIES.c.state.in_(_LISTABLE),
+            )
+            if patients:
+                query = query.where(SERIES.c.patient_id.in_(list(patients)))
+            return {str(uid) for uid in (await conn.execute(query)).scalars()}
+
+        return await self._db.run_read(op)
+
+    async def withdraw(self, source_id: int, collection: str, uids: Sequence[str]) -> int:
+        """Mark series withdrawn; only those still filed under `collection` (a series moved
+        to another collection meanwhile was listed there and is not withdrawn). A lease is
+        dropped: the worker's placement re-check then refuses to place the series."""
+        total = 0
+        for batch in batches(sorted(uids)):
+
+            async def op(conn: AsyncConnection, batch: list[str] = batch) -> int:
+                now = self._db.clock.now()
+                result = await conn.execute(
+                    update(SERIES)
+                    .where(
+                        SERIES.c.source_id == source_id,
+                        _in_collection(collection),
+                        SERIES.c.series_uid.in_(batch),
+                        SERIES.c.state.in_(_LISTABLE),
+                    )
+                    .values(
+                        state=SeriesState.WITHDRAWN,
+                        withdrawn_at=now,
+                        next_try_at=None,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=now,
+                    )
+                )
+                return int(result.rowcount)
+
+            total += await self._db.run_write(op)
+        return total
+
+    async def withdrawn(self) -> list[WithdrawnInfo]:
+        async def op(conn: AsyncConnection) -> list[WithdrawnInfo]:
+            rows = await conn.execute(
+                select(
+                    SERIES.c.series_uid,
+                    SOURCES.c.name,
+                    SERIES.c.collection,
+                    SERIES.c.withdrawn_at,
+                    SERIES.c.placed_path,
+                    SERIES.c.placed_at,
+                )
+                .join(SOURCES, SOURCES.c.id == SERIES.c.source_id)
+                .where(SERIES.c.state == SeriesState.WITHDRAWN)
+                .order_by(SERIES.c.withdrawn_at.desc(), SERIES.c.series_uid)
+            )
+            return [
+                WithdrawnInfo(
+                    series_uid=r.series_uid,
+                    source_name=r.name,
+                    collection=r.collection,
+                    withdrawn_at=r.withdrawn_at,
+                    # Placed once (placed_at) and no longer in the tree (placed_path).
+                    files_deleted=r.placed_path is None and r.placed_at is not None,
+                )
+                for r in rows
+            ]
+
+        return await self._db.run_read(op)
+
+    async def placed_withdrawn(self) -> list[PlacedWithdrawn]:
+        """Withdrawn series whose files are still in the mirror."""
+
+        async def op(conn: AsyncConnection) -> list[PlacedWithdrawn]:
+            rows = await conn.execute(
+                select(SERIES.c.id, SERIES.c.series_uid, SERIES.c.placed_path)
+                .where(SERIES.c.state == SeriesState.WITHDRAWN, SERIES.c.placed_path.is_not(None))
+                .order_by(SERIES.c.id)
+            )
+            return [PlacedWithdrawn(int(r.id), str(r.series_uid), str(r.placed_path)) for r in rows]
+
+        return await self._db.run_read(op)
+
+    async def forget_placement(self, series_id: int) -> bool:
+        """The files of a withdrawn series left the mirror: say so (no path, no instances,
+        no bytes). False when the series is no longer withdrawn (it reappeared)."""
+
+        async def op(conn: AsyncConnection) -> bool:
+            result = await conn.execute(
+                update(SERIES)
+                .where(SERIES.c.id == series_id, SERIES.c.state == SeriesState.WITHDRAWN)
+                .values(placed_path=None, bytes=0, updated_at=self._db.clock.now())
+            )
+            if not result.rowcount:
+                return False
+            await conn.execute(delete(INSTANCES).where(INSTANCES.c.series_id == series_id))
+            return True
+
+        return await self._db.run_write(op)
+
+    async def series_states(self, source_id: int, uids: Sequence[str]) -> dict[str, SeriesState]:
+        """State of each of `uids` the catalog holds for the source (absent: unknown)."""
+        found: dict[str, SeriesState] = {}
+        for batch in batches(list(dict.fromkeys(uids))):
+
+            async def op(conn: AsyncConnection, batch: list[str] = batch) -> dict[str, SeriesState]:
+                rows = await conn.execute(
+                    select(SERIES.c.series_uid, SERIES.c.state).where(
+                        SERIES.c.source_id == source_id, SERIES.c.series_uid.in_(batch)
+                    )
+                )
+                return {str(uid): SeriesState(state) for uid, state in rows}
+
+            found.update(await self._db.run_read(op))
+        return found
