@@ -4,6 +4,7 @@ that the entry point's quick exit (no interpreter teardown) loses no output or e
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,10 +39,12 @@ def test_status_imports_neither_the_http_client_nor_rich(empty_mirror: Path) -> 
     assert out.stderr.strip().splitlines()[-1] == "0 []"
 
 
-@pytest.mark.asyncio
-async def test_the_entry_point_delivers_all_of_stdout_through_a_pipe(empty_mirror: Path) -> None:
-    done = await run_subprocess("-c", str(empty_mirror), "status", "--json")
-    assert done.code == 0
+def test_the_entry_point_delivers_all_of_stdout_through_a_pipe(empty_mirror: Path) -> None:
+    # Block-buffered stdout (no PYTHONUNBUFFERED): the quick exit must flush it first.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    argv = [sys.executable, "-m", "nbia_sync", "-c", str(empty_mirror), "status", "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.returncode == 0
     assert json.loads(done.stdout)["series"]["done"] == {"count": 0, "bytes": 0}
 
 
