@@ -1,3 +1,3 @@
-from nbia_sync.cli import main
+from nbia_sync.cli import run
 
-raise SystemExit(main())
+run()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -22,7 +23,7 @@ import threading
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from nbia_sync import __version__
 from nbia_sync.constants import DEFAULT_TCIA_URL as TCIA_URL
@@ -691,3 +692,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(
             f"unexpected {type(exc).__name__}: {exc} (run with -v for details)", EXIT_SOFTWARE
         )
+
+
+def run() -> NoReturn:
+    """The console entry point: main(), then leave without the interpreter's teardown.
+
+    Freeing every module and object at exit takes ~0.1 s after a command that imported
+    SQLAlchemy and aiohttp, and does nothing a finished command needs: main() has closed
+    the catalog, its files and the event loop (and the thread pools with it) by then, so
+    only the log handlers and stdio are left to flush, which happens here."""
+    code = main()
+    logging = sys.modules.get("logging")
+    if logging is not None:
+        logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`| head`)
+            stream.flush()
+    os._exit(code)

@@ -54,6 +54,8 @@ from nbia_sync.witness import Watched, trusting
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
 Listed = TypeVar("Listed", PatientInfo, StudyInfo)
 # Archive queries in flight at once during discovery: enough to hide latency, few
 # enough not to look like an attack on a shared public service.
@@ -287,9 +289,12 @@ class _Pass:
         if fresh:
             log.info("discovery.new_collections", source=self.source.name, collections=fresh)
             await self.full_listing(fresh)
-        await self.store(await self.query(self.client.updated_series(since)))
         seen = [c for c in collections if c.casefold() in known]
-        await _all(*(self.new_in_collection(c, since) for c in seen))
+        # One round trip for all of them: each waits on the archive, not on the others.
+        await _all(self.updated(since), *(self.new_in_collection(c, since) for c in seen))
+
+    async def updated(self, since: date) -> None:
+        await self.store(await self.query(self.client.updated_series(since)))
 
     def usable(self, found: list[Listed]) -> list[Listed]:
         """The records without a problem; the others are warned about and counted."""
@@ -302,9 +307,11 @@ class _Pass:
         return good
 
     async def new_in_collection(self, collection: str, since: date) -> None:
-        # Collections already run concurrently; within one, the two queries go in turn.
-        patients = await self.query(self.client.new_patients(collection, since))
-        studies = await self.query(self.client.new_studies(collection, since))
+        # Both at once (within the concurrency cap): neither depends on the other.
+        patients, studies = await _both(
+            self.query(self.client.new_patients(collection, since)),
+            self.query(self.client.new_studies(collection, since)),
+        )
         patients = [p for p in self.usable(patients) if self.filter.patient(p.patient_id)]
         studies = [s for s in self.usable(studies) if self.filter.patient(s.patient_id)]
         if patients:
@@ -348,6 +355,13 @@ async def _all(*pending: Coroutine[Any, Any, T]) -> list[T]:
         raise first from first.__cause__
     results.extend(slots[i] for i in range(len(pending)))
     return results
+
+
+async def _both(first: Coroutine[Any, Any, A], second: Coroutine[Any, Any, B]) -> tuple[A, B]:
+    """Two queries of different result types at once, failing as _all does."""
+    pending: list[Coroutine[Any, Any, Any]] = [first, second]
+    a, b = await _all(*pending)
+    return a, b
 
 
 def _as_utc(value: datetime) -> datetime:

@@ -15,9 +15,6 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Literal, TextIO
 
-import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
-
 from nbia_sync.redaction import (
     REDACTED,
     SECRET_KEY,
@@ -25,6 +22,26 @@ from nbia_sync.redaction import (
     redact_text,
     register_secret,
 )
+
+
+def _import_structlog_without_rich() -> None:
+    """structlog imports rich when it is installed (~40 ms of every start-up) for its
+    rich exception renderers, which these logs never use: format_exc_info renders every
+    exception to text before a renderer sees it. Hide rich from that one import only;
+    the progress display still imports it on a terminal."""
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]  # makes `import rich` fail
+    try:
+        import structlog  # noqa: F401
+    finally:
+        del sys.modules["rich"]
+
+
+_import_structlog_without_rich()
+
+import structlog  # noqa: E402
+from structlog.typing import EventDict, Processor, WrappedLogger  # noqa: E402
 
 __all__ = ["REDACTED", "configure_logging", "forget_secrets", "redact_text", "register_secret"]
 

@@ -154,7 +154,7 @@ def render_status(status: dict[str, Any], out: TextIO) -> None:
     w(f"{'state':<12}{'series':>10}{'bytes':>14}\n")
     for state, row in status["series"].items():
         w(f"{state:<12}{row['count']:>10}{human_bytes(row['bytes']):>14}\n")
-    unverified = status["unverified"]
+    unverified = status.get("unverified") or {"files": 0}
     if unverified["files"]:
         w(
             f"\nunverified: {unverified['files']} files in {unverified['series']} series "

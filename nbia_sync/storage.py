@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from pathlib import Path
@@ -37,6 +38,10 @@ STATE_DIR = ".nbia-sync"
 # From this many touched directories on, one syncfs(2) replaces their fsyncs.
 _SYNCFS_FROM = 3
 _MAX_PART_BYTES = 255  # NAME_MAX on every common file system
+# One statvfs (a thread hop) serves the space checks of this many seconds of claims: on
+# many small series it was one hop per series. Other processes writing to the same disk
+# in that window go unseen, as they would between any two readings.
+SPACE_READ_INTERVAL = 0.5
 # DICOM caps UIDs (and LO values such as PatientID) at 64 characters: anything longer in
 # a path is hostile or broken, and five such parts could pass PATH_MAX. Hashed beyond.
 MAX_PART_CHARS = 64
@@ -210,6 +215,8 @@ class Mirror:
         # Bytes promised to downloads in progress in this process (see reserve()).
         self._reserved = 0
         self._space_lock = anyio.Lock()
+        # (monotonic time of the last statvfs, bytes free then less reservations ended).
+        self._free_read: tuple[float, int] | None = None
 
     # -- layout -------------------------------------------------------------------
 
@@ -353,12 +360,22 @@ class Mirror:
     # -- space --------------------------------------------------------------------
 
     async def free_bytes(self) -> int:
+        """Bytes free under the root: statvfs in a thread (it may block on a network
+        file system), read again at most every SPACE_READ_INTERVAL seconds. Between
+        readings, each reservation given back counts as written (see reserve), so a
+        reading is never more generous than the disk was."""
+        now = time.monotonic()
+        if self._free_read is not None and now - self._free_read[0] < SPACE_READ_INTERVAL:
+            return self._free_read[1]
+
         def stat() -> int:
             probe = self.root if self.root.exists() else self.root.parent
             st = os.statvfs(probe)
             return st.f_bavail * st.f_frsize
 
-        return await anyio.to_thread.run_sync(stat)
+        free = await anyio.to_thread.run_sync(stat)
+        self._free_read = (now, free)
+        return free
 
     async def ensure_space(self, expected_bytes: int | None, min_free_bytes: int) -> None:
         """Raise DiskSpaceError unless ``expected_bytes`` fit with ``min_free_bytes`` to
@@ -393,6 +410,8 @@ class Mirror:
             yield
         finally:
             self._reserved -= amount
+            if self._free_read is not None:  # its bytes may be on the disk now
+                self._free_read = (self._free_read[0], self._free_read[1] - amount)
 
 
 def disk_full(exc: OSError) -> bool:

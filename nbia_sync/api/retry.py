@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
-import aiohttp
 import structlog
 
 from nbia_sync.clock import SYSTEM_CLOCK, Clock
@@ -91,6 +90,8 @@ class RetryPolicy:
         Raw aiohttp/socket errors that escape ``fn`` are treated as retryable; the last
         RetryableError is re-raised when the attempts run out.
         """
+        import aiohttp  # here: the catalog uses this module's backoff, `status` no HTTP
+
         attempt = 0
         while True:
             try:

@@ -14,6 +14,7 @@ this series with a distinct SOPInstanceUID. Staged files are then named
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import hashlib
@@ -421,31 +422,34 @@ class _Pipe:
         self._closed = False
         self._budget = budget
         self._min_hop = min(min_hop, budget)
-        self._cond = anyio.Condition()
+        # One putter and one taker, both on the event loop: no lock is needed, only a
+        # wake-up each way (anyio's Condition cost a lock and two cancel scopes a chunk).
+        # Each side clears its event, then checks, then waits: no wake-up is lost.
+        self._room = asyncio.Event()
+        self._ready = asyncio.Event()
 
     async def put(self, chunk: bytes) -> None:
-        async with self._cond:
-            while self._size >= self._budget:
-                await self._cond.wait()
-            self._parts.append(chunk)
-            self._size += len(chunk)
-            if self._size >= self._min_hop:
-                self._cond.notify_all()
+        while self._size >= self._budget:
+            self._room.clear()
+            await self._room.wait()
+        self._parts.append(chunk)
+        self._size += len(chunk)
+        if self._size >= self._min_hop:
+            self._ready.set()
 
     async def close(self) -> None:
-        async with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        self._closed = True
+        self._ready.set()
 
     async def take(self) -> tuple[bytes | None, bool]:
         """(the queued bytes, whether the stream has ended)."""
-        async with self._cond:
-            while self._size < self._min_hop and not self._closed:
-                await self._cond.wait()
-            data = _join(self._parts) if self._parts else None
-            self._parts, self._size = [], 0
-            self._cond.notify_all()
-            return data, self._closed
+        while self._size < self._min_hop and not self._closed:
+            self._ready.clear()
+            await self._ready.wait()
+        data = _join(self._parts) if self._parts else None
+        self._parts, self._size = [], 0
+        self._room.set()
+        return data, self._closed
 
 
 async def fetch_series(

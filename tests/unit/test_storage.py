@@ -203,6 +203,42 @@ async def test_free_bytes_matches_statvfs(tmp_path: Path) -> None:
     assert abs(free - st.f_bavail * st.f_frsize) < 64 << 20
 
 
+class FakeStatvfs:
+    """os.statvfs for the storage module: a fixed free space, and a count of the calls."""
+
+    def __init__(self, free_blocks: int) -> None:
+        self.free_blocks = free_blocks
+        self.calls = 0
+
+    def __call__(self, _path: object) -> os.statvfs_result:
+        self.calls += 1
+        return os.statvfs_result((4096, 4096, 0, 0, self.free_blocks, 0, 0, 0, 0, 255))
+
+
+async def test_one_statvfs_serves_the_space_checks_close_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeStatvfs(free_blocks=1000)
+    monkeypatch.setattr("nbia_sync.storage.os.statvfs", fake)
+    m = Mirror(tmp_path)
+    for _ in range(5):
+        await m.ensure_space(1024, 0)
+    assert fake.calls == 1
+
+
+async def test_a_reservation_given_back_counts_as_written_until_the_next_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("nbia_sync.storage.os.statvfs", FakeStatvfs(free_blocks=10))
+    m = Mirror(tmp_path)
+    async with m.reserve(30_000, 0):
+        pass
+    # 40,960 bytes read, 30,000 of them possibly written since: 10,960 at most.
+    assert await m.free_bytes() == 10 * 4096 - 30_000
+    with pytest.raises(SeriesTooLargeError):
+        await m.ensure_space(20_000, 0)
+
+
 def mirror_with_free_space(root: Path, free: int) -> Mirror:
     """A Mirror that sees `free` bytes free: the real disk changes under parallel work."""
     m = Mirror(root)
