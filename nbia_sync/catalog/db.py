@@ -127,7 +127,7 @@ class Database:
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         # Source id -> name, as read by claims: a source row is never renamed or deleted
-        # (sources are found by name; see Catalog.ensure_source), so this never goes stale.
+        # (sources are found by name; see catalog.sources.ensure_source), so this never goes stale.
         self.source_names: dict[int, str] = {}
 
     @classmethod
