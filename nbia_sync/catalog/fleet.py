@@ -17,7 +17,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import delete, func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.catalog.db import Database
@@ -26,7 +25,7 @@ from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.queue import Queue
 from nbia_sync.catalog.records import RunCounts, RunInfo, WorkerInfo
 from nbia_sync.catalog.sources import Sources
-from nbia_sync.catalog.tables import LOCKS, RUNS, SERIES, WORKERS
+from nbia_sync.catalog.tables import LOCKS, RUNS, SERIES, WORKERS, insert_for
 from nbia_sync.clock import Clock
 from nbia_sync.config import Settings
 
@@ -310,7 +309,7 @@ class Fleet:
             if taken.rowcount > 0:
                 return True
             # No row, or a live foreign one: insert-if-absent decides, race-free on both dialects.
-            ins = (sqlite.insert if self._db.is_sqlite else postgresql.insert)(LOCKS)
+            ins = insert_for("sqlite" if self._db.is_sqlite else "postgresql", LOCKS)
             created = await conn.execute(
                 ins.values(name=name, owner=owner, expires_at=expires).on_conflict_do_nothing(
                     index_elements=["name"]

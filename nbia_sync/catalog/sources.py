@@ -32,7 +32,6 @@ from typing import Any, cast
 
 import structlog
 from sqlalchemy import Table, bindparam, delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from nbia_sync.api.models import PatientInfo, SeriesInfo, StudyInfo
@@ -47,6 +46,7 @@ from nbia_sync.catalog.tables import (
     SOURCES,
     STUDIES,
     batches,
+    insert_for,
 )
 from nbia_sync.config import SourceSettings
 
@@ -136,11 +136,6 @@ def is_changed(row: Any, info: SeriesInfo) -> bool:
         or (info.image_count is not None and info.image_count != row.image_count)
         or (info.file_size is not None and info.file_size != row.file_size)
     )
-
-
-def insert_for(conn: AsyncConnection, table: Table) -> Any:
-    """INSERT with the dialect's ON CONFLICT support (same syntax on SQLite and PG)."""
-    return (sqlite.insert if conn.dialect.name == "sqlite" else postgresql.insert)(table)
 
 
 # Updates for changed series, run as executemany; b_* names avoid clashing with columns.
@@ -308,7 +303,7 @@ async def _upsert_batch(
         # or this pass listing the UID under two places at once, must not abort the
         # batch; the row written first is kept (and counted once: RETURNING).
         insert_new = (
-            insert_for(conn, SERIES)
+            insert_for(conn.dialect.name, SERIES)
             .on_conflict_do_nothing(index_elements=["source_id", "series_uid"])
             .returning(SERIES.c.series_uid)
         )
@@ -432,7 +427,8 @@ async def _insert_absent(
 
         async def op(conn: AsyncConnection, chunk: list[dict[str, Any]] = chunk) -> None:
             await conn.execute(
-                insert_for(conn, table).on_conflict_do_nothing(index_elements=key), chunk
+                insert_for(conn.dialect.name, table).on_conflict_do_nothing(index_elements=key),
+                chunk,
             )
 
         await db.run_write(op)
@@ -469,7 +465,7 @@ class Sources:
         async def op(conn: AsyncConnection) -> int:
             # Insert-if-absent first: fleet processes starting together must not collide.
             await conn.execute(
-                insert_for(conn, SOURCES)
+                insert_for(conn.dialect.name, SOURCES)
                 .values(name=source.name, url=source.url, api=source.api)
                 .on_conflict_do_nothing(index_elements=["name"])
             )
