@@ -50,7 +50,8 @@ class TerminalProgress:
         self.series_total = 0
         self.series_done = 0
         self.series_failed = 0
-        self.files = 0
+        self.files = 0  # of series placed
+        self._arriving: dict[str, int] = {}  # files received so far by each attempt in flight
         self.files_total: int | None = None
         self.bytes = 0
         self.bytes_total = 0
@@ -66,8 +67,14 @@ class TerminalProgress:
             self._counting.cancel()
         self._progress.stop()
 
+    @property
+    def files_seen(self) -> int:
+        """Files of placed series plus those arrived for series still in flight."""
+        return self.files + sum(self._arriving.values())
+
     def _describe(self) -> None:
-        files = f"{self.files}" if self.files_total is None else f"{self.files}/{self.files_total}"
+        seen = self.files_seen
+        files = f"{seen}" if self.files_total is None else f"{seen}/{self.files_total}"
         text = f"series {self.series_done}/{self.series_total}  files {files}"
         if self.series_failed:
             text += f"  [red]failed attempts {self.series_failed}[/red]"
@@ -102,9 +109,14 @@ class TerminalProgress:
             self.bytes_total = self.bytes
             self._progress.update(self._task, total=self.bytes)
 
+    def files_received(self, series_uid: str, n: int) -> None:
+        self._arriving[series_uid] = self._arriving.get(series_uid, 0) + n
+        self._describe()
+
     def series_finished(
         self, series_uid: str, *, ok: bool, files: int, error: BaseException | None
     ) -> None:
+        self._arriving.pop(series_uid, None)  # placed: counted below; failed: they come again
         if ok:
             self.series_done += 1
             self.files += files

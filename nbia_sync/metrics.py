@@ -147,6 +147,9 @@ class MetricsProgress:
     def bytes_received(self, n: int) -> None:
         self._m.bytes_downloaded.inc(n)
 
+    def files_received(self, series_uid: str, n: int) -> None:
+        pass  # files count when their series is placed (nbia_sync_downloaded_files_total)
+
     def series_finished(
         self, series_uid: str, *, ok: bool, files: int, error: BaseException | None
     ) -> None:

@@ -18,6 +18,10 @@ class ProgressSink(Protocol):
 
     def bytes_received(self, n: int) -> None: ...
 
+    def files_received(self, series_uid: str, n: int) -> None:
+        """`n` more files of this attempt arrived whole (written and hashed, not yet
+        checked against the hash list); an attempt that fails receives them again."""
+
     def series_finished(
         self, series_uid: str, *, ok: bool, files: int, error: BaseException | None
     ) -> None:
@@ -36,6 +40,9 @@ class NullProgress:
         pass
 
     def bytes_received(self, n: int) -> None:
+        pass
+
+    def files_received(self, series_uid: str, n: int) -> None:
         pass
 
     def series_finished(
@@ -61,6 +68,10 @@ class FanOut:
     def bytes_received(self, n: int) -> None:
         for s in self._sinks:
             s.bytes_received(n)
+
+    def files_received(self, series_uid: str, n: int) -> None:
+        for s in self._sinks:
+            s.files_received(series_uid, n)
 
     def series_finished(
         self, series_uid: str, *, ok: bool, files: int, error: BaseException | None

@@ -155,6 +155,11 @@ class _SeriesWriter:
     def __post_init__(self) -> None:
         self.reader = ZipStreamReader(self.staging / _SPOOL_NAME)
 
+    @property
+    def files_written(self) -> int:
+        """Entries written whole so far (the one being written is not)."""
+        return len(self.entries) - (self._fd is not None)
+
     def feed(self, chunk: bytes) -> None:
         with _disk_errors(self.staging):
             for event in self.reader.feed(chunk):
@@ -484,11 +489,18 @@ async def fetch_series(
     received = 0
     files: list[StagedFile] | None = None
 
+    reported = 0
+
     async def process() -> None:
-        nonlocal files
+        nonlocal files, reported
         while files is None:
             data, last = await pipe.take()
             files = await anyio.to_thread.run_sync(side.feed, data, last)
+            # Back on the loop, the thread idle: files whose last byte was written.
+            whole = writer.files_written
+            if whole > reported:
+                progress.files_received(claim.series_uid, whole - reported)
+                reported = whole
             if last:
                 return
 

@@ -47,6 +47,7 @@ class Recorder:
         self._series = series
         self.finished: list[tuple[str, bool]] = []
         self.bytes = 0
+        self.files_arrived: dict[str, int] = {}
 
     def plan(self, series: int, total_bytes: int) -> None:
         self.planned = (series, total_bytes)
@@ -59,6 +60,9 @@ class Recorder:
 
     def bytes_received(self, n: int) -> None:
         self.bytes += n
+
+    def files_received(self, series_uid: str, n: int) -> None:
+        self.files_arrived[series_uid] = self.files_arrived.get(series_uid, 0) + n
 
     def series_finished(
         self, series_uid: str, *, ok: bool, files: int, error: BaseException | None
@@ -172,6 +176,18 @@ async def test_drain_fetches_every_series_and_reports_progress(
     assert all(ok for _, ok in progress.finished) and len(progress.finished) == 8
     assert progress.bytes > total  # the ZIP wrapping on top of the files
     assert staging_files(tmp_path / "mirror") == []
+
+
+async def test_files_are_reported_as_they_arrive_not_only_when_placed(
+    catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path / "mirror", sim)
+    await queue_all(catalog, settings, sim_archive)
+    progress = Recorder()
+    await run_drain(settings, catalog, progress)
+    assert progress.files_arrived == {
+        uid: len(s.instances) for uid, s in sim_archive.series.items()
+    }
 
 
 async def test_retryable_failures_are_retried_after_backoff_until_done(

@@ -37,3 +37,16 @@ def test_display_counts_series_files_and_bytes() -> None:
     )
     text = out.getvalue()
     assert "series 1/2" in text and "files 3" in text and "failed attempts 1" in text
+
+
+def test_files_count_as_they_arrive_and_a_failed_attempt_gives_them_back() -> None:
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    with TerminalProgress(console) as display:
+        display.plan(2, 2000)
+        display.files_received("a", 2)
+        display.files_received("b", 1)
+        assert display.files_seen == 3  # live, before any series is placed
+        display.series_finished("a", ok=True, files=3, error=None)
+        assert display.files_seen == 4  # a's three once, b's one still arriving
+        display.series_finished("b", ok=False, files=0, error=None)
+        assert display.files_seen == 3  # b's attempt failed: its files come again
