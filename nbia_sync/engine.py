@@ -211,7 +211,7 @@ async def _work(
     options: DiscoveryOptions,
 ) -> None:
     """Clean staging, discover each source once per fleet, remove withdrawn files, drain."""
-    mirror = Mirror(settings.mirror.root)
+    mirror = Mirror(settings.mirror.root, catalog.clock)
     await mirror.clean_staging(await me.live_owners())
     async with contextlib.AsyncExitStack() as stack:
         clients: dict[str, NbiaClient] = {}

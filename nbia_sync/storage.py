@@ -21,7 +21,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import cast
 import anyio
 import structlog
 
+from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.errors import DiskSpaceError, MirrorRootError, SeriesTooLargeError
 
 log = structlog.get_logger(__name__)
@@ -207,8 +207,9 @@ def _rmtree(path: Path) -> None:
 class Mirror:
     """The mirror tree under ``root`` and its bookkeeping area ``root/.nbia-sync``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, clock: Clock = SYSTEM_CLOCK) -> None:
         self.root = root
+        self._clock = clock  # times the statvfs readings (see free_bytes)
         self.state_dir = root / STATE_DIR
         self.staging_root = self.state_dir / "staging"
         self.trash_root = self.state_dir / "trash"
@@ -364,7 +365,7 @@ class Mirror:
         file system), read again at most every SPACE_READ_INTERVAL seconds. Between
         readings, each reservation given back counts as written (see reserve), so a
         reading is never more generous than the disk was."""
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if self._free_read is not None and now - self._free_read[0] < SPACE_READ_INTERVAL:
             return self._free_read[1]
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import anyio
 import pytest
 
+from nbia_sync.clock import FakeClock
 from nbia_sync.errors import DiskSpaceError, SeriesTooLargeError
-from nbia_sync.storage import Mirror, safe_part
+from nbia_sync.storage import SPACE_READ_INTERVAL, Mirror, safe_part
 
 pytestmark = pytest.mark.asyncio
 
@@ -220,17 +221,21 @@ async def test_one_statvfs_serves_the_space_checks_close_together(
 ) -> None:
     fake = FakeStatvfs(free_blocks=1000)
     monkeypatch.setattr("nbia_sync.storage.os.statvfs", fake)
-    m = Mirror(tmp_path)
+    clock = FakeClock()
+    m = Mirror(tmp_path, clock)
     for _ in range(5):
         await m.ensure_space(1024, 0)
     assert fake.calls == 1
+    clock.advance(SPACE_READ_INTERVAL)
+    await m.ensure_space(1024, 0)
+    assert fake.calls == 2  # a reading older than the interval is taken again
 
 
 async def test_a_reservation_given_back_counts_as_written_until_the_next_reading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("nbia_sync.storage.os.statvfs", FakeStatvfs(free_blocks=10))
-    m = Mirror(tmp_path)
+    m = Mirror(tmp_path, FakeClock())
     async with m.reserve(30_000, 0):
         pass
     # 40,960 bytes read, 30,000 of them possibly written since: 10,960 at most.
