@@ -10,6 +10,7 @@ the archive has since replaced, can never overwrite newer state.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,7 +27,9 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import BindParameter
 
 from nbia_sync.catalog.db import Database
 from nbia_sync.catalog.models import SeriesState
@@ -114,98 +117,117 @@ class BatchPlacement:
         self.placed[claim.series_id] = (claim, guard)
 
 
-def _ready_queries(now: datetime) -> list[Select[Any]]:
+# The hot statements are built once, with bind parameters (building and cache-keying a
+# statement per call cost more than running it): ``q_*`` names never clash with columns.
+# Untyped: each takes the type of the column it meets (UTCDateTime for the times).
+_NOW: BindParameter[Any] = bindparam("q_now")
+_OWNER: BindParameter[Any] = bindparam("q_owner")
+_EXPIRES: BindParameter[Any] = bindparam("q_expires")
+_LIMIT: BindParameter[Any] = bindparam("q_limit")
+
+
+def _ready_queries(scoped: bool) -> list[Select[Any]]:
     """Claimable series, one index-friendly query per kind (an OR defeats the index).
 
     Backed-off retries first (they have waited), then expired leases, then new work.
+    ``scoped``: only the sources in the expanding parameter ``q_sources``.
     """
-    return [
+    queries = [
         select(SERIES.c.id)
-        .where(SERIES.c.state == SeriesState.PENDING, SERIES.c.next_try_at <= now)
+        .where(SERIES.c.state == SeriesState.PENDING, SERIES.c.next_try_at <= _NOW)
         .order_by(SERIES.c.next_try_at),
         select(SERIES.c.id).where(
-            SERIES.c.state == SeriesState.DOWNLOADING, SERIES.c.lease_expires_at < now
+            SERIES.c.state == SeriesState.DOWNLOADING, SERIES.c.lease_expires_at < _NOW
         ),
         # No ORDER BY: walking the (state, next_try_at) index already yields rows in
         # insertion order on SQLite, and sorting a million wanted rows per claim would not.
         select(SERIES.c.id).where(SERIES.c.state == SeriesState.WANTED),
     ]
+    if scoped:
+        sources: BindParameter[Any] = bindparam("q_sources", expanding=True)
+        queries = [q.where(SERIES.c.source_id.in_(sources)) for q in queries]
+    return queries
 
 
-async def _source_names(
-    conn: AsyncConnection, ids: Collection[int], cache: dict[int, str]
-) -> dict[int, str]:
+def _lease(ids: Any) -> Any:
+    """UPDATE ... RETURNING that leases the series ``ids`` selects to ``q_owner``."""
+    return (
+        update(SERIES)
+        .where(SERIES.c.id.in_(ids))
+        .values(
+            # Reclaiming an expired lease counts as an attempt: a series that kills its
+            # worker must not be retried forever.
+            attempts=SERIES.c.attempts
+            + case((SERIES.c.state == SeriesState.DOWNLOADING, 1), else_=0),
+            state=SeriesState.DOWNLOADING,
+            lease_owner=_OWNER,
+            lease_expires_at=_EXPIRES,
+            updated_at=_NOW,
+        )
+        .returning(*_CLAIM_COLUMNS)
+    )
+
+
+@functools.cache
+def _claim_statements(dialect: str, scoped: bool) -> tuple[Any, ...]:
+    """SQLite: one statement. PostgreSQL: the ready queries, then the lease update."""
+    queries = _ready_queries(scoped)
+    if dialect == "sqlite":
+        # One statement instead of four: each kind of ready work stays its own
+        # index-friendly subquery, UNION ALL keeps their priority under the LIMIT, and
+        # BEGIN IMMEDIATE already serialises claimers (SQLite has no row locks to take).
+        parts = [select(q.limit(_LIMIT).subquery().c.id) for q in queries]
+        return (_lease(union_all(*parts).limit(_LIMIT).scalar_subquery()),)
+    # SKIP LOCKED: concurrent claimers on PostgreSQL pass over each other's rows
+    # instead of queueing.
+    ready = tuple(q.limit(_LIMIT).with_for_update(skip_locked=True) for q in queries)
+    return (*ready, _lease(bindparam("q_ids", expanding=True)))
+
+
+def _source_names(conn: Connection, ids: Collection[int], cache: dict[int, str]) -> dict[int, str]:
     """Names of sources, read once per process (a statement less per claim)."""
     missing = [i for i in ids if i not in cache]
     if missing:
-        rows = await conn.execute(
-            select(SOURCES.c.id, SOURCES.c.name).where(SOURCES.c.id.in_(missing))
-        )
+        rows = conn.execute(select(SOURCES.c.id, SOURCES.c.name).where(SOURCES.c.id.in_(missing)))
         cache.update({int(i): str(n) for i, n in rows})
     return cache
 
 
-async def _claim_in(
-    conn: AsyncConnection,
+def _claim_in(
+    conn: Connection,
     db: Database,
     owner: str,
     limit: int,
     lease_seconds: float,
     source_ids: Collection[int] | None,
 ) -> list[Claim]:
-    """The claim, inside the caller's write transaction."""
+    """The claim, inside the caller's write transaction (a step of `Database.transaction`)."""
     now = db.clock.now()
-    queries = _ready_queries(now)
+    params: dict[str, Any] = {
+        "q_now": now,
+        "q_owner": owner,
+        "q_expires": now + timedelta(seconds=lease_seconds),
+        "q_limit": limit,
+    }
     if source_ids is not None:
-        queries = [q.where(SERIES.c.source_id.in_(list(source_ids))) for q in queries]
-    leased = dict(
-        # Reclaiming an expired lease counts as an attempt: a series that kills its
-        # worker must not be retried forever.
-        attempts=SERIES.c.attempts + case((SERIES.c.state == SeriesState.DOWNLOADING, 1), else_=0),
-        state=SeriesState.DOWNLOADING,
-        lease_owner=owner,
-        lease_expires_at=now + timedelta(seconds=lease_seconds),
-        updated_at=now,
-    )
-    if conn.dialect.name == "sqlite":
-        # One statement instead of four (each is a round trip through the driver's
-        # thread): each kind of ready work stays its own index-friendly subquery, UNION
-        # ALL keeps their priority under the LIMIT, and BEGIN IMMEDIATE already
-        # serialises claimers (SQLite has no row locks to take).
-        parts = [select(q.limit(limit).subquery().c.id) for q in queries]
-        ready = union_all(*parts).limit(limit)
-        rows = (
-            await conn.execute(
-                update(SERIES)
-                .where(SERIES.c.id.in_(ready.scalar_subquery()))
-                .values(**leased)
-                .returning(*_CLAIM_COLUMNS)
-            )
-        ).all()
+        params["q_sources"] = list(source_ids)
+    *ready, lease = _claim_statements(conn.dialect.name, source_ids is not None)
+    if not ready:
+        rows = conn.execute(lease, params).all()
         order = {int(r.id): i for i, r in enumerate(sorted(rows, key=lambda r: r.id))}
     else:
         ids: list[int] = []
-        for query in queries:
-            # SKIP LOCKED: concurrent claimers on PostgreSQL pass over each other's rows
-            # instead of queueing.
-            query = query.limit(limit - len(ids)).with_for_update(skip_locked=True)
-            ids.extend((await conn.execute(query)).scalars())
+        for query in ready:
+            ids.extend(conn.execute(query, {**params, "q_limit": limit - len(ids)}).scalars())
             if len(ids) >= limit:
                 break
         if not ids:
             return []
-        rows = (
-            await conn.execute(
-                update(SERIES)
-                .where(SERIES.c.id.in_(ids))
-                .values(**leased)
-                .returning(*_CLAIM_COLUMNS)
-            )
-        ).all()
+        rows = conn.execute(lease, {**params, "q_ids": ids}).all()
         order = {series_id: i for i, series_id in enumerate(ids)}
     if not rows:
         return []
-    names = await _source_names(conn, {r.source_id for r in rows}, db.source_names)
+    names = _source_names(conn, {r.source_id for r in rows}, db.source_names)
     return sorted((_to_claim(r, names) for r in rows), key=lambda c: order[c.series_id])
 
 
@@ -227,57 +249,115 @@ def _to_claim(row: Any, names: dict[int, str]) -> Claim:
     )
 
 
-def _owned(series_id: int, owner: str) -> Any:
-    return and_(
-        SERIES.c.id == series_id,
+_OWNED = and_(
+    SERIES.c.id == bindparam("q_id"),
+    SERIES.c.state == SeriesState.DOWNLOADING,
+    SERIES.c.lease_owner == _OWNER,
+)
+_LOCK_OWNED = select(SERIES.c.generation, SERIES.c.attempts).where(_OWNED).with_for_update()
+# Every lease and generation of a group commit, in one locking read.
+_LOCK_HELD = (
+    select(SERIES.c.id, SERIES.c.generation)
+    .where(
+        SERIES.c.id.in_(bindparam("q_ids", expanding=True)),
         SERIES.c.state == SeriesState.DOWNLOADING,
-        SERIES.c.lease_owner == owner,
+        SERIES.c.lease_owner == _OWNER,
     )
-
-
-async def _lock_owned_row(conn: AsyncConnection, claim: Claim, owner: str) -> Any:
-    return (
-        await conn.execute(
-            select(SERIES.c.generation, SERIES.c.attempts)
-            .where(_owned(claim.series_id, owner))
-            .with_for_update()
-        )
-    ).first()
-
-
-async def _requeue(conn: AsyncConnection, series_id: int, now: datetime) -> None:
-    await conn.execute(
-        update(SERIES)
-        .where(SERIES.c.id == series_id)
-        .values(state=SeriesState.WANTED, next_try_at=None, updated_at=now, **_UNLEASED)
+    .order_by(SERIES.c.id)  # one lock order for every placer (PostgreSQL)
+    .with_for_update()
+)
+_REQUEUE = (
+    update(SERIES)
+    .where(SERIES.c.id.in_(bindparam("q_ids", expanding=True)))
+    .values(state=SeriesState.WANTED, next_try_at=None, updated_at=_NOW, **_UNLEASED)
+)
+_RELEASE = (
+    update(SERIES)
+    .where(_OWNED)
+    .values(state=SeriesState.WANTED, next_try_at=None, updated_at=_NOW, **_UNLEASED)
+)
+_FAIL = (
+    update(SERIES)
+    .where(SERIES.c.id == bindparam("q_id"))
+    .values(
+        state=bindparam("q_state"),
+        attempts=bindparam("q_attempts"),
+        last_error=bindparam("q_error"),
+        next_try_at=bindparam("q_next_try"),
+        updated_at=_NOW,
+        **_UNLEASED,
     )
+)
+_STATE_OF = select(SERIES.c.state).where(SERIES.c.id == bindparam("q_id"))
+_COMPLETE = (
+    update(SERIES)
+    .where(SERIES.c.id == bindparam("b_id"))
+    .values(
+        state=SeriesState.DONE,
+        downloads=SERIES.c.downloads + 1,
+        last_error=None,
+        next_try_at=None,
+        bytes=bindparam("b_bytes"),
+        unverified_files=bindparam("b_unverified"),
+        placed_path=bindparam("b_path"),
+        placed_at=bindparam("b_now"),
+        updated_at=bindparam("b_now"),
+        **_UNLEASED,
+    )
+)
+_DROP_INSTANCES = delete(INSTANCES).where(
+    INSTANCES.c.series_id.in_(bindparam("q_ids", expanding=True))
+)
+_ADD_INSTANCES = insert(INSTANCES)
 
 
-async def _complete_many(
-    conn: AsyncConnection, placed: Sequence[tuple[Claim, PlacementGuard]], now: datetime
+def _check_leases(
+    conn: Connection, claims: Sequence[Claim], owner: str, now: datetime
+) -> tuple[list[Claim], dict[int, LeaseLostError]]:
+    """The first step of a group commit: which claims are still ours at the same
+    generation (their rows now locked); the others, each with its worker's error (a
+    changed series is re-queued in the same transaction)."""
+    ids = sorted({c.series_id for c in claims})
+    generations: dict[int, int] = {}
+    if ids:
+        rows = conn.execute(_LOCK_HELD, {"q_ids": ids, "q_owner": owner})
+        generations = {int(r.id): int(r.generation) for r in rows}
+    held: list[Claim] = []
+    lost: dict[int, LeaseLostError] = {}
+    changed: list[int] = []
+    for c in claims:
+        gen = generations.get(c.series_id)
+        if gen is None:
+            lost[c.series_id] = LeaseLostError(
+                f"series {c.series_uid}: lease no longer held by this worker"
+            )
+        elif gen != c.generation:
+            changed.append(c.series_id)
+            lost[c.series_id] = LeaseLostError(
+                f"series {c.series_uid}: changed on the archive; re-queued"
+            )
+        else:
+            held.append(c)
+    if changed:
+        conn.execute(_REQUEUE, {"q_ids": changed, "q_now": now})
+    return held, lost
+
+
+def _complete_many(
+    conn: Connection, placed: Sequence[tuple[Claim, PlacementGuard]], now: datetime
 ) -> None:
     """Mark series done and replace their instances: three statements for any number."""
-    await conn.execute(
-        update(SERIES)
-        .where(SERIES.c.id == bindparam("b_id"))
-        .values(
-            state=SeriesState.DONE,
-            downloads=SERIES.c.downloads + 1,
-            last_error=None,
-            next_try_at=None,
-            bytes=bindparam("b_bytes"),
-            unverified_files=bindparam("b_unverified"),
-            placed_path=bindparam("b_path"),
-            placed_at=now,
-            updated_at=now,
-            **_UNLEASED,
-        ),
+    if not placed:
+        return
+    conn.execute(
+        _COMPLETE,
         [
             {
                 "b_id": c.series_id,
                 "b_bytes": g.bytes,
                 "b_unverified": g.unverified,
                 "b_path": g.placed_path,
+                "b_now": now,
             }
             for c, g in placed
         ],
@@ -286,7 +366,7 @@ async def _complete_many(
     # with placed_path, and only the lease holder completes): a first placement has none.
     replaced = [c.series_id for c, _ in placed if c.placed_path is not None]
     if replaced:
-        await conn.execute(delete(INSTANCES).where(INSTANCES.c.series_id.in_(replaced)))
+        conn.execute(_DROP_INSTANCES, {"q_ids": replaced})
     rows = [
         {
             "series_id": c.series_id,
@@ -299,7 +379,64 @@ async def _complete_many(
         for i in g.instances or ()
     ]
     if rows:
-        await conn.execute(insert(INSTANCES), rows)
+        conn.execute(_ADD_INSTANCES, rows)
+
+
+def _fail(
+    conn: Connection,
+    db: Database,
+    claim: Claim,
+    owner: str,
+    error: str,
+    retryable: bool,
+    max_attempts: int,
+    delay: float,
+) -> SeriesState:
+    row = conn.execute(_LOCK_OWNED, {"q_id": claim.series_id, "q_owner": owner}).first()
+    now = db.clock.now()
+    if row is None:
+        current = conn.execute(_STATE_OF, {"q_id": claim.series_id}).scalar()
+        return SeriesState(current) if current is not None else SeriesState.WANTED
+    if row.generation != claim.generation:
+        # A failure fetching a version that no longer exists says nothing about the new one.
+        conn.execute(_REQUEUE, {"q_ids": [claim.series_id], "q_now": now})
+        return SeriesState.WANTED
+    attempts = row.attempts + 1
+    give_up = not retryable or attempts >= max_attempts
+    state = SeriesState.FAILED if give_up else SeriesState.PENDING
+    conn.execute(
+        _FAIL,
+        {
+            "q_id": claim.series_id,
+            "q_state": state,
+            "q_attempts": attempts,
+            "q_error": redact_text(error)[:MAX_ERROR_CHARS],  # before cutting: no fragments
+            "q_next_try": None if give_up else now + _retry_delay(delay),
+            "q_now": now,
+        },
+    )
+    return state
+
+
+def _release(conn: Connection, db: Database, claim: Claim, owner: str) -> bool:
+    params = {"q_id": claim.series_id, "q_owner": owner, "q_now": db.clock.now()}
+    return conn.execute(_RELEASE, params).rowcount > 0
+
+
+def _finish_batch(
+    conn: Connection,
+    db: Database,
+    placed: Sequence[tuple[Claim, PlacementGuard]],
+    owner: str,
+    claim_next: int,
+    lease_seconds: float,
+    source_ids: Collection[int] | None,
+) -> list[Claim]:
+    """The last step of a group commit: record the placed series, claim the next ones."""
+    _complete_many(conn, placed, db.clock.now())
+    if claim_next <= 0:
+        return []
+    return _claim_in(conn, db, owner, claim_next, lease_seconds, source_ids)
 
 
 def _retry_delay(seconds: float) -> timedelta:
@@ -323,11 +460,9 @@ class Queue:
     ) -> list[Claim]:
         if limit <= 0:
             return []
-
-        async def op(conn: AsyncConnection) -> list[Claim]:
-            return await _claim_in(conn, self._db, owner, limit, lease_seconds, source_ids)
-
-        return await self._db.run_write(op)
+        return await self._db.run_write_sync(
+            _claim_in, self._db, owner, limit, lease_seconds, source_ids
+        )
 
     async def heartbeat(
         self, owner: str, series_ids: Collection[int], lease_seconds: float
@@ -424,56 +559,18 @@ class Queue:
         ``source_ids`` as there) in the same transaction, for the workers this placement
         frees; they are in ``claimed`` after the block. Saves a transaction per batch.
         """
-        async with self._db.catalog_errors(), self._db.write() as conn:
-            ids = sorted({c.series_id for c in claims})
-            generations: dict[int, int] = {}
-            if ids:
-                rows = await conn.execute(
-                    select(SERIES.c.id, SERIES.c.generation)
-                    .where(
-                        SERIES.c.id.in_(ids),
-                        SERIES.c.state == SeriesState.DOWNLOADING,
-                        SERIES.c.lease_owner == owner,
-                    )
-                    .order_by(SERIES.c.id)  # one lock order for every placer (PostgreSQL)
-                    .with_for_update()
-                )
-                generations = {int(r.id): int(r.generation) for r in rows}
-            held: list[Claim] = []
-            lost: dict[int, LeaseLostError] = {}
-            changed: list[int] = []
-            for c in claims:
-                gen = generations.get(c.series_id)
-                if gen is None:
-                    lost[c.series_id] = LeaseLostError(
-                        f"series {c.series_uid}: lease no longer held by this worker"
-                    )
-                elif gen != c.generation:
-                    changed.append(c.series_id)
-                    lost[c.series_id] = LeaseLostError(
-                        f"series {c.series_uid}: changed on the archive; re-queued"
-                    )
-                else:
-                    held.append(c)
-            if changed:
-                await conn.execute(
-                    update(SERIES)
-                    .where(SERIES.c.id.in_(changed))
-                    .values(
-                        state=SeriesState.WANTED,
-                        next_try_at=None,
-                        updated_at=self._db.clock.now(),
-                        **_UNLEASED,
-                    )
-                )
+        async with self._db.catalog_errors(), self._db.transaction() as txn:
+            held, lost = await txn.step(_check_leases, claims, owner, self._db.clock.now())
             batch = BatchPlacement(held, lost)
             yield batch
-            if batch.placed:
-                await _complete_many(conn, list(batch.placed.values()), self._db.clock.now())
-            claimed = (
-                await _claim_in(conn, self._db, owner, claim_next, lease_seconds, source_ids)
-                if claim_next > 0
-                else []
+            claimed = await txn.last(
+                _finish_batch,
+                self._db,
+                list(batch.placed.values()),
+                owner,
+                claim_next,
+                lease_seconds,
+                source_ids,
             )
         batch.claimed = claimed  # only now: a rolled-back claim must never be handed out
 
@@ -489,54 +586,13 @@ class Queue:
     ) -> SeriesState:
         """Count a failed attempt; the state the series ends in (unchanged if not ours)."""
 
-        async def op(conn: AsyncConnection) -> SeriesState:
-            row = await _lock_owned_row(conn, claim, owner)
-            if row is None:
-                current = await conn.scalar(
-                    select(SERIES.c.state).where(SERIES.c.id == claim.series_id)
-                )
-                return SeriesState(current) if current is not None else SeriesState.WANTED
-            if row.generation != claim.generation:
-                # A failure fetching a version that no longer exists says nothing about the new one.
-                await _requeue(conn, claim.series_id, self._db.clock.now())
-                return SeriesState.WANTED
-            now = self._db.clock.now()
-            attempts = row.attempts + 1
-            give_up = not retryable or attempts >= max_attempts
-            state = SeriesState.FAILED if give_up else SeriesState.PENDING
-            await conn.execute(
-                update(SERIES)
-                .where(SERIES.c.id == claim.series_id)
-                .values(
-                    state=state,
-                    attempts=attempts,
-                    last_error=redact_text(error)[:MAX_ERROR_CHARS],  # before cutting: no fragments
-                    next_try_at=None if give_up else now + _retry_delay(delay),
-                    updated_at=now,
-                    **_UNLEASED,
-                )
-            )
-            return state
-
-        return await self._db.run_write(op)
+        return await self._db.run_write_sync(
+            _fail, self._db, claim, owner, error, retryable, max_attempts, delay
+        )
 
     async def release(self, claim: Claim, owner: str) -> bool:
         """Give a series back without counting an attempt; False if it was not ours."""
-
-        async def op(conn: AsyncConnection) -> bool:
-            result = await conn.execute(
-                update(SERIES)
-                .where(_owned(claim.series_id, owner))
-                .values(
-                    state=SeriesState.WANTED,
-                    next_try_at=None,
-                    updated_at=self._db.clock.now(),
-                    **_UNLEASED,
-                )
-            )
-            return result.rowcount > 0
-
-        return await self._db.run_write(op)
+        return await self._db.run_write_sync(_release, self._db, claim, owner)
 
     async def release_leases(self, owner: str) -> int:
         async def op(conn: AsyncConnection) -> int:

@@ -197,12 +197,12 @@ async def test_catalog_error_mid_pass_exits_2_with_one_line(
 
     real, calls = queue._claim_in, 0
 
-    async def claim_in(*args: Any, **kwargs: Any) -> Any:
+    def claim_in(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls > 1:  # the catalog's disk fills up after the first claim
             raise OperationalError("UPDATE series", {}, Exception("database or disk is full"))
-        return await real(*args, **kwargs)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(queue, "_claim_in", claim_in)
     assert await run_main("-c", str(sim_mirror.config), "sync") == 2

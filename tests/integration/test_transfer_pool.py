@@ -455,12 +455,12 @@ def fill_disk_after_first_claim(monkeypatch: pytest.MonkeyPatch) -> None:
     real = catalog_queue._claim_in
     calls = 0
 
-    async def claim_in(*args: Any, **kwargs: Any) -> Any:
+    def claim_in(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls > 1:
             raise OperationalError("UPDATE series", {}, Exception("database or disk is full"))
-        return await real(*args, **kwargs)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(catalog_queue, "_claim_in", claim_in)
 
