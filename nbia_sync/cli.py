@@ -701,6 +701,9 @@ def run() -> NoReturn:
     SQLAlchemy and aiohttp, and does nothing a finished command needs: main() has closed
     the catalog, its files and the event loop (and the thread pools with it) by then, so
     only the log handlers and stdio are left to flush, which happens here."""
+    from nbia_sync.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before any thread starts
     code = main()
     logging = sys.modules.get("logging")
     if logging is not None:
