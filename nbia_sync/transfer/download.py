@@ -62,7 +62,7 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 # Smallest hop to the worker thread while a download streams (the last one may be less):
 # small enough that processing keeps pace with the socket, large enough that the hops'
 # own cost stays small.
-_MIN_HOP = 64 << 10
+_MIN_HOP = 256 << 10
 
 
 def _write_all(fd: int, data: bytes) -> None:
