@@ -18,6 +18,7 @@ import errno
 import functools
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -54,6 +55,10 @@ def _escape(ch: str) -> str:
     return "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
 
 
+# ASCII that safe_part leaves as it is: no '/', '\\', '%' or control character, no leading '.'.
+_PLAIN_PART = re.compile(r"[^./\\%\x00-\x1f\x7f][^/\\%\x00-\x1f\x7f]*")
+
+
 def safe_part(text: str) -> str:
     """Turn any string into one path component, deterministically and without collisions.
 
@@ -64,6 +69,8 @@ def safe_part(text: str) -> str:
     cannot come out of the escaping), at most 64 characters. Use it for every name that
     comes from the archive, SOP Instance UIDs from inside the files included.
     """
+    if len(text) <= MAX_PART_CHARS and text.isascii() and _PLAIN_PART.fullmatch(text):
+        return text  # the common case (a UID), without the per-character walk below
     if not text:
         return "%"  # cannot come out of escaping either: every '%' there is followed by hex
     out = []
@@ -209,6 +216,7 @@ class Mirror:
 
     def __init__(self, root: Path, clock: Clock = SYSTEM_CLOCK) -> None:
         self.root = root
+        self._root_prefix = str(root).rstrip(os.sep) + os.sep
         self._clock = clock  # times the statvfs readings (see free_bytes)
         self.state_dir = root / STATE_DIR
         self.staging_root = self.state_dir / "staging"
@@ -227,7 +235,10 @@ class Mirror:
 
     def relative(self, path: Path) -> str:
         """A path under the root as stored in the catalog: relative, '/'-separated."""
-        return path.relative_to(self.root).as_posix()
+        text = str(path)
+        if text.startswith(self._root_prefix):  # a string cut: relative_to is ~10 us a call
+            return text[len(self._root_prefix) :].replace(os.sep, "/")
+        return path.relative_to(self.root).as_posix()  # elsewhere: its ValueError
 
     def staging_dir(self, owner: str, series_uid: str) -> Path:
         return self.staging_root / safe_part(owner) / safe_part(series_uid)
