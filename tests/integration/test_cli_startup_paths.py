@@ -26,11 +26,11 @@ async def empty_mirror(tmp_path: Path) -> Path:
     return config
 
 
-def test_status_loads_no_http_client_rich_alembic_or_orm(empty_mirror: Path) -> None:
+def test_status_loads_no_http_client_rich_alembic_orm_or_anyio_backend(empty_mirror: Path) -> None:
     code = (
         "import sys; from nbia_sync.cli import main; "
         f"rc = main(['-c', {str(empty_mirror)!r}, 'status', '--json']); "
-        "unwanted = ('aiohttp', 'rich', 'alembic', 'sqlalchemy.orm'); "
+        "unwanted = ('aiohttp', 'rich', 'alembic', 'sqlalchemy.orm', 'anyio._backends._asyncio'); "
         "print(rc, sorted(m for m in unwanted if m in sys.modules), file=sys.stderr)"
     )
     out = subprocess.run(
