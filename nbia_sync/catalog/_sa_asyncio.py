@@ -13,39 +13,42 @@ is not the one expected, nothing is changed and the package imports as usual.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import sys
 from typing import Any
 
 _PACKAGE = "sqlalchemy.ext.asyncio"
 # What the package's __init__ re-exports from .engine and .result (SQLAlchemy 2.x).
-_REEXPORTS = {
-    "engine": (
-        "AsyncConnection",
-        "AsyncEngine",
-        "AsyncTransaction",
-        "async_engine_from_config",
-        "create_async_engine",
-        "create_async_pool_from_url",
-    ),
-    "result": ("AsyncMappingResult", "AsyncResult", "AsyncScalarResult", "AsyncTupleResult"),
-}
+_ENGINE_NAMES = (
+    "AsyncConnection",
+    "AsyncEngine",
+    "AsyncTransaction",
+    "async_engine_from_config",
+    "create_async_engine",
+    "create_async_pool_from_url",
+)
+_RESULT_NAMES = ("AsyncMappingResult", "AsyncResult", "AsyncScalarResult", "AsyncTupleResult")
 
 
 def install() -> bool:
     """Make `import sqlalchemy.ext.asyncio` skip the ORM; True if this call did."""
     if _PACKAGE in sys.modules:
         return False
-    spec = importlib.util.find_spec(_PACKAGE)
+    spec = importlib.util.find_spec(_PACKAGE)  # imports the parent, sqlalchemy.ext
     loader = spec.loader if spec is not None else None
     if spec is None or loader is None or spec.submodule_search_locations is None:
         return False
+    parent = sys.modules["sqlalchemy.ext"]
     package = importlib.util.module_from_spec(spec)
+    # What an import of the package does before its submodules are imported.
     sys.modules[_PACKAGE] = package
+    parent.asyncio = package  # type: ignore[attr-defined]
     try:
-        for submodule, names in _REEXPORTS.items():
-            module = importlib.import_module(f"{_PACKAGE}.{submodule}")
+        # Import statements (not importlib.import_module): -X importtime reports them.
+        import sqlalchemy.ext.asyncio.engine as engine
+        import sqlalchemy.ext.asyncio.result as result
+
+        for module, names in ((engine, _ENGINE_NAMES), (result, _RESULT_NAMES)):
             for name in names:
                 setattr(package, name, getattr(module, name))
         # The real __init__ also sets up greenlet at import, failing early without it.
@@ -56,6 +59,7 @@ def install() -> bool:
         # Leave nothing half-made behind: the next import runs the real package.
         for name in [m for m in sys.modules if m == _PACKAGE or m.startswith(_PACKAGE + ".")]:
             del sys.modules[name]
+        del parent.asyncio
         return False
 
     def finish(name: str) -> Any:
