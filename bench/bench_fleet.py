@@ -176,15 +176,15 @@ async def catalog_facts(url: str) -> tuple[datetime | None, datetime | None, int
     from sqlalchemy import func, select
 
     from nbia_sync.catalog import Catalog
-    from nbia_sync.catalog.models import Series, SyncRun
+    from nbia_sync.catalog.tables import RUNS, SERIES
 
     catalog = await Catalog.open(url)
     try:
         async with catalog.database.read() as conn:
-            first = await conn.scalar(select(func.min(SyncRun.started_at)))
-            last = await conn.scalar(select(func.max(Series.placed_at)))
+            first = await conn.scalar(select(func.min(RUNS.c.started_at)))
+            last = await conn.scalar(select(func.max(SERIES.c.placed_at)))
             twice = await conn.scalar(
-                select(func.count()).select_from(Series).where(Series.downloads > 1)
+                select(func.count()).select_from(SERIES).where(SERIES.c.downloads > 1)
             )
     finally:
         await catalog.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from nbia_sync.catalog.models import Base
+from nbia_sync.catalog.tables import METADATA
 
 connection = context.config.attributes.get("connection")
 if connection is None:
@@ -19,7 +19,7 @@ if connection is None:
 
 context.configure(
     connection=connection,
-    target_metadata=Base.metadata,
+    target_metadata=METADATA,
     # SQLite cannot ALTER most things: alembic rebuilds tables in batch mode instead.
     render_as_batch=connection.dialect.name == "sqlite",
     compare_type=True,

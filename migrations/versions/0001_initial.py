@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2025-01-01
 
-Types are spelled out here (not imported from nbia_sync.catalog.models) so this
+Types are spelled out here (not imported from nbia_sync.catalog.tables) so this
 history stays valid whatever the models become; test_migrations checks they agree.
 """
 

@@ -1,5 +1,7 @@
 """The catalog: the single source of truth for what the mirror holds and must fetch."""
 
+# First, before any catalog module imports sqlalchemy.ext.asyncio (see _sa_asyncio).
+from nbia_sync.catalog import _sa_asyncio  # noqa: F401
 from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.queue import BatchPlacement, LeaseLostError, PlacementGuard
 from nbia_sync.catalog.records import (

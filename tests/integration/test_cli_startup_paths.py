@@ -26,12 +26,12 @@ async def empty_mirror(tmp_path: Path) -> Path:
     return config
 
 
-def test_status_imports_neither_the_http_client_nor_rich(empty_mirror: Path) -> None:
+def test_status_loads_no_http_client_rich_alembic_orm_or_anyio_backend(empty_mirror: Path) -> None:
     code = (
         "import sys; from nbia_sync.cli import main; "
         f"rc = main(['-c', {str(empty_mirror)!r}, 'status', '--json']); "
-        "print(rc, sorted(m for m in ('aiohttp', 'rich', 'alembic') if m in sys.modules), "
-        "file=sys.stderr)"
+        "unwanted = ('aiohttp', 'rich', 'alembic', 'sqlalchemy.orm', 'anyio._backends._asyncio'); "
+        "print(rc, sorted(m for m in unwanted if m in sys.modules), file=sys.stderr)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO

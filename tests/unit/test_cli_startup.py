@@ -1,4 +1,5 @@
-"""`nbia-sync --help` / `--version` stay fast: the CLI module imports nothing heavy."""
+"""Start-up stays fast: the CLI module imports nothing heavy (`--help`, `--version`), and
+what `sync` and `status` import leaves out the libraries they do not use."""
 
 from __future__ import annotations
 
@@ -6,12 +7,34 @@ import subprocess
 import sys
 
 HEAVY = ("pydantic", "sqlalchemy", "structlog", "aiohttp", "rich", "prometheus_client")
+# Every module cli.cmd_sync imports (cmd_status imports a subset of them).
+SYNC_MODULES = (
+    "nbia_sync.catalog.repository",
+    "nbia_sync.config",
+    "nbia_sync.display",
+    "nbia_sync.engine",
+    "nbia_sync.log",
+    "nbia_sync.outcome",
+    "nbia_sync.status",
+    "nbia_sync.storage",
+)
+
+
+def _modules_loaded_by(code: str) -> list[str]:
+    script = f"import sys; {code}; print('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return out.stdout.split()
 
 
 def test_importing_the_cli_loads_no_heavy_library() -> None:
-    code = (
-        "import sys, nbia_sync.cli as c; c.build_parser(); "
-        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    loaded = _modules_loaded_by("import nbia_sync.cli as c; c.build_parser()")
+    assert [m for m in HEAVY if m in loaded] == []
+
+
+def test_the_sync_and_status_modules_do_not_load_the_sqlalchemy_orm() -> None:
+    # The schema is Core, and sqlalchemy.ext.asyncio is imported without its sessions.
+    loaded = _modules_loaded_by(
+        f"import importlib; [importlib.import_module(m) for m in {SYNC_MODULES!r}]"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert "nbia_sync.engine" in loaded
+    assert [m for m in loaded if m.split(".")[:2] == ["sqlalchemy", "orm"]] == []

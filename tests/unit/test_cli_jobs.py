@@ -1,0 +1,45 @@
+"""cli.run_job / run_quick_job: a command's coroutine on a fresh loop with SIGINT/SIGTERM
+wired. Each case runs in a fresh interpreter (its main thread owns the signals)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def _run(body: str) -> str:
+    code = "import asyncio, os, signal, sys\nfrom nbia_sync import cli\n" + textwrap.dedent(body)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]  # after the "stopping" log line, if any
+
+
+def test_a_quick_job_returns_its_code_without_loading_the_anyio_backend() -> None:
+    out = _run("""
+        async def job() -> int:
+            return 3
+        print(cli.run_quick_job(job), "anyio._backends._asyncio" in sys.modules)
+    """)
+    assert out == "(3, None) False"
+
+
+def test_a_signalled_quick_job_is_cancelled_after_the_grace() -> None:
+    out = _run("""
+        async def job() -> int:
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(30)
+            return 0
+        print(cli.run_quick_job(job, grace=0.05) == (None, signal.SIGTERM))
+    """)
+    assert out == "True"
+
+
+def test_a_signal_sets_the_stop_event_of_a_job() -> None:
+    out = _run("""
+        async def job(stop) -> int:
+            os.kill(os.getpid(), signal.SIGINT)
+            await stop.wait()
+            return 5
+        print(cli.run_job(job, grace=30) == (5, signal.SIGINT))
+    """)
+    assert out == "True"
