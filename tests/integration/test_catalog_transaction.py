@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from catalog_fixtures import make_source
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
@@ -15,7 +16,6 @@ from nbia_sync.catalog.db import Database
 from nbia_sync.catalog.tables import SOURCES
 from nbia_sync.clock import FakeClock
 from nbia_sync.errors import CatalogError
-from tests.catalog_fixtures import make_source
 
 pytestmark = pytest.mark.asyncio
 
