@@ -158,7 +158,6 @@ class Database:
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._twin = _sqlite_twin(engine) if self.is_sqlite else None
-        self._twin_thread = anyio.CapacityLimiter(1)
         # Source id -> name, as read by claims: a source row is never renamed or deleted
         # (sources are found by name; see catalog.sources.ensure_source), so this never goes stale.
         self.source_names: dict[int, str] = {}
@@ -217,7 +216,7 @@ class Database:
             return
         assert self._write_lock is not None
         async with self._write_lock:
-            txn = _ThreadTransaction(self._twin, self._twin_thread)
+            txn = _ThreadTransaction(self._twin)
             try:
                 yield txn
             except BaseException:
@@ -317,9 +316,8 @@ class _ThreadTransaction(Transaction):
     """Steps in a worker thread on the SQLite twin; BEGIN IMMEDIATE with the first step,
     COMMIT with the last (`_configure_sqlite(always_write=True)`)."""
 
-    def __init__(self, engine: Engine, limiter: anyio.CapacityLimiter) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._limiter = limiter
         self._conn: Connection | None = None
         self._done = False
 
@@ -349,7 +347,7 @@ class _ThreadTransaction(Transaction):
         def run() -> T:
             return fn(self._begun(), *args, **kwargs)
 
-        return await anyio.to_thread.run_sync(run, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(run)
 
     async def last(
         self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
@@ -363,11 +361,11 @@ class _ThreadTransaction(Transaction):
             self._end(commit=True)
             return result
 
-        return await anyio.to_thread.run_sync(run, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(run)
 
     async def end(self, *, commit: bool) -> None:
         if self._conn is not None:
-            await anyio.to_thread.run_sync(self._end, commit, limiter=self._limiter)
+            await anyio.to_thread.run_sync(self._end, commit)
         self._done = True
 
 
