@@ -188,15 +188,17 @@ class _Pass:
             # would drop the counts of collections stored concurrently.
             self.result = self.result + stored
 
-    async def list_collection(self, collection: str) -> array[int]:
+    async def list_collection(self, collection: str) -> tuple[int, array[int]]:
         """Store every series of a collection (of the configured patients only, when set)
-        batch by batch as the archive sends them; the hashes of the UIDs it listed.
+        batch by batch as the archive sends them; how many the archive listed, and the
+        hashes of their UIDs.
 
-        Hashes (8 bytes a series), like Listing's: a collection's listing is never held in
-        memory, only what tells a held series that is no longer listed (a collision would
-        only keep one series from being withdrawn). Modality and body part are filtered here, not
-        on the server: the server matches them case-sensitively and the config should
-        not have to guess the case.
+        Hashes (8 bytes a series), like Listing's: a collection's listing is never held
+        in memory, only what tells a held series that is no longer listed. A collision,
+        or a series only an attempt that was retried listed, keeps a series from being
+        withdrawn this pass, never the other way round. Modality and body part are
+        filtered here, not on the server: the server matches them case-sensitively and
+        the config should not have to guess the case.
         """
         listed = array("q")  # hash() is a signed 64-bit value
 
@@ -207,27 +209,26 @@ class _Pass:
 
         series = self.client.series_batches
         if self.source.patients:
-            await _all(
+            counts = await _all(
                 *(
                     self.query(series(each, collection, patient_id=p))
                     for p in sorted(self.source.patients)
                 )
             )
-        else:
-            await self.query(series(each, collection))
-        return listed
+            return sum(counts), listed
+        return await self.query(series(each, collection)), listed
 
     async def full_listing(self, collections: Sequence[str]) -> None:
         await self.catalog.sources.record_collections(self.source_id, collections)
 
         async def one(collection: str) -> None:
             # Stored batch by batch: not even one collection's listing is held at once.
-            listed = await self.list_collection(collection)
+            count, listed = await self.list_collection(collection)
             held = await self.catalog.sources.held_in_collection(
                 self.source_id, collection, sorted(self.source.patients)
             )
             absent = _not_listed(held, listed)
-            if held and not listed:
+            if held and not count:
                 self.absent[collection] = set()  # held back, see withdraw_absent
                 log.warning(
                     "discovery.empty_listing",
