@@ -34,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-from collections.abc import Awaitable, Coroutine, Iterable, Sequence
+from array import array
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -76,6 +77,13 @@ class DiscoveryClient(Protocol):
         series_uid: str | None = None,
         body_part: str | None = None,
     ) -> list[SeriesInfo]: ...
+
+    async def series_batches(
+        self,
+        each: Callable[[list[SeriesInfo]], Awaitable[None]],
+        collection: str,
+        patient_id: str | None = None,
+    ) -> int: ...
 
     async def updated_series(self, since: date) -> list[SeriesInfo]: ...
 
@@ -180,36 +188,47 @@ class _Pass:
             # would drop the counts of collections stored concurrently.
             self.result = self.result + stored
 
-    async def list_collection(self, collection: str) -> list[SeriesInfo]:
-        """Every series of a collection (of the configured patients only, when set).
+    async def list_collection(self, collection: str) -> tuple[int, array[int]]:
+        """Store every series of a collection (of the configured patients only, when set)
+        batch by batch as the archive sends them; how many the archive listed, and the
+        hashes of their UIDs.
 
-        Modality and body part are filtered here, not on the server: the server matches
-        them case-sensitively and the config should not have to guess the case.
+        Hashes (8 bytes a series), like Listing's: a collection's listing is never held
+        in memory, only what tells a held series that is no longer listed. A collision,
+        or a series only an attempt that was retried listed, keeps a series from being
+        withdrawn this pass, never the other way round. Modality and body part are
+        filtered here, not on the server: the server matches them case-sensitively and
+        the config should not have to guess the case.
         """
-        series = self.client.series
+        listed = array("q")  # hash() is a signed 64-bit value
+
+        async def each(batch: list[SeriesInfo]) -> None:
+            # Every UID listed, kept or filtered out: it is still at the archive.
+            listed.extend(hash(s.series_uid) for s in batch)
+            await self.store(batch)
+
+        series = self.client.series_batches
         if self.source.patients:
-            per_patient = await _all(
+            counts = await _all(
                 *(
-                    self.query(series(collection=collection, patient_id=p))
+                    self.query(series(each, collection, patient_id=p))
                     for p in sorted(self.source.patients)
                 )
             )
-            return [s for found in per_patient for s in found]
-        return await self.query(series(collection=collection))
+            return sum(counts), listed
+        return await self.query(series(each, collection)), listed
 
     async def full_listing(self, collections: Sequence[str]) -> None:
         await self.catalog.sources.record_collections(self.source_id, collections)
 
         async def one(collection: str) -> None:
-            # Stored collection by collection: a full listing of the whole archive is
-            # never held in memory at once.
-            listed = await self.list_collection(collection)
-            await self.store(listed)
+            # Stored batch by batch: not even one collection's listing is held at once.
+            count, listed = await self.list_collection(collection)
             held = await self.catalog.sources.held_in_collection(
                 self.source_id, collection, sorted(self.source.patients)
             )
-            absent = held - {s.series_uid for s in listed}
-            if held and not listed:
+            absent = _not_listed(held, listed)
+            if held and not count:
                 self.absent[collection] = set()  # held back, see withdraw_absent
                 log.warning(
                     "discovery.empty_listing",
@@ -362,6 +381,14 @@ async def _both(first: Coroutine[Any, Any, A], second: Coroutine[Any, Any, B]) -
     pending: list[Coroutine[Any, Any, Any]] = [first, second]
     a, b = await _all(*pending)
     return a, b
+
+
+def _not_listed(held: set[str], listed: Iterable[int]) -> set[str]:
+    """The UIDs of `held` whose hash is not among the `listed` hashes."""
+    by_hash = {hash(uid): uid for uid in held}
+    for h in listed:
+        by_hash.pop(h, None)
+    return set(by_hash.values())
 
 
 def _as_utc(value: datetime) -> datetime:

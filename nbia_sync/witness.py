@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-A = TypeVar("A", bound=Sequence[object])
+A = TypeVar("A", bound=Sequence[object] | int)  # an answer, or how many records it had
 
 
 class TokenDoubted(Exception):
@@ -86,6 +86,16 @@ class Watched:
                 series_uid=series_uid,
                 body_part=body_part,
             )
+        )
+
+    async def series_batches(
+        self,
+        each: Callable[[list[SeriesInfo]], Awaitable[None]],
+        collection: str,
+        patient_id: str | None = None,
+    ) -> int:
+        return await self._watch(
+            lambda: self.client.series_batches(each, collection, patient_id=patient_id)
         )
 
     async def updated_series(self, since: date) -> list[SeriesInfo]:

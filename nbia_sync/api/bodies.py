@@ -38,6 +38,10 @@ MAX_RECORD_CHARS = 16 << 20
 QUERY_ACCEPT_ENCODING = "gzip, deflate"
 # Values up to this long are shared between records (longer ones are rarely repeated).
 _SHARED_CHARS = 256
+# The memo of shared strings is emptied when it holds this many: it would otherwise keep
+# every UID and date of an answer alive after its records are gone (~600 bytes a series
+# of a listing), while what repeats (keys, collection, licence) is back in it at once.
+_SHARED_MAX = 2048
 _SPACE = re.compile(r"[ \t\r\n]*")
 
 
@@ -228,8 +232,8 @@ class _ArrayParser:
         self._chunks = chunks.__aiter__()
         self._what = what
         self._text = codecs.getincrementaldecoder("utf-8-sig")()
-        # One copy of each repeated string (keys, collection, licence, modality...) for the
-        # whole answer: json's own memo lasts one raw_decode call, i.e. one record here.
+        # One copy of each repeated string (keys, collection, licence, modality...) across
+        # records: json's own memo lasts one raw_decode call, i.e. one record here.
         self._memo: dict[str, str] = {}
         self._decoder = json.JSONDecoder(object_pairs_hook=self._shared)
         self._buf = ""
@@ -238,6 +242,8 @@ class _ArrayParser:
 
     def _shared(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         memo = self._memo
+        if len(memo) >= _SHARED_MAX:
+            memo.clear()
         return {
             memo.setdefault(k, k): (
                 memo.setdefault(v, v) if isinstance(v, str) and len(v) <= _SHARED_CHARS else v

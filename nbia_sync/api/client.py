@@ -13,7 +13,7 @@ broken stream can only restart from the first byte and that is the caller's deci
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import date
 from types import TracebackType
@@ -44,6 +44,18 @@ ZIP_MAGIC = b"PK\x03\x04"
 _NOT_ZIP_TYPES = ("text/", "application/json", "application/xml", "application/xhtml")
 _SNIPPET = 160
 _warned_insecure: set[str] = set()
+
+
+# Series a listing hands on at a time (NbiaClient.series_batches): the catalog's batch.
+LISTING_BATCH = 500
+
+
+class _CallerError(Exception):
+    """What a batch's receiver raised, carried past the retry policy untouched."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class NbiaClient:
@@ -170,6 +182,27 @@ class NbiaClient:
         what = _describe("getSeries", params)
         return await self._query(
             "getSeries", params, what, lambda r, i: records.series_info(r, what, i, collection)
+        )
+
+    async def series_batches(
+        self,
+        each: Callable[[list[SeriesInfo]], Awaitable[None]],
+        collection: str,
+        patient_id: str | None = None,
+        size: int = LISTING_BATCH,
+    ) -> int:
+        """getSeries of a collection (of one patient), handed to ``each`` ``size`` series at
+        a time as they arrive: a whole collection's listing is never held at once. A retry
+        hands the series again from the first one. Returns how many were listed."""
+        params = {"Collection": collection, "PatientID": patient_id}
+        what = _describe("getSeries", params)
+        return await self._batches(
+            "getSeries",
+            params,
+            what,
+            lambda r, i: records.series_info(r, what, i, collection),
+            each,
+            size,
         )
 
     async def updated_series(self, since: date) -> list[SeriesInfo]:
@@ -311,6 +344,66 @@ class NbiaClient:
             return out
 
         return await self.policy.call(fetch, what=what)
+
+    async def _batches(
+        self,
+        endpoint: str,
+        params: Mapping[str, str | None],
+        what: str,
+        convert: Callable[[records.Record, int], T],
+        each: Callable[[list[T]], Awaitable[None]],
+        size: int,
+    ) -> int:
+        """As _query, but the records go to ``each`` ``size`` at a time as they are parsed.
+
+        The time spent in ``each`` does not count towards transfer.query_timeout (it is the
+        caller's work, not the archive's), and what ``each`` raises is raised as it is,
+        never retried as if the archive had failed."""
+
+        async def fetch() -> int:
+            count = 0
+            batch: list[T] = []
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(self.transfer.query_timeout) as deadline:
+
+                    async def hand() -> None:
+                        started, when = loop.time(), deadline.when()
+                        deadline.reschedule(None)
+                        try:
+                            await each(batch)
+                        except Exception as exc:
+                            raise _CallerError(exc) from None
+                        if when is not None:
+                            deadline.reschedule(when + loop.time() - started)
+
+                    async with self._open(endpoint, params, what) as resp:
+                        chunks = bodies.body_chunks(
+                            resp,
+                            what,
+                            self._floor,
+                            max_bytes=self.transfer.max_query_bytes,
+                            limit_name="transfer.max_query_bytes",
+                        )
+                        async for record in bodies.json_records(chunks, what):
+                            batch.append(convert(record, count))
+                            count += 1
+                            if len(batch) >= size:
+                                await hand()
+                                batch = []
+                        if batch:
+                            await hand()
+            except TimeoutError:
+                raise RetryableError(
+                    f"{what}: no complete answer within transfer.query_timeout = "
+                    f"{self.transfer.query_timeout:g} s"
+                ) from None
+            return count
+
+        try:
+            return await self.policy.call(fetch, what=what)
+        except _CallerError as failed:
+            raise failed.error from failed.error.__cause__
 
     async def _rows(
         self, endpoint: str, params: Mapping[str, str | None], what: str

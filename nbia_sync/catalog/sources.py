@@ -142,6 +142,12 @@ def is_changed(row: Any, info: SeriesInfo) -> bool:
     )
 
 
+# Rows per INSERT statement of a batch of new series (SQLAlchemy's insertmanyvalues page).
+# Its default puts a whole batch of 500 into one statement of 10,000 parameters, which
+# SQLite compiles and the driver keeps in its statement cache for the process's life:
+# ~1.7 MiB of peak memory. 100 rows a statement cost no measurable CPU more.
+_INSERT_PAGE = 100
+
 # Updates for changed series, run as executemany; b_* names avoid clashing with columns.
 _META_COLUMNS = (
     "study_uid",
@@ -310,6 +316,7 @@ async def _upsert_batch(
             insert_for(conn.dialect.name, SERIES)
             .on_conflict_do_nothing(index_elements=["source_id", "series_uid"])
             .returning(SERIES.c.series_uid)
+            .execution_options(insertmanyvalues_page_size=_INSERT_PAGE)
         )
         inserted = set((await conn.execute(insert_new, new_rows)).scalars())
         for r in new_rows:

@@ -19,7 +19,7 @@ import pytest_asyncio
 import structlog
 
 from nbia_sync.api.client import NbiaClient
-from nbia_sync.api.models import SeriesSize
+from nbia_sync.api.models import SeriesInfo, SeriesSize
 from nbia_sync.api.retry import RetryPolicy
 from nbia_sync.clock import FakeClock
 from nbia_sync.config import SourceSettings, TransferSettings
@@ -98,6 +98,56 @@ async def test_empty_body_is_an_empty_result(make_client: ClientFactory, sim: Si
     sim.faults.script_endpoint("getSeries", [SimReply(body=b"")])
     async with make_client() as client:
         assert await client.series(collection="SIM-CT") == []
+
+
+def numbered(count: int) -> list[dict[str, Any]]:
+    return [SERIES | {"SeriesInstanceUID": f"1.2.3.4.{i}"} for i in range(count)]
+
+
+async def test_series_batches_hands_a_listing_on_size_series_at_a_time(
+    make_client: ClientFactory, sim: SimServer
+) -> None:
+    sim.faults.script_endpoint("getSeries", [rows(*numbered(5))])
+    handed: list[list[str]] = []
+
+    async def each(batch: list[SeriesInfo]) -> None:
+        handed.append([s.series_uid for s in batch])
+
+    async with make_client() as client:
+        count = await client.series_batches(each, "LIDC", size=2)
+    assert count == 5
+    assert handed == [["1.2.3.4.0", "1.2.3.4.1"], ["1.2.3.4.2", "1.2.3.4.3"], ["1.2.3.4.4"]]
+
+
+async def test_series_batches_hands_again_from_the_first_after_a_retry(
+    make_client: ClientFactory, sim: SimServer
+) -> None:
+    whole = json.dumps(numbered(3))
+    cut = whole[: whole.index('"1.2.3.4.2"')]  # two whole records, then the answer ends
+    sim.faults.script_endpoint("getSeries", [SimReply(body=cut), rows(*numbered(3))])
+    handed: list[list[str]] = []
+
+    async def each(batch: list[SeriesInfo]) -> None:
+        handed.append([s.series_uid for s in batch])
+
+    async with make_client(attempts=2) as client:
+        assert await client.series_batches(each, "LIDC", size=2) == 3
+    assert handed == [["1.2.3.4.0", "1.2.3.4.1"], ["1.2.3.4.0", "1.2.3.4.1"], ["1.2.3.4.2"]]
+
+
+async def test_series_batches_raises_what_the_receiver_raised_without_a_retry(
+    make_client: ClientFactory, sim: SimServer
+) -> None:
+    # An OSError is what a failed request raises too: it must not be taken for one.
+    sim.faults.script_endpoint("getSeries", [rows(*numbered(3))] * 3)
+
+    async def each(batch: list[SeriesInfo]) -> None:
+        raise OSError("the catalog's disk is full")
+
+    async with make_client(attempts=3) as client:
+        with pytest.raises(OSError, match="disk is full"):
+            await client.series_batches(each, "LIDC", size=2)
+    assert sim.counters.requests["getSeries"] == 1
 
 
 async def test_series_parses_strings_into_numbers_and_dates(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -166,6 +166,47 @@ async def test_future_release_date_does_not_push_the_watermark_past_today(
     report = await _pass(catalog, client, _source(sim))
     assert report.new == 1
     assert await _drain(catalog) == [added[0].uid]
+
+
+class _SmallBatches:
+    """A client listing 2 series at a time that notes, as each batch arrives, whether the
+    listing's earlier batches are in the catalog already."""
+
+    def __init__(self, inner: NbiaClient, catalog: Catalog, source_id: int) -> None:
+        self._inner, self._catalog, self._source_id = inner, catalog, source_id
+        self.earlier_stored: list[bool] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def series_batches(
+        self,
+        each: Callable[[list[SeriesInfo]], Awaitable[None]],
+        collection: str,
+        patient_id: str | None = None,
+    ) -> int:
+        earlier: list[str] = []
+
+        async def check(batch: list[SeriesInfo]) -> None:
+            known = await self._catalog.sources.series_states(self._source_id, earlier)
+            self.earlier_stored.append(len(known) == len(earlier))
+            earlier.extend(s.series_uid for s in batch)
+            await each(batch)
+
+        return await self._inner.series_batches(check, collection, patient_id, size=2)
+
+
+async def test_a_full_listing_is_stored_batch_by_batch_as_it_arrives(
+    catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
+) -> None:
+    source = _source(sim)
+    sid = await catalog.sources.ensure_source(source)
+    small = _SmallBatches(client, catalog, sid)
+    report = await discover(catalog, small, source, sid, SCHEDULE)
+    assert report.new == len(sim_archive.series)
+    collections = {s.collection for s in sim_archive.series.values()}
+    assert len(small.earlier_stored) > len(collections)  # some listing came in several
+    assert all(small.earlier_stored)
 
 
 class _FailingUpdates:

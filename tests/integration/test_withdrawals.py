@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from aiohttp import web
 from cli_fixtures import SimMirror, mirror_files, run_main, run_subprocess, write_config
 
 from nbia_sync.api.client import NbiaClient
+from nbia_sync.api.models import SeriesInfo
 from nbia_sync.api.retry import RetryPolicy
 from nbia_sync.catalog import Catalog, SeriesState
 from nbia_sync.config import ScheduleSettings, SourceSettings, TransferSettings
@@ -123,11 +124,14 @@ async def test_withdrawing_more_than_the_share_needs_the_flag(
 
 class FlakyArchive:
     """Two series in collection C and one in D. `empty`: every listing answers [];
-    `failing`: D's listing fails (503) while C's no longer returns 1.2.3.2."""
+    `failing`: D's listing fails (503) while C's no longer returns 1.2.3.2; `cut`: C's
+    next listing breaks off after its first series, and is [] when asked again."""
 
     def __init__(self) -> None:
         self.empty = False
         self.failing = False
+        self.cut = False
+        self.cut_sent = False
         self.records = [
             {
                 "SeriesInstanceUID": uid,
@@ -147,6 +151,11 @@ class FlakyArchive:
         body: Any = []
         if endpoint == "getCollectionValues":
             body = [{"Collection": "C"}, {"Collection": "D"}]
+        elif endpoint == "getSeries" and self.cut and collection == "C":
+            if not self.cut_sent:
+                self.cut_sent = True
+                whole = json.dumps([r for r in self.records if r["Collection"] == "C"])
+                return web.Response(text=whole[: whole.index("}") + 1])
         elif endpoint == "getSeries" and self.failing and collection == "D":
             return web.Response(status=503, text="try later")
         elif endpoint == "getSeries" and not self.empty:
@@ -182,6 +191,41 @@ async def test_an_empty_listing_withdraws_nothing(
         archive.empty = True
         report = await discover(catalog, client, source, sid, SCHEDULE, FULL)
     assert (report.withdrawn, report.withdrawals_held) == (0, ("C", "D"))
+    assert await catalog.sources.withdrawn() == []
+
+
+class _OneAtATime:
+    """A client handing each listing on one series at a time (stored before the next)."""
+
+    def __init__(self, inner: NbiaClient) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def series_batches(
+        self,
+        each: Callable[[list[SeriesInfo]], Awaitable[None]],
+        collection: str,
+        patient_id: str | None = None,
+    ) -> int:
+        return await self._inner.series_batches(each, collection, patient_id, size=1)
+
+
+async def test_an_empty_answer_to_a_retried_listing_withdraws_nothing(
+    catalog: Catalog, flaky: tuple[FlakyArchive, str]
+) -> None:
+    # The series the broken-off attempt listed were stored; the answer that counts is [].
+    archive, url = flaky
+    source = _source(url, "v4")
+    sid = await catalog.sources.ensure_source(source)
+    async with NbiaClient(source, TransferSettings(), policy=RetryPolicy(0.0, 0.0, 2)) as inner:
+        client = _OneAtATime(inner)
+        await discover(catalog, client, source, sid, SCHEDULE, FULL)
+        archive.cut = True
+        report = await discover(catalog, client, source, sid, SCHEDULE, FULL)
+    assert archive.cut_sent
+    assert (report.withdrawn, report.withdrawals_held) == (0, ("C",))
     assert await catalog.sources.withdrawn() == []
 
 

@@ -13,7 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbia_sync.api.bodies import Floor, Inflater, ProgressFloor, json_records
+from nbia_sync.api.bodies import (
+    _SHARED_MAX,
+    Floor,
+    Inflater,
+    ProgressFloor,
+    _ArrayParser,
+    json_records,
+)
 from nbia_sync.config import TransferSettings
 from nbia_sync.errors import RetryableError
 
@@ -47,6 +54,20 @@ def test_any_chunking_parses_like_json_loads(
 ) -> None:
     data = json.dumps(rows, indent=1 if spaced else None, ensure_ascii=False).encode()
     assert asyncio.run(parse(data, cuts)) == json.loads(data)
+
+
+@pytest.mark.asyncio
+async def test_the_parser_shares_repeated_strings_but_keeps_no_answer_long_memo() -> None:
+    count = 3 * _SHARED_MAX
+    rows = [{"Collection": "SIM-CT", "SeriesInstanceUID": f"1.2.{i}"} for i in range(count)]
+    parser = _ArrayParser(pieces(json.dumps(rows).encode(), []), "q")
+    parsed = [r async for r in parser.items()]
+    assert parsed == rows
+    first, last = parsed[-2], parsed[-1]  # after the memo was emptied
+    assert first["Collection"] is last["Collection"]
+    assert [k for k in first][1] is [k for k in last][1]
+    # Every UID of the answer was unique: the memo must not have kept them all.
+    assert len(parser._memo) <= _SHARED_MAX
 
 
 @pytest.mark.asyncio
