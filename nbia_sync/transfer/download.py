@@ -59,10 +59,18 @@ _DICOM_TAGS = ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"]
 # DICOM headers before pixel data are a few KB.
 _HEAD_BYTES = 64 << 10
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-# Smallest hop to the worker thread while a download streams (the last one may be less):
-# small enough that processing keeps pace with the socket, large enough that the hops'
-# own cost stays small.
-_MIN_HOP = 256 << 10
+# Series listed below this size are small: their files skip the per-file fsync (the group
+# commit syncs them, see transfer/pool.py) and they hop to the worker thread in pieces of
+# _MIN_HOP, so processing keeps pace with the socket and the last byte is followed by
+# little work (~1 MB series: wall -6 %, peak RSS -5 MiB against 256 KiB). Larger ones
+# (or of unknown size) hop the whole read budget at a time: fewer hops per GB (3 x 100 MB:
+# CPU -4 %, peak RSS -3 MiB against 64 KiB). bench/README.md has the runs.
+SMALL_SERIES_BYTES = 8 << 20
+_MIN_HOP = 64 << 10
+
+
+def is_small(file_size: int | None) -> bool:
+    return file_size is not None and file_size < SMALL_SERIES_BYTES
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -485,7 +493,8 @@ async def fetch_series(
         getattr(claim, "file_size", None),
     )
     side = _ThreadSide(writer)
-    pipe = _Pipe(budget=chunk_size, min_hop=_MIN_HOP)
+    small = is_small(getattr(claim, "file_size", None))
+    pipe = _Pipe(budget=chunk_size, min_hop=_MIN_HOP if small else chunk_size)
     received = 0
     files: list[StagedFile] | None = None
 

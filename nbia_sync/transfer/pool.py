@@ -56,7 +56,7 @@ from nbia_sync.errors import (
 from nbia_sync.progress import ProgressSink
 from nbia_sync.storage import Mirror
 from nbia_sync.transfer._ratelimit import TokenBucket
-from nbia_sync.transfer.download import FetchedSeries, fetch_series
+from nbia_sync.transfer.download import FetchedSeries, fetch_series, is_small
 
 log = structlog.get_logger(__name__)
 
@@ -70,10 +70,10 @@ MIN_IDLE_POLL = 0.05
 # Most series placed in one catalog transaction (bounds the time the write lock is held:
 # a few renames and directory fsyncs per series).
 MAX_PLACE_BATCH = 32
-# Series up to this size skip the download's per-file fsyncs: their data is synced once
-# per group commit (Mirror.place_many(unsynced=...)). Larger ones fsync each file as it
-# completes, overlapping the transfer, so a commit never waits for their writeback.
-SMALL_SERIES_BYTES = 8 << 20
+# Small series (download.SMALL_SERIES_BYTES) skip the download's per-file fsyncs: their
+# data is synced once per group commit (Mirror.place_many(unsynced=...)). Larger ones
+# fsync each file as it completes, overlapping the transfer, so a commit never waits for
+# their writeback.
 
 
 @dataclass
@@ -321,7 +321,7 @@ class _Drain:
                 with job.scope:
                     # Larger series: every file fsynced as it completes, outside any
                     # catalog transaction; small ones are synced at the group commit
-                    # (SMALL_SERIES_BYTES).
+                    # (download.SMALL_SERIES_BYTES).
                     fetched = await fetch_series(
                         self.clients[claim.source_name],
                         claim,
@@ -556,7 +556,7 @@ class _Drain:
 
 
 def _small(claim: Claim) -> bool:
-    return claim.file_size is not None and claim.file_size < SMALL_SERIES_BYTES
+    return is_small(claim.file_size)
 
 
 async def drain(

@@ -439,3 +439,44 @@ async def test_a_300_digit_sop_uid_is_stored_under_a_short_safe_name(
 
 def md5_hex(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
+
+
+async def hops(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, file_size: int) -> list[int]:
+    """The sizes handed to the worker thread for one ~600 KB series listed as ``file_size``."""
+    archive = SimArchive.generate(
+        collections=("SIM-CT",), patients=1, studies=1, series=1, images=12, image_size=50_000
+    )
+    sizes: list[int] = []
+    real = download._ThreadSide.feed
+
+    def spy(self: Any, data: bytes | None, last: bool) -> Any:
+        sizes.append(len(data or b""))
+        return real(self, data, last)
+
+    monkeypatch.setattr(download._ThreadSide, "feed", spy)
+    async with running_sim(archive, SimFaults(bandwidth=2_000_000)) as sim:
+        s = first_series(archive)
+        async with client_for(sim) as client:
+            await fetch_series(
+                client,
+                claim_for(s, file_size=file_size),
+                tmp_path / "stage",
+                chunk_size=256 << 10,
+                progress=NullProgress(),
+            )
+    return sizes
+
+
+async def test_a_small_series_hops_to_the_thread_in_pieces_smaller_than_the_budget(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    sizes = await hops(monkeypatch, tmp_path, file_size=600_000)
+    assert all(n >= 64 << 10 for n in sizes[:-1])
+    assert min(sizes[:-1]) < 256 << 10  # processing started before a budget's worth waited
+
+
+async def test_a_large_series_hops_the_whole_read_budget_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    sizes = await hops(monkeypatch, tmp_path, file_size=download.SMALL_SERIES_BYTES)
+    assert len(sizes) >= 2 and all(n >= 256 << 10 for n in sizes[:-1])
