@@ -327,14 +327,7 @@ class NbiaClient:
             try:
                 async with asyncio.timeout(self.transfer.query_timeout):
                     async with self._open(endpoint, params, what) as resp:
-                        chunks = bodies.body_chunks(
-                            resp,
-                            what,
-                            self._floor,
-                            max_bytes=self.transfer.max_query_bytes,
-                            limit_name="transfer.max_query_bytes",
-                        )
-                        async for record in bodies.json_records(chunks, what):
+                        async for record in self._records_in(resp, what):
                             out.append(convert(record, len(out)))
             except TimeoutError:
                 raise RetryableError(
@@ -378,14 +371,7 @@ class NbiaClient:
                             deadline.reschedule(when + loop.time() - started)
 
                     async with self._open(endpoint, params, what) as resp:
-                        chunks = bodies.body_chunks(
-                            resp,
-                            what,
-                            self._floor,
-                            max_bytes=self.transfer.max_query_bytes,
-                            limit_name="transfer.max_query_bytes",
-                        )
-                        async for record in bodies.json_records(chunks, what):
+                        async for record in self._records_in(resp, what):
                             batch.append(convert(record, count))
                             count += 1
                             if len(batch) >= size:
@@ -460,6 +446,17 @@ class NbiaClient:
                 # hiccup. Worth another try; the policy bounds how many.
                 raise RetryableError(f"{what}: HTTP 401 for a freshly issued token")
             raise error_for_status(resp.status, resp.headers, what, snippet)
+
+    def _records_in(self, resp: aiohttp.ClientResponse, what: str) -> AsyncIterator[records.Record]:
+        """A query answer's JSON records as they are parsed, within transfer.max_query_bytes."""
+        chunks = bodies.body_chunks(
+            resp,
+            what,
+            self._floor,
+            max_bytes=self.transfer.max_query_bytes,
+            limit_name="transfer.max_query_bytes",
+        )
+        return bodies.json_records(chunks, what)
 
     def _require_session(self) -> aiohttp.ClientSession:
         if self._http is None:

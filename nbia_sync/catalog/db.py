@@ -236,35 +236,23 @@ class Database:
             async with self.transaction() as txn:
                 return await txn.last(fn, *args, **kwargs)
 
-        for attempt in range(RETRY_ATTEMPTS):
-            try:
-                return await once()
-            except DBAPIError as exc:
-                if not is_transient(exc) or attempt == RETRY_ATTEMPTS - 1:
-                    raise self.error(exc) from exc
-                log.debug("catalog.retry", attempt=attempt + 1, error=type(exc.orig).__name__)
-                await self.clock.sleep(_BACKOFF.delay(attempt))
-        raise AssertionError("unreachable")
+        return await self._retrying(once)
 
     async def run_write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run fn in a write transaction, again from the start after a transient failure.
 
         fn must do database work only (no network I/O to the archive): it may run twice.
         """
-        return await self._retrying(self.write, fn)
+        return await self._retrying(lambda: _in(self.write, fn))
 
     async def run_read(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        return await self._retrying(self.read, fn)
+        return await self._retrying(lambda: _in(self.read, fn))
 
-    async def _retrying(
-        self,
-        transaction: Callable[[], AbstractAsyncContextManager[AsyncConnection]],
-        fn: Callable[[AsyncConnection], Awaitable[T]],
-    ) -> T:
+    async def _retrying(self, once: Callable[[], Awaitable[T]]) -> T:
+        """``once()`` (one whole transaction), again after a transient failure."""
         for attempt in range(RETRY_ATTEMPTS):
             try:
-                async with transaction() as conn:
-                    return await fn(conn)
+                return await once()
             except DBAPIError as exc:
                 if not is_transient(exc) or attempt == RETRY_ATTEMPTS - 1:
                     raise self.error(exc) from exc
@@ -284,6 +272,14 @@ class Database:
             yield
         except DBAPIError as exc:
             raise self.error(exc) from exc
+
+
+async def _in(
+    transaction: Callable[[], AbstractAsyncContextManager[AsyncConnection]],
+    fn: Callable[[AsyncConnection], Awaitable[T]],
+) -> T:
+    async with transaction() as conn:
+        return await fn(conn)
 
 
 class Transaction(abc.ABC):
