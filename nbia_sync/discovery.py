@@ -302,15 +302,23 @@ class _Pass:
         )
         await self.store(found)
 
-    async def increments(self, collections: Sequence[str], since: date) -> None:
-        known = {c.casefold() for c in await self.catalog.sources.known_collections(self.source_id)}
-        fresh = [c for c in collections if c.casefold() not in known]
+    async def increments(self, listing: Coroutine[Any, Any, list[str]], since: date) -> None:
+        """getUpdatedSeries and each known collection's new-patient and new-study queries
+        in the same round as the archive's list of collections (``listing``): each waits
+        on the archive, not on the others. Then the collections new to the catalog are
+        listed in full."""
+        known = await self.catalog.sources.known_collections(self.source_id)
+        if self.source.collections:  # the ones still asked for
+            asked = {c.casefold() for c in self.source.collections}
+            known = [c for c in known if c.casefold() in asked]
+        collections, _ = await _both(
+            listing, _all(self.updated(since), *(self.new_in_collection(c, since) for c in known))
+        )
+        folds = {c.casefold() for c in known}
+        fresh = [c for c in collections if c.casefold() not in folds]
         if fresh:
             log.info("discovery.new_collections", source=self.source.name, collections=fresh)
             await self.full_listing(fresh)
-        seen = [c for c in collections if c.casefold() in known]
-        # One round trip for all of them: each waits on the archive, not on the others.
-        await _all(self.updated(since), *(self.new_in_collection(c, since) for c in seen))
 
     async def updated(self, since: date) -> None:
         await self.store(await self.query(self.client.updated_series(since)))
@@ -487,7 +495,7 @@ async def _discover_once(
         await work.full_listing(await _collections(client, source))
         listed = True
     else:
-        await work.increments(await _collections(client, source), since)
+        await work.increments(_collections(client, source), since)
     await client.confirm()  # before anything trusts an empty answer
     # Conflicts are judged, and released, only on a listing of whole collections.
     work.listing.full = listed

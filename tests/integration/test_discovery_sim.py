@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import anyio
 import pytest
 import pytest_asyncio
 
@@ -87,6 +88,52 @@ async def test_increment_queues_exactly_new_patient_and_updated_series(
     assert await _drain(catalog) == sorted([s.uid for s in added] + [updated.uid])
 
 
+class _ListAfterTheIncrements:
+    """A client whose list of collections answers only once getUpdatedSeries and a known
+    collection's NewPatientsInCollection have been asked: a discovery that waits for the
+    list before asking them never gets it."""
+
+    def __init__(self, inner: NbiaClient) -> None:
+        self._inner = inner
+        self.asked: set[str] = set()
+        self._both_asked = anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _ask(self, what: str) -> None:
+        self.asked.add(what)
+        if {"updated", "new_patients"} <= self.asked:
+            self._both_asked.set()
+
+    async def collections(self) -> list[str]:
+        with anyio.fail_after(10):
+            await self._both_asked.wait()
+        return await self._inner.collections()
+
+    async def updated_series(self, since: date) -> list[SeriesInfo]:
+        self._ask("updated")
+        return await self._inner.updated_series(since)
+
+    async def new_patients(self, collection: str, since: date) -> Any:
+        self._ask("new_patients")
+        return await self._inner.new_patients(collection, since)
+
+
+async def test_increments_are_asked_in_the_same_round_as_the_collection_list(
+    catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
+) -> None:
+    await _pass(catalog, client, _source(sim))
+    await _drain(catalog)
+    added = sim_archive.add_patient("SIM-CT", series=2)
+    source = _source(sim)
+    sid = await catalog.sources.ensure_source(source)
+    slow_list = _ListAfterTheIncrements(client)
+    report = await discover(catalog, slow_list, source, sid, SCHEDULE)  # type: ignore[arg-type]
+    assert (report.full, report.new) == (False, 2)
+    assert await _drain(catalog) == sorted(s.uid for s in added)
+
+
 async def test_new_patient_released_with_an_old_date_is_found(
     catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
 ) -> None:
@@ -125,6 +172,18 @@ async def test_filters_restrict_collections_and_modalities(
     sim_archive.add_patient("SIM-MR", series=1)
     report = await _pass(catalog, client, source)
     assert report.queued == 0
+
+
+async def test_a_collection_taken_out_of_the_filter_is_no_longer_followed(
+    catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
+) -> None:
+    await _pass(catalog, client, _source(sim, collections=["SIM-CT", "SIM-MR"]))
+    await _drain(catalog)
+    sim_archive.add_patient("SIM-MR", series=1)
+    added = sim_archive.add_patient("SIM-CT", series=1)
+    report = await _pass(catalog, client, _source(sim, collections=["SIM-CT"]))
+    assert (report.full, report.new) == (False, 1)
+    assert await _drain(catalog) == [s.uid for s in added]
 
 
 async def test_patient_filter_lists_only_those_patients(
