@@ -324,16 +324,12 @@ class NbiaClient:
 
         async def fetch() -> list[T]:
             out: list[T] = []
-            try:
-                async with asyncio.timeout(self.transfer.query_timeout):
-                    async with self._open(endpoint, params, what) as resp:
-                        async for record in self._records_in(resp, what):
-                            out.append(convert(record, len(out)))
-            except TimeoutError:
-                raise RetryableError(
-                    f"{what}: no complete answer within transfer.query_timeout = "
-                    f"{self.transfer.query_timeout:g} s"
-                ) from None
+            async with (
+                self._answer_within_timeout(what),
+                self._open(endpoint, params, what) as resp,
+            ):
+                async for record in self._records_in(resp, what):
+                    out.append(convert(record, len(out)))
             return out
 
         return await self.policy.call(fetch, what=what)
@@ -357,39 +353,45 @@ class NbiaClient:
             count = 0
             batch: list[T] = []
             loop = asyncio.get_running_loop()
-            try:
-                async with asyncio.timeout(self.transfer.query_timeout) as deadline:
+            async with self._answer_within_timeout(what) as deadline:
 
-                    async def hand() -> None:
-                        started, when = loop.time(), deadline.when()
-                        deadline.reschedule(None)
-                        try:
-                            await each(batch)
-                        except Exception as exc:
-                            raise _CallerError(exc) from None
-                        if when is not None:
-                            deadline.reschedule(when + loop.time() - started)
+                async def hand() -> None:
+                    started, when = loop.time(), deadline.when()
+                    deadline.reschedule(None)
+                    try:
+                        await each(batch)
+                    except Exception as exc:
+                        raise _CallerError(exc) from None
+                    if when is not None:
+                        deadline.reschedule(when + loop.time() - started)
 
-                    async with self._open(endpoint, params, what) as resp:
-                        async for record in self._records_in(resp, what):
-                            batch.append(convert(record, count))
-                            count += 1
-                            if len(batch) >= size:
-                                await hand()
-                                batch = []
-                        if batch:
+                async with self._open(endpoint, params, what) as resp:
+                    async for record in self._records_in(resp, what):
+                        batch.append(convert(record, count))
+                        count += 1
+                        if len(batch) >= size:
                             await hand()
-            except TimeoutError:
-                raise RetryableError(
-                    f"{what}: no complete answer within transfer.query_timeout = "
-                    f"{self.transfer.query_timeout:g} s"
-                ) from None
+                            batch = []
+                    if batch:
+                        await hand()
             return count
 
         try:
             return await self.policy.call(fetch, what=what)
         except _CallerError as failed:
             raise failed.error from failed.error.__cause__
+
+    @asynccontextmanager
+    async def _answer_within_timeout(self, what: str) -> AsyncIterator[asyncio.Timeout]:
+        """One attempt's deadline (transfer.query_timeout), missed as a RetryableError."""
+        try:
+            async with asyncio.timeout(self.transfer.query_timeout) as deadline:
+                yield deadline
+        except TimeoutError:
+            raise RetryableError(
+                f"{what}: no complete answer within transfer.query_timeout = "
+                f"{self.transfer.query_timeout:g} s"
+            ) from None
 
     async def _rows(
         self, endpoint: str, params: Mapping[str, str | None], what: str

@@ -483,6 +483,7 @@ async def fetch_series(
     directory at the end. Raises IntegrityError/RetryableError (retry later),
     HostileArchiveError/PermanentError (give up), DiskSpaceError (stop everything).
     """
+    file_size = getattr(claim, "file_size", None)
     writer = _SeriesWriter(
         staging_dir,
         claim.series_uid,
@@ -490,11 +491,10 @@ async def fetch_series(
         claim.image_count,
         check_dicom,
         sync,
-        getattr(claim, "file_size", None),
+        file_size,
     )
     side = _ThreadSide(writer)
-    small = is_small(getattr(claim, "file_size", None))
-    pipe = _Pipe(budget=chunk_size, min_hop=_MIN_HOP if small else chunk_size)
+    pipe = _Pipe(budget=chunk_size, min_hop=_MIN_HOP if is_small(file_size) else chunk_size)
     received = 0
     files: list[StagedFile] | None = None
 
