@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import inspect
 import io
 from array import array
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -170,10 +172,11 @@ class _Pass:
         self.held_counts: dict[str, int] = {}
         self.unknown: tuple[str, ...] = ()
 
-    async def query(self, pending: Awaitable[T]) -> T:
-        """Await an archive query (a not-yet-started coroutine) within the concurrency cap."""
+    async def query(self, ask: Callable[[], Awaitable[T]]) -> T:
+        """An archive query, started only once it is within the concurrency cap (a query
+        cancelled while it waits for the cap was never made, not left unawaited)."""
         async with self._limit:
-            return await pending
+            return await ask()
 
     async def store(self, found: Iterable[SeriesInfo]) -> None:
         """Queue the matching series; note the newest release date seen."""
@@ -211,12 +214,12 @@ class _Pass:
         if self.source.patients:
             counts = await _all(
                 *(
-                    self.query(series(each, collection, patient_id=p))
+                    self.query(partial(series, each, collection, patient_id=p))
                     for p in sorted(self.source.patients)
                 )
             )
             return sum(counts), listed
-        return await self.query(series(each, collection)), listed
+        return await self.query(lambda: series(each, collection)), listed
 
     async def full_listing(self, collections: Sequence[str]) -> None:
         await self.catalog.sources.record_collections(self.source_id, collections)
@@ -283,7 +286,7 @@ class _Pass:
         wanted = set(uids)
         lookup: Sequence[str] = uids
         if since is not None:
-            updated = await self.query(self.client.updated_series(since))
+            updated = await self.query(lambda: self.client.updated_series(since))
             await self.store(s for s in updated if s.series_uid in wanted)
             known = await self.catalog.sources.series_states(self.source_id, uids)
             lookup = [u for u in uids if u not in known]
@@ -321,7 +324,7 @@ class _Pass:
             await self.full_listing(fresh)
 
     async def updated(self, since: date) -> None:
-        await self.store(await self.query(self.client.updated_series(since)))
+        await self.store(await self.query(lambda: self.client.updated_series(since)))
 
     def usable(self, found: list[Listed]) -> list[Listed]:
         """The records without a problem; the others are warned about and counted."""
@@ -336,8 +339,8 @@ class _Pass:
     async def new_in_collection(self, collection: str, since: date) -> None:
         # Both at once (within the concurrency cap): neither depends on the other.
         patients, studies = await _both(
-            self.query(self.client.new_patients(collection, since)),
-            self.query(self.client.new_studies(collection, since)),
+            self.query(lambda: self.client.new_patients(collection, since)),
+            self.query(lambda: self.client.new_studies(collection, since)),
         )
         patients = [p for p in self.usable(patients) if self.filter.patient(p.patient_id)]
         studies = [s for s in self.usable(studies) if self.filter.patient(s.patient_id)]
@@ -349,9 +352,9 @@ class _Pass:
         listed = {p.patient_id for p in patients}
         series = self.client.series
         queries = [
-            self.query(series(collection=collection, patient_id=p)) for p in sorted(listed)
+            self.query(partial(series, collection=collection, patient_id=p)) for p in sorted(listed)
         ] + [
-            self.query(series(collection=collection, study_uid=s.study_uid))
+            self.query(partial(series, collection=collection, study_uid=s.study_uid))
             for s in studies
             if s.patient_id not in listed
         ]
@@ -380,6 +383,10 @@ async def _all(*pending: Coroutine[Any, Any, T]) -> list[T]:
         first = eg.exceptions[0]
         # Its own cause is kept (it says why, e.g. the refused connection); the group is not.
         raise first from first.__cause__
+    finally:
+        for query in pending:  # those cancelled before they began: closed, never to run
+            if inspect.getcoroutinestate(query) == inspect.CORO_CREATED:
+                query.close()
     results.extend(slots[i] for i in range(len(pending)))
     return results
 

@@ -134,6 +134,31 @@ async def test_increments_are_asked_in_the_same_round_as_the_collection_list(
     assert await _drain(catalog) == sorted(s.uid for s in added)
 
 
+class _ListFailsAfterTheIncrements(_ListAfterTheIncrements):
+    """The archive's list of collections fails once the increments have been asked (an
+    outage mid-round)."""
+
+    async def collections(self) -> list[str]:
+        with anyio.fail_after(10):
+            await self._both_asked.wait()
+        raise RetryableError("getCollectionValues: HTTP 503")
+
+
+async def test_a_collection_list_failing_mid_round_moves_no_watermark(
+    catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
+) -> None:
+    await _pass(catalog, client, _source(sim))
+    await _drain(catalog)
+    sim_archive.add_patient("SIM-CT", series=1)
+    source = _source(sim)
+    sid = await catalog.sources.ensure_source(source)
+    before = await catalog.sources.get_watermark(sid)
+    failing = _ListFailsAfterTheIncrements(client)
+    with pytest.raises(RetryableError, match="503"):
+        await discover(catalog, failing, source, sid, SCHEDULE)  # type: ignore[arg-type]
+    assert await catalog.sources.get_watermark(sid) == before
+
+
 async def test_new_patient_released_with_an_old_date_is_found(
     catalog: Catalog, client: NbiaClient, sim: SimServer, sim_archive: SimArchive
 ) -> None:
