@@ -365,7 +365,7 @@ def _run_pass_command(
     async def job(stop: anyio.Event) -> int:
         catalog = await _open_catalog(settings)
         try:
-            with terminal_progress(files_total=catalog.queue.planned_files) as progress:
+            with terminal_progress() as progress:
                 report = await run_pass(
                     settings,
                     catalog,

@@ -9,10 +9,9 @@ error) is the last thing on the screen.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
 from nbia_sync.progress import NullProgress, ProgressSink
@@ -25,9 +24,7 @@ if TYPE_CHECKING:  # rich is imported only when there is a terminal to draw on
 class TerminalProgress:
     """A ProgressSink drawing one rich progress line; use as a context manager."""
 
-    def __init__(
-        self, console: Console, files_total: Callable[[], Awaitable[int]] | None = None
-    ) -> None:
+    def __init__(self, console: Console) -> None:
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -55,16 +52,12 @@ class TerminalProgress:
         self.files_total: int | None = None
         self.bytes = 0
         self.bytes_total = 0
-        self._count_files = files_total
-        self._counting: asyncio.Task[None] | None = None
 
     def __enter__(self) -> TerminalProgress:
         self._progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._counting is not None:
-            self._counting.cancel()
         self._progress.stop()
 
     @property
@@ -80,22 +73,12 @@ class TerminalProgress:
             text += f"  [red]failed attempts {self.series_failed}[/red]"
         self._progress.update(self._task, description=text)
 
-    def plan(self, series: int, total_bytes: int) -> None:
+    def plan(self, series: int, total_bytes: int, files: int) -> None:
         self.series_total = series
         self.bytes_total = total_bytes
+        self.files_total = self.files + files
         # Unknown sizes (0) leave the bar indeterminate rather than promising an ETA.
         self._progress.update(self._task, total=total_bytes or None, completed=self.bytes)
-        self._describe()
-        if self._count_files is not None:
-            # plan() is called on the event loop; the count is one catalog read.
-            self._counting = asyncio.get_running_loop().create_task(self._load_files_total())
-
-    async def _load_files_total(self) -> None:
-        assert self._count_files is not None
-        try:
-            self.files_total = self.files + await self._count_files()
-        except Exception:  # a display nicety: never worth failing the pass for
-            return
         self._describe()
 
     def series_started(self, series_uid: str, expected_bytes: int | None) -> None:
@@ -126,18 +109,16 @@ class TerminalProgress:
 
 
 @contextlib.contextmanager
-def terminal_progress(
-    stream: TextIO | None = None, files_total: Callable[[], Awaitable[int]] | None = None
-) -> Iterator[ProgressSink]:
+def terminal_progress(stream: TextIO | None = None) -> Iterator[ProgressSink]:
     """A live display when `stream` (default stderr) is a terminal, else a sink that is
-    silent. `files_total` reads how many files the queue holds once the pass plans."""
+    silent."""
     out = sys.stderr if stream is None else stream
     if not _is_tty(out):
         yield NullProgress()
         return
     from rich.console import Console
 
-    with TerminalProgress(Console(file=out), files_total) as display:
+    with TerminalProgress(Console(file=out)) as display:
         yield display
 
 

@@ -135,7 +135,7 @@ class MetricsProgress:
         self._failed: set[str] = set()
         self._running: set[str] = set()
 
-    def plan(self, series: int, total_bytes: int) -> None:
+    def plan(self, series: int, total_bytes: int, files: int) -> None:
         pass
 
     def series_started(self, series_uid: str, expected_bytes: int | None) -> None:

@@ -11,8 +11,9 @@ from typing import Protocol
 
 
 class ProgressSink(Protocol):
-    def plan(self, series: int, total_bytes: int) -> None:
-        """The queue this drain starts with (series and their expected bytes)."""
+    def plan(self, series: int, total_bytes: int, files: int) -> None:
+        """The queue this drain starts with: series, their expected bytes and files (read
+        together before any worker claims, so they describe the same queue)."""
 
     def series_started(self, series_uid: str, expected_bytes: int | None) -> None: ...
 
@@ -33,7 +34,7 @@ class ProgressSink(Protocol):
 class NullProgress:
     """Reports nowhere."""
 
-    def plan(self, series: int, total_bytes: int) -> None:
+    def plan(self, series: int, total_bytes: int, files: int) -> None:
         pass
 
     def series_started(self, series_uid: str, expected_bytes: int | None) -> None:
@@ -57,9 +58,9 @@ class FanOut:
     def __init__(self, *sinks: ProgressSink) -> None:
         self._sinks = sinks
 
-    def plan(self, series: int, total_bytes: int) -> None:
+    def plan(self, series: int, total_bytes: int, files: int) -> None:
         for s in self._sinks:
-            s.plan(series, total_bytes)
+            s.plan(series, total_bytes, files)
 
     def series_started(self, series_uid: str, expected_bytes: int | None) -> None:
         for s in self._sinks:

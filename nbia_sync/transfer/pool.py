@@ -190,7 +190,8 @@ class _Drain:
     async def _plan(self) -> None:
         counts = await self.catalog.state_counts()
         waiting = [counts.get(s, (0, 0)) for s in (SeriesState.WANTED, SeriesState.PENDING)]
-        self.progress.plan(sum(n for n, _ in waiting), sum(b for _, b in waiting))
+        files = await self.catalog.queue.planned_files()
+        self.progress.plan(sum(n for n, _ in waiting), sum(b for _, b in waiting), files)
 
     async def _watch_stop(self, stop: anyio.Event, scope: anyio.CancelScope) -> None:
         await stop.wait()

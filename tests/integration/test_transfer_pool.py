@@ -40,7 +40,7 @@ OWNER = "test-host:1:run"
 
 class Recorder:
     def __init__(self, series: int = 8) -> None:
-        self.planned: tuple[int, int] | None = None
+        self.planned: tuple[int, int, int] | None = None
         self.started: list[str] = []
         self.any_started = anyio.Event()
         self.all_started = anyio.Event()  # `series` downloads have begun
@@ -49,8 +49,8 @@ class Recorder:
         self.bytes = 0
         self.files_arrived: dict[str, int] = {}
 
-    def plan(self, series: int, total_bytes: int) -> None:
-        self.planned = (series, total_bytes)
+    def plan(self, series: int, total_bytes: int, files: int) -> None:
+        self.planned = (series, total_bytes, files)
 
     def series_started(self, series_uid: str, expected_bytes: int | None) -> None:
         self.started.append(series_uid)
@@ -171,7 +171,7 @@ async def test_drain_fetches_every_series_and_reports_progress(
     assert mirror_state(tmp_path / "mirror", sim_archive) == sim_archive.truth()
     total = sum(s.file_size for s in sim_archive.series.values())
     assert (report.done, report.failed, report.files, report.bytes) == (8, 0, 24, total)
-    assert progress.planned == (8, total)
+    assert progress.planned == (8, total, 24)  # series, bytes, files: read before any claim
     assert sorted(progress.started) == sorted(sim_archive.series)
     assert all(ok for _, ok in progress.finished) and len(progress.finished) == 8
     assert progress.bytes > total  # the ZIP wrapping on top of the files
