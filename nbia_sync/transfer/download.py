@@ -22,7 +22,7 @@ import io
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -494,52 +494,91 @@ async def fetch_series(
         file_size,
     )
     side = _ThreadSide(writer)
-    pipe = _Pipe(budget=chunk_size, min_hop=_MIN_HOP if is_small(file_size) else chunk_size)
     received = 0
     files: list[StagedFile] | None = None
-
     reported = 0
 
-    async def process() -> None:
+    async def hop(data: bytes | None, last: bool) -> None:
         nonlocal files, reported
-        while files is None:
-            data, last = await pipe.take()
-            files = await anyio.to_thread.run_sync(side.feed, data, last)
-            # Back on the loop, the thread idle: files whose last byte was written.
-            whole = writer.files_written
-            if whole > reported:
-                progress.files_received(claim.series_uid, whole - reported)
-                reported = whole
-            if last:
-                return
+        files = await anyio.to_thread.run_sync(side.feed, data, last)
+        # Back on the loop, the thread idle: files whose last byte was written.
+        whole = writer.files_written
+        if whole > reported:
+            progress.files_received(claim.series_uid, whole - reported)
+            reported = whole
+
+    async def receive(sink: Callable[[bytes], Awaitable[None]]) -> None:
+        nonlocal received
+        async with client.stream_series(claim.series_uid) as chunks:
+            try:
+                async for chunk in chunks:
+                    if limiter is not None:
+                        await limiter.acquire(len(chunk))
+                    received += len(chunk)
+                    progress.bytes_received(len(chunk))
+                    await sink(chunk)
+            except (ConnectionError, TimeoutError) as exc:
+                # The client maps its own failures; this is only a safety net.
+                raise RetryableError(
+                    f"series {claim.series_uid}: download interrupted ({type(exc).__name__})"
+                ) from None
 
     try:
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(process)
-                async with client.stream_series(claim.series_uid) as chunks:
-                    try:
-                        async for chunk in chunks:
-                            if limiter is not None:
-                                await limiter.acquire(len(chunk))
-                            received += len(chunk)
-                            progress.bytes_received(len(chunk))
-                            await pipe.put(chunk)
-                    except (ConnectionError, TimeoutError) as exc:
-                        # The client maps its own failures; this is only a safety net.
-                        raise RetryableError(
-                            f"series {claim.series_uid}: download interrupted "
-                            f"({type(exc).__name__})"
-                        ) from None
-                await pipe.close()
-        except BaseExceptionGroup as group:
-            raise _first_error(group) from None
+        if file_size is not None and file_size < _MIN_HOP:
+            await _receive_whole(receive, hop, budget=chunk_size)
+        else:
+            await _receive_overlapped(receive, hop, budget=chunk_size, small=is_small(file_size))
         assert files is not None
     except BaseException:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(_abort, writer, staging_dir)
         raise
     return FetchedSeries(claim.series_uid, staging_dir, files, received, writer.unverified)
+
+
+Receive = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+Hop = Callable[[bytes | None, bool], Awaitable[None]]
+
+
+async def _receive_whole(receive: Receive, hop: Hop, *, budget: int) -> None:
+    """A series listed below one hop's size: read whole, then one hop does it all. The
+    pipeline's task group, task and events cost more per series than overlapping a few
+    KB with the transfer would gain (one-file series: see bench/README.md)."""
+    parts: list[bytes] = []
+    size = 0
+
+    async def keep(chunk: bytes) -> None:
+        nonlocal size
+        parts.append(chunk)
+        size += len(chunk)
+        if size >= budget:  # more than listed: hop what is here, memory stays bounded
+            data = _join(parts)
+            parts.clear()
+            size = 0
+            await hop(data, False)
+
+    await receive(keep)
+    await hop(_join(parts) if parts else None, True)
+
+
+async def _receive_overlapped(receive: Receive, hop: Hop, *, budget: int, small: bool) -> None:
+    """The socket and the worker thread side by side, the bytes between them in a _Pipe."""
+    pipe = _Pipe(budget=budget, min_hop=_MIN_HOP if small else budget)
+
+    async def process() -> None:
+        while True:
+            data, last = await pipe.take()
+            await hop(data, last)
+            if last:
+                return
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(process)
+            await receive(pipe.put)
+            await pipe.close()
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

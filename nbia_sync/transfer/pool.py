@@ -141,6 +141,7 @@ class _Drain:
         # Claimed for workers that have not picked them up yet (see the module doc).
         self._prefetched: deque[Claim] = deque()
         self._claim_lock = anyio.Lock()
+        self._polling = False  # an idle worker is asking the catalog for all of them
         self._to_place: list[_Placement] = []
         self._place_lock = anyio.Lock()
         # The last claim found fewer series than asked for: placements stop claiming
@@ -282,13 +283,18 @@ class _Drain:
         changed = self._changed
         if self._prefetched:
             return True
-        if not self.jobs:
+        if not self.jobs and not self._polling:
+            # One idle worker asks for all: the others wait for its notice (when a drain
+            # ends, every worker goes idle at once).
+            self._polling = True
             try:
                 with anyio.CancelScope(shield=True):  # see _claim
                     ready = await self.catalog.queue.next_ready_at(list(self.source_ids.values()))
             except CatalogError as exc:
                 self._abort(exc)
                 return False
+            finally:
+                self._polling = False
             if ready is None:
                 # Nothing queued, nothing backing off, nothing in flight: done.
                 self._finished = True
@@ -296,7 +302,7 @@ class _Drain:
                 return False
             wait = (ready - self.catalog.clock.now()).total_seconds()
         else:
-            wait = MAX_IDLE_POLL  # a running job will wake us when it ends
+            wait = MAX_IDLE_POLL  # a running job or the polling worker will wake us
         with anyio.move_on_after(min(max(wait, MIN_IDLE_POLL), MAX_IDLE_POLL)):
             await changed.wait()
         return not self._finished

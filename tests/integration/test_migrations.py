@@ -37,7 +37,10 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def two_empty_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
     if request.param == "sqlite":
-        yield (f"sqlite+aiosqlite:///{tmp_path}/a.sqlite", f"sqlite+aiosqlite:///{tmp_path}/b.sqlite")
+        yield (
+            f"sqlite+aiosqlite:///{tmp_path}/a.sqlite",
+            f"sqlite+aiosqlite:///{tmp_path}/b.sqlite",
+        )
     else:
         with fresh_pg_database() as first, fresh_pg_database() as second:
             yield first, second

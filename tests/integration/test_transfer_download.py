@@ -480,3 +480,64 @@ async def test_a_large_series_hops_the_whole_read_budget_at_a_time(
 ) -> None:
     sizes = await hops(monkeypatch, tmp_path, file_size=download.SMALL_SERIES_BYTES)
     assert len(sizes) >= 2 and all(n >= 256 << 10 for n in sizes[:-1])
+
+
+def _record_hops(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """(bytes, last) of every hop to the worker thread."""
+    hops: list[tuple[int, bool]] = []
+    feed = download._ThreadSide.feed
+
+    def recording(side: Any, data: bytes | None, last: bool) -> Any:
+        hops.append((len(data or b""), last))
+        return feed(side, data, last)
+
+    monkeypatch.setattr(download._ThreadSide, "feed", recording)
+    return hops
+
+
+async def test_tiny_series_is_processed_in_one_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = SimArchive.generate(
+        collections=("C",), patients=1, series=1, images=2, image_size=1000, seed=5
+    )
+    hops = _record_hops(monkeypatch)
+    async with running_sim(archive) as sim:
+        s = first_series(archive)
+        assert s.file_size < download._MIN_HOP
+        fetched = await fetch(sim, s, tmp_path / "st")
+    assert_matches_truth(fetched, archive, s)
+    assert [last for _, last in hops] == [True]
+
+
+async def test_series_larger_than_listed_hops_within_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Listed as tiny (read whole), but ~5 hops' budget: memory stays bounded anyway.
+    archive = SimArchive.generate(
+        collections=("C",), patients=1, series=1, images=10, image_size=32 << 10, seed=6
+    )
+    hops = _record_hops(monkeypatch)
+    async with running_sim(archive) as sim:
+        s = first_series(archive)
+        fetched = await fetch(sim, s, tmp_path / "st", file_size=1000)
+    assert_matches_truth(fetched, archive, s)
+    assert len(hops) > 2
+    assert [last for _, last in hops] == [False] * (len(hops) - 1) + [True]
+    # At most the budget plus one network chunk waits for the thread.
+    assert max(n for n, _ in hops) <= 2 * TRANSFER.chunk_size
+
+
+async def test_series_above_one_hop_is_processed_while_it_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = SimArchive.generate(
+        collections=("C",), patients=1, series=1, images=10, image_size=32 << 10, seed=6
+    )
+    hops = _record_hops(monkeypatch)
+    async with running_sim(archive, SimFaults(bandwidth=2 << 20)) as sim:
+        s = first_series(archive)
+        fetched = await fetch(sim, s, tmp_path / "st")
+    assert_matches_truth(fetched, archive, s)
+    # The pipe hands over what arrived, ~64 KiB at a time, before the end.
+    assert len(hops) >= 3

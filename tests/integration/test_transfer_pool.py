@@ -621,3 +621,28 @@ async def test_blank_hashes_are_counted_in_the_catalog(
     assert mirror_state(tmp_path / "mirror", sim_archive) == sim_archive.truth()
     series, files = await catalog.unverified_files()
     assert series > 0 and 0 < files < sum(s.image_count for s in sim_archive.series.values())
+
+
+async def test_idle_workers_ask_the_catalog_once_when_the_drain_ends(
+    catalog: Catalog,
+    sim: SimServer,
+    sim_archive: SimArchive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = make_settings(tmp_path / "mirror", sim)
+    await queue_all(catalog, settings, sim_archive)
+    asked = 0
+    next_ready_at = type(catalog.queue).next_ready_at
+
+    async def counting(queue: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal asked
+        asked += 1
+        return await next_ready_at(queue, *args, **kwargs)
+
+    monkeypatch.setattr(type(catalog.queue), "next_ready_at", counting)
+    report = await run_drain(settings, catalog)
+    assert report.done == len(sim_archive.series)
+    # Every worker went idle at the end; one of them asked for all.
+    assert settings.transfer.workers > 1
+    assert asked == 1
