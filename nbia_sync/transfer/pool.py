@@ -1,7 +1,10 @@
 """The worker pool: drain the catalog's queue into the mirror.
 
-N workers each loop: claim one series, reserve its disk space, fetch it into staging,
-then place it and mark it done in one catalog transaction (``catalog.queue.placing_many``). The
+Workers each loop: claim one series, reserve its disk space, fetch it into staging,
+then place it and mark it done in one catalog transaction (``catalog.queue.placing_many``).
+A worker holds a download slot (``transfer.workers`` in all, a source's
+``max_connections`` each) only while it fetches; there are TASKS_PER_SLOT workers per
+slot, so while some wait for their group commit others download. The
 catalog decides retries (attempts and next-try times live there, so a restart resumes the
 schedule); the pool only classifies failures by their exception class:
 
@@ -70,6 +73,10 @@ MIN_IDLE_POLL = 0.05
 # Most series placed in one catalog transaction (bounds the time the write lock is held:
 # a few renames and directory fsyncs per series).
 MAX_PLACE_BATCH = 32
+# Worker tasks per download slot. A worker holds its source's connection slot only while
+# it downloads: waiting for its series' group commit, it leaves the slot to another, and
+# the commits grow (5,000 one-file series: 3.6 series a commit with one task a slot).
+TASKS_PER_SLOT = 2
 # Small series (download.SMALL_SERIES_BYTES) skip the download's per-file fsyncs: their
 # data is synced once per group commit (Mirror.place_many(unsynced=...)). Larger ones
 # fsync each file as it completes, overlapping the transfer, so a commit never waits for
@@ -137,7 +144,10 @@ class _Drain:
             for name in clients
         }
         self.source_ids: dict[str, int] = {}
+        # Downloads at once: at most `workers` in all, and each source's max_connections.
+        self.downloads = anyio.Semaphore(workers)
         self.jobs: dict[int, _Job] = {}
+        self.tasks = TASKS_PER_SLOT * workers
         # Claimed for workers that have not picked them up yet (see the module doc).
         self._prefetched: deque[Claim] = deque()
         self._claim_lock = anyio.Lock()
@@ -169,7 +179,7 @@ class _Drain:
                 if stop is not None:
                     tg.start_soon(self._watch_stop, stop, tg.cancel_scope)
                 async with anyio.create_task_group() as workers:
-                    for _ in range(self.transfer.workers):
+                    for _ in range(self.tasks):
                         workers.start_soon(self._worker)
                 tg.cancel_scope.cancel()  # the workers are done: end heartbeat and watcher
         except ExceptionGroup as group:
@@ -241,11 +251,11 @@ class _Drain:
             if claim is not None or self._finished:
                 return claim
             free = [self.source_ids[name] for name, sem in self.slots.items() if sem.value > 0]
-            if not free:
+            if not free or self.downloads.value == 0:
                 return None
             # One series for every worker not running a job (this one included): they
             # would each claim one right after us otherwise.
-            idle = max(1, self.transfer.workers - len(self.jobs))
+            idle = max(1, self.tasks - len(self.jobs))
             try:
                 # Every catalog call of the pool is shielded from cancellation: they are
                 # short, and a transaction cut half way can leave the driver's connection
@@ -311,8 +321,7 @@ class _Drain:
         job = _Job(claim)
         self.jobs[claim.series_id] = job
         try:
-            async with self.slots[claim.source_name]:
-                await self._attempt(job)
+            await self._attempt(job)
         finally:
             del self.jobs[claim.series_id]
             self._notify()
@@ -321,30 +330,35 @@ class _Drain:
         claim = job.claim
         staging = self.mirror.staging_dir(self.owner, claim.series_uid)
         started = time.monotonic()
-        self.progress.series_started(claim.series_uid, claim.file_size)
         try:
-            async with self.mirror.reserve(claim.file_size, self.settings.mirror.min_free_bytes):
-                fetched: FetchedSeries | None = None
-                with job.scope:
-                    # Larger series: every file fsynced as it completes, outside any
-                    # catalog transaction; small ones are synced at the group commit
-                    # (download.SMALL_SERIES_BYTES).
-                    fetched = await fetch_series(
-                        self.clients[claim.source_name],
-                        claim,
-                        staging,
-                        chunk_size=self.transfer.chunk_size,
-                        progress=self.progress,
-                        limiter=self.limiter,
-                        check_dicom=self.settings.mirror.check_dicom,
-                        sync=not _small(claim),
-                    )
-                if fetched is None or job.lost:
-                    raise LeaseLostError(f"series {claim.series_uid}: lease lost mid-download")
-                with anyio.CancelScope(shield=True):
-                    # A finished download is placed even when a stop arrives now: the
-                    # renames and one commit take milliseconds.
-                    await self._place(claim, fetched)
+            fetched: FetchedSeries | None = None
+            with job.scope:
+                async with self.slots[claim.source_name], self.downloads:
+                    started = time.monotonic()
+                    self.progress.series_started(claim.series_uid, claim.file_size)
+                    # Reserved only while downloading: then the bytes are on the disk.
+                    min_free = self.settings.mirror.min_free_bytes
+                    async with self.mirror.reserve(claim.file_size, min_free):
+                        # Larger series: every file fsynced as it completes, outside any
+                        # catalog transaction; small ones are synced at the group commit
+                        # (download.SMALL_SERIES_BYTES).
+                        fetched = await fetch_series(
+                            self.clients[claim.source_name],
+                            claim,
+                            staging,
+                            chunk_size=self.transfer.chunk_size,
+                            progress=self.progress,
+                            limiter=self.limiter,
+                            check_dicom=self.settings.mirror.check_dicom,
+                            sync=not _small(claim),
+                        )
+                self._notify()  # its connection is free: a waiting worker may claim
+            if fetched is None or job.lost:
+                raise LeaseLostError(f"series {claim.series_uid}: lease lost mid-download")
+            with anyio.CancelScope(shield=True):
+                # A finished download is placed even when a stop arrives now: the
+                # renames and one commit take milliseconds.
+                await self._place(claim, fetched)
         except LeaseLostError as exc:
             await self.mirror.remove_staging(staging)
             self.report.lease_lost += 1
@@ -422,9 +436,7 @@ class _Drain:
         claim_next = 0
         if not (self._queue_dry or self._finished or self.report.interrupted):
             running = len(self.jobs) - len(batch)
-            claim_next = max(
-                0, min(len(batch), self.transfer.workers - running - len(self._prefetched))
-            )
+            claim_next = max(0, min(len(batch), self.tasks - running - len(self._prefetched)))
         batch_sources = {p.claim.source_name for p in batch}
         sources = [
             self.source_ids[name]

@@ -92,8 +92,10 @@ def make_settings(root: Path, sim: SimServer, **transfer: Any) -> Settings:
     )
 
 
-async def queue_all(catalog: Catalog, settings: Settings, archive: SimArchive) -> None:
-    source_id = await catalog.sources.ensure_source(settings.sources[0])
+async def queue_all(
+    catalog: Catalog, settings: Settings, archive: SimArchive, source: int = 0
+) -> None:
+    source_id = await catalog.sources.ensure_source(settings.sources[source])
     await catalog.sources.upsert_series(
         source_id,
         [
@@ -646,3 +648,104 @@ async def test_idle_workers_ask_the_catalog_once_when_the_drain_ends(
     # Every worker went idle at the end; one of them asked for all.
     assert settings.transfer.workers > 1
     assert asked == 1
+
+
+async def test_a_worker_waiting_for_its_commit_leaves_its_connection_to_another(
+    catalog: Catalog,
+    sim: SimServer,
+    sim_archive: SimArchive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One connection: the first series' placement is held until a second series has
+    # been downloaded over it, which needs the first worker to have let the slot go.
+    settings = make_settings(tmp_path / "mirror", sim, workers=1)
+    await queue_all(catalog, settings, sim_archive)
+    from nbia_sync.transfer import pool
+
+    fetched = 0
+    second_fetched = anyio.Event()
+    fetch_series = pool.fetch_series
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal fetched
+        result = await fetch_series(*args, **kwargs)
+        fetched += 1
+        if fetched == 2:
+            second_fetched.set()
+        return result
+
+    place_many = Mirror.place_many
+    held_once = False
+    overlapped = False
+
+    async def held(self: Mirror, *args: Any, **kwargs: Any) -> Any:
+        nonlocal held_once, overlapped
+        if not held_once:
+            held_once = True
+            with anyio.move_on_after(10):  # then the connection stayed taken
+                await second_fetched.wait()
+                overlapped = True
+        return await place_many(self, *args, **kwargs)
+
+    monkeypatch.setattr(pool, "fetch_series", counting)
+    monkeypatch.setattr(Mirror, "place_many", held)
+    report = await run_drain(settings, catalog)
+    assert overlapped
+    assert (report.done, report.failed) == (len(sim_archive.series), 0)
+    assert mirror_state(tmp_path / "mirror", sim_archive) == sim_archive.truth()
+
+
+async def test_downloads_at_once_never_exceed_the_workers_over_all_sources(
+    catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archives = [
+        SimArchive.generate(
+            collections=(name,), patients=6, series=1, images=2, image_size=2000, seed=seed
+        )
+        for name, seed in (("A", 11), ("B", 12))
+    ]
+    from nbia_sync.transfer import pool
+
+    running = peak = 0
+    fetch_series = pool.fetch_series
+
+    async def tracking(*args: Any, **kwargs: Any) -> Any:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            return await fetch_series(*args, **kwargs)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(pool, "fetch_series", tracking)
+    faults = SimFaults(latency=0.05)
+    async with running_sim(archives[0], faults) as sim_a, running_sim(archives[1], faults) as sim_b:
+        settings = settings_from_dict(
+            {
+                "mirror": {"root": str(tmp_path / "mirror"), "min_free_bytes": 0},
+                "transfer": {"workers": 2, "retry_base_delay": 0.01, "read_timeout": 2.0},
+                "sources": [
+                    {"name": "a", "url": sim_a.url, "api": "v2"},
+                    {"name": "b", "url": sim_b.url, "api": "v2"},
+                ],
+            },
+            env={},
+        )
+        for source, archive in enumerate(archives):
+            await queue_all(catalog, settings, archive, source)
+        async with (
+            NbiaClient(settings.sources[0], settings.transfer) as client_a,
+            NbiaClient(settings.sources[1], settings.transfer) as client_b,
+        ):
+            report = await drain(
+                settings=settings,
+                catalog=catalog,
+                clients={"a": client_a, "b": client_b},
+                mirror=Mirror(settings.mirror.root),
+                owner=OWNER,
+                progress=Recorder(),
+            )
+    assert report.done == 12
+    assert peak == 2  # two sources with two connections each, two workers in all
