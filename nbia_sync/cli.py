@@ -29,7 +29,7 @@ from nbia_sync import __version__
 from nbia_sync.constants import DEFAULT_TCIA_URL as TCIA_URL
 from nbia_sync.errors import CatalogError, NbiaSyncError, sole_error
 
-# Nothing heavy at import time: `--help` and `--version` must stay fast (pydantic,
+# Nothing heavy at import time: `--help` and `--version` must stay fast (the settings,
 # structlog, SQLAlchemy and aiohttp are imported by the commands that use them).
 if TYPE_CHECKING:
     import anyio
@@ -436,6 +436,8 @@ def default_fetch_dir(manifest: Path) -> Path:
 
 def _fetch_settings(args: argparse.Namespace, manifest: Path, dest: Path) -> Settings:
     """The settings of a fetch: one source limited to the manifest, the catalog in DIR."""
+    from dataclasses import replace
+
     from nbia_sync.config import CatalogSettings, load_settings, settings_from_dict
     from nbia_sync.errors import ConfigError
 
@@ -443,13 +445,12 @@ def _fetch_settings(args: argparse.Namespace, manifest: Path, dest: Path) -> Set
         if args.url or args.api or args.username:
             raise ConfigError("--url, --api and --username do not go with -c/--source")
         base = load_settings(config_path(args))
-        source = pick_source(base, args.source, None).model_copy(update={"manifests": [manifest]})
-        return base.model_copy(
-            update={
-                "mirror": base.mirror.model_copy(update={"root": dest}),
-                "catalog": CatalogSettings(),
-                "sources": [source],
-            }
+        source = replace(pick_source(base, args.source, None), manifests=[manifest])
+        return replace(
+            base,
+            mirror=replace(base.mirror, root=dest),
+            catalog=CatalogSettings(),
+            sources=[source],
         )
     url = args.url or TCIA_URL
     src: dict[str, Any] = {

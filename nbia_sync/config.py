@@ -7,40 +7,33 @@ Secrets may be given in the environment instead of the file:
   NBIA_SYNC_SOURCE_<NAME>_PASSWORD
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: settings_schema reads the annotations of the
+# sections, and real objects spare it evaluating strings at start-up.
 import os
 import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from typing import Any, Final, Literal
 
 from nbia_sync.constants import DEFAULT_TCIA_URL, GUEST_USER
 from nbia_sync.errors import ConfigError
 from nbia_sync.redaction import register_secret
+from nbia_sync.secret import SecretStr
+from nbia_sync.settings_schema import SchemaError, parse, rules
 
 __all__ = ["DEFAULT_TCIA_URL", "GUEST_USER"]  # re-exported: callers import them from here
 
+# Every section is a frozen dataclass checked by settings_schema when read from a file:
+# a field's annotation is the type its key accepts, `rules(...)` its constraints.
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class MirrorSettings(_Section):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MirrorSettings:
     root: Path
     # Refuse to start a series unless this much space stays free after it.
-    min_free_bytes: int = Field(default=1 << 30, ge=0)
+    min_free_bytes: int = field(default=1 << 30, metadata=rules(ge=0))
     # Parse every file as DICOM and compare its UIDs before placing it.
     check_dicom: bool = True
     # A series the archive withdrew: "keep" its files (flagged withdrawn in the catalog)
@@ -48,111 +41,107 @@ class MirrorSettings(_Section):
     on_withdrawn: Literal["keep", "delete"] = "keep"
     # A full listing that would withdraw more than this share of a collection's series
     # at once withdraws none of them (a warning) unless `sync --allow-mass-withdrawal`.
-    max_withdrawn_share: float = Field(default=0.5, ge=0, le=1)
+    max_withdrawn_share: float = field(default=0.5, metadata=rules(ge=0, le=1))
 
 
-class CatalogSettings(_Section):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CatalogSettings:
     # None: SQLite at <root>/.nbia-sync/catalog.sqlite. A SecretStr: a PostgreSQL URL may
     # embed the database password, which no repr of the settings may show.
     url: SecretStr | None = None
 
 
-class TransferSettings(_Section):
-    workers: int = Field(default=8, ge=1, le=256)
-    max_attempts: int = Field(default=6, ge=1)
-    retry_base_delay: float = Field(default=0.2, ge=0)  # seconds
-    retry_max_delay: float = Field(default=600.0, gt=0)  # seconds
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferSettings:
+    workers: int = field(default=8, metadata=rules(ge=1, le=256))
+    max_attempts: int = field(default=6, metadata=rules(ge=1))
+    retry_base_delay: float = field(default=0.2, metadata=rules(ge=0))  # seconds
+    retry_max_delay: float = field(default=600.0, metadata=rules(gt=0))  # seconds
     # Attempts of a single HTTP query before it gives up for this pass.
-    request_attempts: int = Field(default=5, ge=1)
-    connect_timeout: float = Field(default=30.0, gt=0)
+    request_attempts: int = field(default=5, metadata=rules(ge=1))
+    connect_timeout: float = field(default=30.0, metadata=rules(gt=0))
     # A stream that sends nothing for this long is cut and retried.
-    read_timeout: float = Field(default=120.0, gt=0)
+    read_timeout: float = field(default=120.0, metadata=rules(gt=0))
     # curl's floor on progress: a download, query or token request slower than
     # low_speed_limit bytes/s for low_speed_time seconds is cut and retried. 0 disables.
-    low_speed_limit: int = Field(default=1024, ge=0)
-    low_speed_time: float = Field(default=120.0, gt=0)
+    low_speed_limit: int = field(default=1024, metadata=rules(ge=0))
+    low_speed_time: float = field(default=120.0, metadata=rules(gt=0))
     # Total deadline of one query attempt / one token request, headers and body (seconds).
-    query_timeout: float = Field(default=900.0, gt=0)
-    token_timeout: float = Field(default=60.0, gt=0)
+    query_timeout: float = field(default=900.0, metadata=rules(gt=0))
+    token_timeout: float = field(default=60.0, metadata=rules(gt=0))
     # A query answer larger than this after decompression is refused (bytes; the largest
     # real listing, NLST getSeries, is a few hundred MB).
-    max_query_bytes: int = Field(default=1 << 29, ge=1 << 16)
-    lease_seconds: float = Field(default=300.0, gt=0)
-    heartbeat_interval: float = Field(default=30.0, gt=0)
+    max_query_bytes: int = field(default=1 << 29, metadata=rules(ge=1 << 16))
+    lease_seconds: float = field(default=300.0, metadata=rules(gt=0))
+    heartbeat_interval: float = field(default=30.0, metadata=rules(gt=0))
     # Bytes per second over all downloads of this process; None = unlimited.
-    bandwidth_limit: int | None = Field(default=None, gt=0)
-    chunk_size: int = Field(default=256 << 10, ge=4096)
+    bandwidth_limit: int | None = field(default=None, metadata=rules(gt=0))
+    chunk_size: int = field(default=256 << 10, metadata=rules(ge=4096))
 
 
-class ScheduleSettings(_Section):
-    poll_interval: float = Field(default=3600.0, gt=0)  # seconds
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleSettings:
+    poll_interval: float = field(default=3600.0, metadata=rules(gt=0))  # seconds
     # getUpdatedSeries is asked from (watermark - overlap): release dates are days,
     # and the archive's clock is not ours.
-    overlap_days: int = Field(default=2, ge=0)
+    overlap_days: int = field(default=2, metadata=rules(ge=0))
     # Safety net for what increments miss (e.g. a series re-released with an old date):
     # re-list every configured collection in full when the last full listing is older.
     # 0 disables the periodic re-listing (the first pass is always a full listing).
-    full_listing_days: float = Field(default=7.0, ge=0)
+    full_listing_days: float = field(default=7.0, metadata=rules(ge=0))
 
 
-class LoggingSettings(_Section):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoggingSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
     # auto: JSON when stdout is not a terminal, readable otherwise.
     format: Literal["auto", "json", "console"] = "auto"
 
 
-class DaemonSettings(_Section):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonSettings:
     listen_host: str = "127.0.0.1"
-    listen_port: int = Field(default=9469, ge=0, le=65535)
+    listen_port: int = field(default=9469, metadata=rules(ge=0, le=65535))
 
 
-class SourceSettings(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    url: str = DEFAULT_TCIA_URL
-    # v4, TCIA's current API, needs no login; unset with credentials given: v2 (below).
+NO_PASSWORD: Final = SecretStr("")
+
+
+def _http_url(value: str) -> str:
+    if not re.match(r"^https?://[^/]+", value):
+        raise ValueError("must be an http:// or https:// URL")
+    if "@" in re.sub(r"^https?://", "", value).split("/", 1)[0]:
+        # user:password@host would reach error messages, logs and the catalog's
+        # sources table with the URL; NBIA logs in with username/password anyway.
+        raise ValueError(
+            "must not contain credentials (user:password@): use the source's "
+            "username and password keys"
+        )
+    return value if value.endswith("/") else value + "/"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceSettings:
+    name: str = field(metadata=rules(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"))
+    url: str = field(default=DEFAULT_TCIA_URL, metadata=rules(after=_http_url))
+    # v4, TCIA's current API, needs no login; unset with credentials given: v2 (see
+    # _credentials_mean_v2).
     api: Literal["v1", "v2", "v4"] = "v4"
     username: str = GUEST_USER
-    password: SecretStr = SecretStr("")
-    collections: list[str] = Field(default_factory=list)  # empty: every collection
-    modalities: list[str] = Field(default_factory=list)  # empty: every modality
-    body_parts: list[str] = Field(default_factory=list)
-    patients: list[str] = Field(default_factory=list)
+    password: SecretStr = NO_PASSWORD
+    collections: list[str] = field(default_factory=list)  # empty: every collection
+    modalities: list[str] = field(default_factory=list)  # empty: every modality
+    body_parts: list[str] = field(default_factory=list)
+    patients: list[str] = field(default_factory=list)
     # Portal manifests (.tcia) or lists of series UIDs (one a line, or the first column
     # of a .csv): when set, the source wants exactly these series (kept up to date),
     # nothing else. Relative paths are relative to the configuration file.
-    manifests: list[Path] = Field(default_factory=list)
+    manifests: list[Path] = field(default_factory=list)
     verify_tls: bool = True
     # Concurrent connections to this source; None: the transfer worker count.
-    max_connections: int | None = Field(default=None, ge=1)
+    max_connections: int | None = field(default=None, metadata=rules(ge=1))
     # Refresh the access token when less than this fraction of its life is left.
-    refresh_margin: float = Field(default=0.2, gt=0, lt=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _credentials_mean_v2(cls, data: Any) -> Any:
-        """A source with an account but no `api` logs in (v2), as it did when v2 was the
-        default: its restricted collections must not vanish behind v4's guest view."""
-        if isinstance(data, dict) and "api" not in data:
-            password = data.get("password")
-            if isinstance(password, SecretStr):
-                password = password.get_secret_value()
-            if data.get("username", GUEST_USER) != GUEST_USER or password:
-                return {**data, "api": "v2"}
-        return data
-
-    @field_validator("url")
-    @classmethod
-    def _url_is_http(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/]+", value):
-            raise ValueError("must be an http:// or https:// URL")
-        if "@" in re.sub(r"^https?://", "", value).split("/", 1)[0]:
-            # user:password@host would reach error messages, logs and the catalog's
-            # sources table with the URL; NBIA logs in with username/password anyway.
-            raise ValueError(
-                "must not contain credentials (user:password@): use the source's "
-                "username and password keys"
-            )
-        return value if value.endswith("/") else value + "/"
+    refresh_margin: float = field(default=0.2, metadata=rules(gt=0, lt=1))
 
     @property
     def needs_token(self) -> bool:
@@ -160,23 +149,23 @@ class SourceSettings(_Section):
         return self.api == "v2"
 
 
-class Settings(_Section):
+def _unique_names(sources: list[SourceSettings]) -> list[SourceSettings]:
+    names = [s.name for s in sources]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"source names must be unique, repeated: {', '.join(dupes)}")
+    return sources
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
     mirror: MirrorSettings
     catalog: CatalogSettings = CatalogSettings()
     transfer: TransferSettings = TransferSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     logging: LoggingSettings = LoggingSettings()
     daemon: DaemonSettings = DaemonSettings()
-    sources: list[SourceSettings] = Field(min_length=1)
-
-    @field_validator("sources")
-    @classmethod
-    def _unique_names(cls, value: list[SourceSettings]) -> list[SourceSettings]:
-        names = [s.name for s in value]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"source names must be unique, repeated: {', '.join(dupes)}")
-        return value
+    sources: list[SourceSettings] = field(metadata=rules(min_length=1, after=_unique_names))
 
     @property
     def state_dir(self) -> Path:
@@ -203,7 +192,9 @@ def _env_key(source_name: str, field: str) -> str:
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     raw = dict(raw)
     if "NBIA_SYNC_CATALOG_URL" in env:
-        raw["catalog"] = {**raw.get("catalog", {}), "url": env["NBIA_SYNC_CATALOG_URL"]}
+        catalog = raw.get("catalog", {})
+        if isinstance(catalog, dict):  # else left for the validator to name
+            raw["catalog"] = {**catalog, "url": env["NBIA_SYNC_CATALOG_URL"]}
     sources = raw.get("sources")
     if isinstance(sources, list):
         patched = []
@@ -219,32 +210,30 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     return raw
 
 
-def _describe(error: ValidationError) -> str:
-    """One line per problem, naming the key as written in the TOML file."""
-    lines = []
-    for err in error.errors():
-        parts: list[str] = []
-        for loc in err["loc"]:
-            if isinstance(loc, int):
-                parts[-1:] = [f"{parts[-1]}[{loc}]"] if parts else [f"[{loc}]"]
-            else:
-                parts.append(str(loc))
-        where = ".".join(parts) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key")
-        elif err["type"] == "missing":
-            lines.append(f"{where}: required key is missing")
-        else:
-            lines.append(f"{where}: {err['msg']}")
-    return "; ".join(lines)
+def _credentials_mean_v2(raw: dict[str, Any]) -> dict[str, Any]:
+    """A source with an account but no `api` logs in (v2), as it did when v2 was the
+    default: its restricted collections must not vanish behind v4's guest view."""
+    sources = raw.get("sources")
+    if not isinstance(sources, list):
+        return raw
+    patched = []
+    for src in sources:
+        if isinstance(src, dict) and "api" not in src:
+            password = src.get("password")
+            if isinstance(password, SecretStr):
+                password = password.get_secret_value()
+            if src.get("username", GUEST_USER) != GUEST_USER or password:
+                src = {**src, "api": "v2"}
+        patched.append(src)
+    return {**raw, "sources": patched}
 
 
 def settings_from_dict(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
-    merged = _apply_env(dict(raw), os.environ if env is None else env)
+    merged = _credentials_mean_v2(_apply_env(dict(raw), os.environ if env is None else env))
     try:
-        settings = Settings.model_validate(merged)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
+        settings = parse(Settings, merged)
+    except SchemaError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
     for source in settings.sources:
         # Redacted literally from every log line and error message from now on.
         register_secret(source.password.get_secret_value())

@@ -28,13 +28,13 @@ from typing import Any
 import aiohttp
 import structlog
 import yarl
-from pydantic import SecretStr
 
 from nbia_sync.api import bodies
 from nbia_sync.api.retry import error_for_exception, error_for_status
 from nbia_sync.config import SourceSettings, TransferSettings
 from nbia_sync.errors import AuthError, RetryableError
 from nbia_sync.redaction import register_secret
+from nbia_sync.secret import SecretStr
 
 log = structlog.get_logger(__name__)
 

@@ -18,6 +18,7 @@ from nbia_sync.api.auth import TokenSession
 from nbia_sync.clock import FakeClock
 from nbia_sync.config import SourceSettings
 from nbia_sync.errors import AuthError, RetryableError
+from nbia_sync.secret import SecretStr
 from nbia_sync.sim import SimArchive, SimFaults, SimReply, SimRequest, SimServer
 from nbia_sync.sim.testing import running_sim
 
@@ -44,7 +45,9 @@ async def auth_sim(sim_archive: SimArchive, clock: FakeClock) -> AsyncIterator[S
 def session(
     sim: SimServer, http: aiohttp.ClientSession, clock: FakeClock, password: str = PASSWORD
 ) -> TokenSession:
-    source = SourceSettings(name="main", url=sim.url, api="v2", username="alice", password=password)
+    source = SourceSettings(
+        name="main", url=sim.url, api="v2", username="alice", password=SecretStr(password)
+    )
     return TokenSession(source, http, clock=clock.monotonic)
 
 

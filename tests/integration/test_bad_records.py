@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -189,9 +190,7 @@ async def test_run_row_counts_what_was_placed_before_the_disk_filled(
 
     monkeypatch.setattr(Mirror, "free_bytes", filling)
     settings = settings_for(tmp_path / "mirror", sim.url, min_free_bytes=1)
-    settings = settings.model_copy(
-        update={"transfer": settings.transfer.model_copy(update={"workers": 1})}
-    )
+    settings = replace(settings, transfer=replace(settings.transfer, workers=1))
     assert await sync(settings, catalog) == Outcome.ERROR
     run = await catalog.fleet.last_run()
     assert run is not None and run.outcome == Outcome.ERROR

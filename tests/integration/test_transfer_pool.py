@@ -7,6 +7,7 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -225,9 +226,7 @@ async def test_disk_space_error_stops_the_drain_and_releases_claims(
     catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path
 ) -> None:
     settings = make_settings(tmp_path / "mirror", sim)
-    settings = settings.model_copy(
-        update={"mirror": settings.mirror.model_copy(update={"min_free_bytes": 1 << 62})}
-    )
+    settings = replace(settings, mirror=replace(settings.mirror, min_free_bytes=1 << 62))
     await queue_all(catalog, settings, sim_archive)
     with pytest.raises(DiskSpaceError, match="bytes free"):
         await run_drain(settings, catalog)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 HEAVY = ("pydantic", "sqlalchemy", "structlog", "aiohttp", "rich", "prometheus_client")
 # Every module cli.cmd_sync imports (cmd_status imports a subset of them).
@@ -38,3 +39,15 @@ def test_the_sync_and_status_modules_do_not_load_the_sqlalchemy_orm() -> None:
     )
     assert "nbia_sync.engine" in loaded
     assert [m for m in loaded if m.split(".")[:2] == ["sqlalchemy", "orm"]] == []
+
+
+def test_loading_the_settings_imports_nothing_beyond_the_standard_library() -> None:
+    example = Path(__file__).resolve().parents[2] / "config.example.toml"
+    before = set(_modules_loaded_by("pass"))  # what site-packages' start-up hooks load
+    loaded = _modules_loaded_by(
+        "from pathlib import Path; from nbia_sync.config import load_settings; "
+        f"load_settings(Path({str(example)!r}), env={{}})"
+    )
+    assert "nbia_sync.config" in loaded
+    outside = {"nbia_sync", *sys.stdlib_module_names}
+    assert [m for m in set(loaded) - before if m.split(".")[0] not in outside] == []
