@@ -33,6 +33,7 @@ from nbia_sync.catalog.tables import SERIES
 from nbia_sync.config import load_settings
 from nbia_sync.sim import SimArchive, SimCounters, SimFaults, SimServer
 from nbia_sync.sim.queries import DOWNLOADS
+from nbia_sync.transfer.pool import TASKS_PER_SLOT
 
 pytestmark = pytest.mark.asyncio
 
@@ -349,7 +350,8 @@ async def test_status_shows_live_processes_then_the_killed_one_as_stale(
             assert w["owner"] == f"{HOST}:{w['pid']}:{w['run_id']}"
             assert w["alive"] is True
             assert w["heartbeat_age"] <= 3 * SHORT_LEASES["heartbeat_interval"]
-            assert 1 <= w["in_flight"] <= SHORT_LEASES["workers"]
+            # Leased: downloading, waiting for a download slot or for the group commit.
+            assert 1 <= w["in_flight"] <= TASKS_PER_SLOT * SHORT_LEASES["workers"]
 
         victim = fleet.procs[0]
         victim.send_signal(signal.SIGKILL)
