@@ -80,6 +80,11 @@ def drain_window(stderr: str) -> float | None:
 
 
 STARTUP_RUNS = 5
+# Every client's output is deleted only after the last case: after tens of thousands of
+# files are deleted, ext4 allocates inodes slowly for minutes (its `recently_deleted`
+# check took ~20 % of a one-file nbia-sync run's samples, `perf record`), which would
+# charge the next client for the previous one's clean-up.
+LEFTOVERS: list[Path] = []
 
 
 @dataclass
@@ -236,14 +241,14 @@ def run_case(case: Case, work: Path, peers: Path | None) -> list[dict[str, Any]]
             f"sync {wall['sync']:.2f} s ({idle_cpu:.2f} s CPU), status {wall['status']:.2f} s"
         )
         startup = {"sync": wall["sync"], "status": wall["status"], "sync_cpu": idle_cpu}
-        shutil.rmtree(root, ignore_errors=True)
+        LEFTOVERS.append(root)
 
         # the bare client (kept archives give the CPU floor)
         keep = work / "zips"
         bare = [PYTHON, str(BENCH / "bare_fetch.py"), "--url", sim.url, "--uids", str(uids_path)]
         measure("bare aiohttp", [*bare, "--workers", str(streams), "--keep", str(keep)])
         floor = cpu_floor(keep)
-        shutil.rmtree(keep, ignore_errors=True)
+        LEFTOVERS.append(keep)
 
         if case.peers:
             out = work / "baseline"
@@ -255,7 +260,7 @@ def run_case(case: Case, work: Path, peers: Path | None) -> list[dict[str, Any]]
                     *("--url", sim.url, "--out", str(out), "--threads", str(streams)),
                 ],
             )
-            shutil.rmtree(out, ignore_errors=True)
+            LEFTOVERS.append(out)
         if case.peers and peers is not None:
             for peer, default in (("tcia-utils", 10), ("nbiatoolkit", 1)):
                 for workers in sorted({default, streams}):
@@ -266,7 +271,7 @@ def run_case(case: Case, work: Path, peers: Path | None) -> list[dict[str, Any]]
                         argv += ["--workers", str(workers)]
                     label = f"{peer} x{workers}" + (" (default)" if workers == default else "")
                     measure(label, argv)
-                    shutil.rmtree(out, ignore_errors=True)
+                    LEFTOVERS.append(out)
     return report(case, rows, ideal, n, floor, startup)
 
 
@@ -376,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average after the run: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    for leftover in LEFTOVERS:
+        shutil.rmtree(leftover, ignore_errors=True)
     if args.workdir is None:
         shutil.rmtree(base, ignore_errors=True)
     return 0 if all(r.get("exit", 0) == 0 for r in results) else 1
