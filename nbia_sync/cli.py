@@ -298,10 +298,13 @@ def _run_signalled(
     first signal calls the stop function start() gave and cancels after `grace`."""
     import structlog
 
+    from nbia_sync.memory import resume_gc
+
     log = structlog.get_logger(__name__)
     received: list[int] = []
 
     async def wrapper() -> int | None:
+        resume_gc()  # the command is loaded: see cli.run
         loop = asyncio.get_running_loop()
         coro, stop = start()
         task = asyncio.current_task()
@@ -668,9 +671,11 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from nbia_sync.memory import resume_gc
     from nbia_sync.sim.cli import serve
 
     _configure_logging(args, "info", "auto")
+    resume_gc()  # a server that runs for hours: see cli.run
     return asyncio.run(serve(args))
 
 
@@ -723,9 +728,10 @@ def run() -> NoReturn:
     SQLAlchemy and aiohttp, and does nothing a finished command needs: main() has closed
     the catalog, its files and the event loop (and the thread pools with it) by then, so
     only the log handlers and stdio are left to flush, which happens here."""
-    from nbia_sync.memory import limit_malloc_arenas
+    from nbia_sync.memory import limit_malloc_arenas, pause_gc
 
     limit_malloc_arenas()  # before any thread starts
+    pause_gc()  # until the command's event loop starts (_run_signalled, cmd_simulate)
     code = main()
     logging = sys.modules.get("logging")
     if logging is not None:

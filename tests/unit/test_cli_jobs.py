@@ -43,3 +43,30 @@ def test_a_signal_sets_the_stop_event_of_a_job() -> None:
         print(cli.run_job(job, grace=30) == (5, signal.SIGINT))
     """)
     assert out == "True"
+
+
+def test_a_job_runs_with_the_garbage_collector_on_after_the_start_up_pause() -> None:
+    out = _run("""
+        import gc
+        from nbia_sync.memory import pause_gc
+        pause_gc()  # as cli.run does before the command loads
+        async def job() -> int:
+            return 0 if gc.isenabled() else 1
+        print(cli.run_quick_job(job), gc.isenabled(), gc.get_freeze_count() > 0)
+    """)
+    assert out == "(0, None) True True"
+
+
+def test_the_simulator_serves_with_the_garbage_collector_on() -> None:
+    out = _run("""
+        import argparse, gc
+        from nbia_sync.memory import pause_gc
+        from nbia_sync.sim import cli as sim_cli
+        async def serve(args: argparse.Namespace) -> int:
+            return 0 if gc.isenabled() else 1
+        sim_cli.serve = serve
+        pause_gc()
+        args = argparse.Namespace(verbose=0, quiet=0, log_format="json")
+        print(cli.cmd_simulate(args))
+    """)
+    assert out == "0"
