@@ -101,25 +101,23 @@ def _diff(conn: Connection) -> list[Any]:
     return list(compare_metadata(context, METADATA))
 
 
-async def test_alembic_history_from_empty_matches_the_schema(empty_url: str) -> None:
-    await _migrate_with_alembic(empty_url)
-    catalog = await Catalog.open(empty_url)
+async def _assert_at_head_with_the_schema(url: str) -> None:
+    catalog = await Catalog.open(url)
     try:
         async with catalog.database.engine.connect() as conn:
             assert await conn.run_sync(_diff) == []
             assert await conn.run_sync(current_revisions) == (head_revision(),)
     finally:
         await catalog.close()
+
+
+async def test_alembic_history_from_empty_matches_the_schema(empty_url: str) -> None:
+    await _migrate_with_alembic(empty_url)
+    await _assert_at_head_with_the_schema(empty_url)
 
 
 async def test_new_catalog_is_created_at_head(empty_url: str) -> None:
-    catalog = await Catalog.open(empty_url)
-    try:
-        async with catalog.database.engine.connect() as conn:
-            assert await conn.run_sync(_diff) == []
-            assert await conn.run_sync(current_revisions) == (head_revision(),)
-    finally:
-        await catalog.close()
+    await _assert_at_head_with_the_schema(empty_url)
 
 
 async def test_new_catalog_has_the_schema_the_migrations_build(

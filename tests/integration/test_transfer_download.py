@@ -510,13 +510,17 @@ async def test_tiny_series_is_processed_in_one_hop(
     assert [last for _, last in hops] == [True]
 
 
+def ten_files_of_32_kib() -> SimArchive:
+    return SimArchive.generate(
+        collections=("C",), patients=1, series=1, images=10, image_size=32 << 10, seed=6
+    )
+
+
 async def test_series_larger_than_listed_hops_within_the_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Listed as tiny (read whole), but ~5 hops' budget: memory stays bounded anyway.
-    archive = SimArchive.generate(
-        collections=("C",), patients=1, series=1, images=10, image_size=32 << 10, seed=6
-    )
+    archive = ten_files_of_32_kib()
     hops = _record_hops(monkeypatch)
     async with running_sim(archive) as sim:
         s = first_series(archive)
@@ -531,9 +535,7 @@ async def test_series_larger_than_listed_hops_within_the_budget(
 async def test_series_above_one_hop_is_processed_while_it_arrives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    archive = SimArchive.generate(
-        collections=("C",), patients=1, series=1, images=10, image_size=32 << 10, seed=6
-    )
+    archive = ten_files_of_32_kib()
     hops = _record_hops(monkeypatch)
     async with running_sim(archive, SimFaults(bandwidth=2 << 20)) as sim:
         s = first_series(archive)
