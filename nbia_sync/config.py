@@ -12,7 +12,7 @@ Secrets may be given in the environment instead of the file:
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -189,43 +189,49 @@ def _env_key(source_name: str, field: str) -> str:
     return f"NBIA_SYNC_SOURCE_{re.sub(r'[^A-Za-z0-9]', '_', source_name).upper()}_{field}"
 
 
+def _each_source(
+    raw: dict[str, Any], patch: Callable[[dict[str, Any]], dict[str, Any]]
+) -> dict[str, Any]:
+    """``raw`` with ``patch`` applied to every table of its `sources` array (anything
+    else there is left for the validator to name)."""
+    sources = raw.get("sources")
+    if not isinstance(sources, list):
+        return raw
+    return {**raw, "sources": [patch(s) if isinstance(s, dict) else s for s in sources]}
+
+
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     raw = dict(raw)
     if "NBIA_SYNC_CATALOG_URL" in env:
         catalog = raw.get("catalog", {})
         if isinstance(catalog, dict):  # else left for the validator to name
             raw["catalog"] = {**catalog, "url": env["NBIA_SYNC_CATALOG_URL"]}
-    sources = raw.get("sources")
-    if isinstance(sources, list):
-        patched = []
-        for src in sources:
-            if isinstance(src, dict) and isinstance(src.get("name"), str):
-                src = dict(src)
-                for field in ("username", "password"):
-                    key = _env_key(src["name"], field.upper())
-                    if key in env:
-                        src[field] = env[key]
-            patched.append(src)
-        raw["sources"] = patched
-    return raw
+
+    def credentials(src: dict[str, Any]) -> dict[str, Any]:
+        name = src.get("name")
+        if not isinstance(name, str):
+            return src
+        keys = {field: _env_key(name, field.upper()) for field in ("username", "password")}
+        return {**src, **{field: env[key] for field, key in keys.items() if key in env}}
+
+    return _each_source(raw, credentials)
 
 
 def _credentials_mean_v2(raw: dict[str, Any]) -> dict[str, Any]:
     """A source with an account but no `api` logs in (v2), as it did when v2 was the
     default: its restricted collections must not vanish behind v4's guest view."""
-    sources = raw.get("sources")
-    if not isinstance(sources, list):
-        return raw
-    patched = []
-    for src in sources:
-        if isinstance(src, dict) and "api" not in src:
-            password = src.get("password")
-            if isinstance(password, SecretStr):
-                password = password.get_secret_value()
-            if src.get("username", GUEST_USER) != GUEST_USER or password:
-                src = {**src, "api": "v2"}
-        patched.append(src)
-    return {**raw, "sources": patched}
+
+    def v2_if_logged_in(src: dict[str, Any]) -> dict[str, Any]:
+        if "api" in src:
+            return src
+        password = src.get("password")
+        if isinstance(password, SecretStr):
+            password = password.get_secret_value()
+        if src.get("username", GUEST_USER) != GUEST_USER or password:
+            return {**src, "api": "v2"}
+        return src
+
+    return _each_source(raw, v2_if_logged_in)
 
 
 def settings_from_dict(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
@@ -260,16 +266,14 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
 
 def _manifests_beside(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Relative `sources[].manifests` paths are relative to the configuration file."""
-    sources = raw.get("sources")
-    if not isinstance(sources, list):
-        return raw
-    patched = []
-    for src in sources:
-        files = src.get("manifests") if isinstance(src, dict) else None
-        if isinstance(files, list):
-            src = {**src, "manifests": [base / f if isinstance(f, str) else f for f in files]}
-        patched.append(src)
-    return {**raw, "sources": patched}
+
+    def beside(src: dict[str, Any]) -> dict[str, Any]:
+        files = src.get("manifests")
+        if not isinstance(files, list):
+            return src
+        return {**src, "manifests": [base / f if isinstance(f, str) else f for f in files]}
+
+    return _each_source(raw, beside)
 
 
 def stale_after(settings: Settings) -> float:

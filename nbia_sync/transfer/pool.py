@@ -329,7 +329,6 @@ class _Drain:
     async def _attempt(self, job: _Job) -> None:
         claim = job.claim
         staging = self.mirror.staging_dir(self.owner, claim.series_uid)
-        started = time.monotonic()
         try:
             fetched: FetchedSeries | None = None
             with job.scope:
