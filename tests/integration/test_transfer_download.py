@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import random
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -543,3 +544,27 @@ async def test_series_above_one_hop_is_processed_while_it_arrives(
     assert_matches_truth(fetched, archive, s)
     # The pipe hands over what arrived, ~64 KiB at a time, before the end.
     assert len(hops) >= 3
+
+
+async def test_series_listed_tiny_that_a_server_makes_huge_is_refused_in_bounded_hops(
+    sim_archive: SimArchive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transfer_zips import DEFLATED, Entry, build_zip
+
+    # Listed at 1,000 bytes (read whole), then ~6 MB of incompressible data on the wire:
+    # nothing is buffered past the read budget, and the size bound refuses it.
+    big = random.Random(7).randbytes(download.SIZE_MARGIN_BYTES + (2 << 20))
+    body = build_zip(
+        [
+            Entry("1.dcm", big, DEFLATED, descriptor=True, sizes_in_header=False),
+            Entry("md5hashes.csv", _hash_list([("1.dcm", hashlib.md5(big).hexdigest())])),
+        ]
+    )
+    hops = _record_hops(monkeypatch)
+    async with serving(body) as url:
+        with pytest.raises(HostileArchiveError, match="FileSize is 1000"):
+            s = first_series(sim_archive)
+            await fetch_from(url, claim_for(s, file_size=1000, image_count=1), tmp_path / "st")
+    assert not (tmp_path / "st").exists()
+    assert len(hops) > 8
+    assert max(n for n, _ in hops) <= 2 * TRANSFER.chunk_size

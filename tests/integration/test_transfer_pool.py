@@ -748,3 +748,68 @@ async def test_downloads_at_once_never_exceed_the_workers_over_all_sources(
             )
     assert report.done == 12
     assert peak == 2  # two sources with two connections each, two workers in all
+
+
+@asynccontextmanager
+async def counting_proxy(upstream: str, delay: float) -> AsyncIterator[tuple[str, list[int]]]:
+    """A few lines of real-shaped server in front of the simulator: it forwards every
+    request, holds each download `delay` seconds, and records how many downloads were
+    open at once (the server's view, not the client's)."""
+    import aiohttp
+    from aiohttp import web
+
+    open_now = 0
+    peaks: list[int] = [0]
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        nonlocal open_now
+        download = "getImage" in request.path
+        open_now += download
+        peaks[0] = max(peaks[0], open_now)
+        try:
+            body = await request.read()
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+            url = upstream.rstrip("/") + request.path_qs.removeprefix("/nbia-api")
+            async with session.request(request.method, url, data=body, headers=headers) as up:
+                resp = web.StreamResponse(
+                    status=up.status,
+                    headers={
+                        k: v
+                        for k, v in up.headers.items()
+                        if k.lower() in ("content-type", "content-encoding", "retry-after")
+                    },
+                )
+                await resp.prepare(request)
+                if download:
+                    await asyncio.sleep(delay)
+                async for chunk in up.content.iter_chunked(1 << 16):
+                    await resp.write(chunk)
+                await resp.write_eof()
+                return resp
+        finally:
+            open_now -= download
+
+    app = web.Application()
+    app.router.add_route("*", "/nbia-api/{tail:.*}", forward)
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            yield f"http://127.0.0.1:{runner.addresses[0][1]}/nbia-api/", peaks
+        finally:
+            await runner.cleanup()
+
+
+async def test_the_server_never_sees_more_downloads_at_once_than_workers(
+    catalog: Catalog, sim: SimServer, sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    # Twice as many worker tasks as slots: the extra ones must wait, not connect.
+    async with counting_proxy(sim.url, delay=0.05) as (url, peaks):
+        settings = make_settings(tmp_path / "mirror", sim, workers=2)
+        settings = replace(settings, sources=[replace(settings.sources[0], url=url)])
+        await queue_all(catalog, settings, sim_archive)
+        report = await run_drain(settings, catalog)
+    assert report.done == len(sim_archive.series)
+    assert peaks[0] == 2
