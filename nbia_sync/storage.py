@@ -32,6 +32,7 @@ import structlog
 
 from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.errors import DiskSpaceError, MirrorRootError, SeriesTooLargeError
+from nbia_sync.filesystems import is_local
 
 log = structlog.get_logger(__name__)
 
@@ -226,6 +227,12 @@ class Mirror:
         self._space_lock = anyio.Lock()
         # (monotonic time of the last statvfs, bytes free then less reservations ended).
         self._free_read: tuple[float, int] | None = None
+
+    @functools.cached_property
+    def on_local_disk(self) -> bool:
+        """The root is on a local file system (filesystems.is_local): file work of a few
+        KB may run on the event loop (transfer/download.py)."""
+        return is_local(self.root)
 
     # -- layout -------------------------------------------------------------------
 

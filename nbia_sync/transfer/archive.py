@@ -96,7 +96,8 @@ def check_entry_name(name: str) -> None:
     shown = name.encode("unicode_escape").decode("ascii")[:200]
     if not name:
         raise HostileArchiveError("ZIP entry with an empty name")
-    if any(unicodedata.category(ch) == "Cc" for ch in name):
+    # A printable name has no control character: the per-character walk only for others.
+    if not name.isprintable() and any(unicodedata.category(ch) == "Cc" for ch in name):
         raise HostileArchiveError(f"ZIP entry name has a NUL or control character: {shown!r}")
     if "\\" in name:
         raise HostileArchiveError(f"ZIP entry name has a backslash: {shown!r}")
@@ -190,6 +191,11 @@ class ZipStreamReader:
         self._finished = False
 
     # -- public -----------------------------------------------------------------
+
+    @property
+    def spooled(self) -> bool:
+        """The archive went (partly) to the spool file, which the caller removes."""
+        return self._state is _State.SPOOL
 
     @property
     def names(self) -> list[str]:

@@ -2,7 +2,8 @@
 
 One pass over the bytes: each chunk from the socket is parsed, inflated, MD5-hashed and
 written once, in a worker thread (zlib, MD5, CRC and writes are CPU and disk work that
-must not stall the event loop on a 2-core machine). Memory stays flat: one chunk at a
+must not stall the event loop on a 2-core machine), except a tiny series on a local disk,
+whose few KB cost less than the hop (see _MIN_HOP). Memory stays flat: one chunk at a
 time, whatever the series size.
 
 A series is accepted only when the server's hash list (md5hashes.csv) is there (its absence
@@ -67,6 +68,11 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 # CPU -4 %, peak RSS -3 MiB against 64 KiB). bench/README.md has the runs.
 SMALL_SERIES_BYTES = 8 << 20
 _MIN_HOP = 64 << 10
+# A series listed below _MIN_HOP on a local file system is processed on the event loop
+# while no more than _MIN_HOP bytes of it arrived: its staging directory, a create, a few
+# KB inflated, hashed and written, and a rename cost less than the thread hop and its
+# wake-ups (bench/README.md). A server lying about the size gets one such hop on the loop
+# (its inflation bounded by SIZE_MARGIN_BYTES); the rest goes to the thread.
 
 
 def is_small(file_size: int | None) -> bool:
@@ -178,7 +184,8 @@ class _SeriesWriter:
             for event in self.reader.finish():
                 self._handle(event)
         self.reader.close()
-        (self.staging / _SPOOL_NAME).unlink(missing_ok=True)
+        if self.reader.spooled:
+            (self.staging / _SPOOL_NAME).unlink()
         return self._verify()
 
     def abort(self) -> None:
@@ -391,9 +398,11 @@ def _disk_errors(staging: Path) -> Iterator[None]:
 
 
 def _fresh_dir(path: Path) -> None:
-    # A previous attempt of ours may have crashed here.
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:  # a previous attempt of ours crashed here
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
 
 
 @dataclass(slots=True)
@@ -475,12 +484,15 @@ async def fetch_series(
     limiter: RateLimiter | None = None,
     check_dicom: bool = True,
     sync: bool = False,
+    inline: bool = False,
 ) -> FetchedSeries:
     """Download one series into ``staging_dir`` and verify it; see the module doc.
 
     ``chunk_size``: at most this many bytes (plus one network chunk) wait for the worker
     thread (see _Pipe). ``sync``: fsync each staged file as it completes and the staging
-    directory at the end. Raises IntegrityError/RetryableError (retry later),
+    directory at the end. ``inline``: the staging is on a local file system
+    (filesystems.is_local), so a tiny series is processed on the event loop (see
+    _MIN_HOP). Raises IntegrityError/RetryableError (retry later),
     HostileArchiveError/PermanentError (give up), DiskSpaceError (stop everything).
     """
     file_size = getattr(claim, "file_size", None)
@@ -498,9 +510,14 @@ async def fetch_series(
     files: list[StagedFile] | None = None
     reported = 0
 
+    tiny = file_size is not None and file_size < _MIN_HOP
+
     async def hop(data: bytes | None, last: bool) -> None:
         nonlocal files, reported
-        files = await anyio.to_thread.run_sync(side.feed, data, last)
+        if inline and tiny and received <= _MIN_HOP:
+            files = side.feed(data, last)
+        else:
+            files = await anyio.to_thread.run_sync(side.feed, data, last)
         # Back on the loop, the thread idle: files whose last byte was written.
         whole = writer.files_written
         if whole > reported:
@@ -524,7 +541,7 @@ async def fetch_series(
                 ) from None
 
     try:
-        if file_size is not None and file_size < _MIN_HOP:
+        if tiny:
             await _receive_whole(receive, hop, budget=chunk_size)
         else:
             await _receive_overlapped(receive, hop, budget=chunk_size, small=is_small(file_size))

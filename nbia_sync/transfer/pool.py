@@ -350,6 +350,7 @@ class _Drain:
                             limiter=self.limiter,
                             check_dicom=self.settings.mirror.check_dicom,
                             sync=not _small(claim),
+                            inline=self.mirror.on_local_disk,
                         )
                 self._notify()  # its connection is free: a waiting worker may claim
             if fetched is None or job.lost:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import random
+import threading
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -77,6 +78,7 @@ async def fetch(
     s: SimSeries,
     staging: Path,
     api: Literal["v2", "v4"] = "v2",
+    inline: bool = False,
     **claim_changes: object,
 ) -> FetchedSeries:
     async with client_for(sim, api) as client:
@@ -86,6 +88,7 @@ async def fetch(
             staging,
             chunk_size=TRANSFER.chunk_size,
             progress=NullProgress(),
+            inline=inline,
         )
 
 
@@ -303,12 +306,17 @@ async def serving(body: bytes) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-async def fetch_from(url: str, claim: Claim, staging: Path) -> FetchedSeries:
+async def fetch_from(url: str, claim: Claim, staging: Path, inline: bool = False) -> FetchedSeries:
     source = SourceSettings(name="hostile", url=url, api="v4")
     policy = RetryPolicy(base_delay=0.0, max_delay=0.0, attempts=1)
     async with NbiaClient(source, TRANSFER, policy=policy) as client:
         return await fetch_series(
-            client, claim, staging, chunk_size=TRANSFER.chunk_size, progress=NullProgress()
+            client,
+            claim,
+            staging,
+            chunk_size=TRANSFER.chunk_size,
+            progress=NullProgress(),
+            inline=inline,
         )
 
 
@@ -496,6 +504,19 @@ def _record_hops(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
     return hops
 
 
+def _record_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """(bytes, ran on the event loop's thread) of every piece of processing."""
+    hops: list[tuple[int, bool]] = []
+    feed = download._ThreadSide.feed
+
+    def recording(side: Any, data: bytes | None, last: bool) -> Any:
+        hops.append((len(data or b""), threading.current_thread() is threading.main_thread()))
+        return feed(side, data, last)
+
+    monkeypatch.setattr(download._ThreadSide, "feed", recording)
+    return hops
+
+
 async def test_tiny_series_is_processed_in_one_hop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -568,3 +589,69 @@ async def test_series_listed_tiny_that_a_server_makes_huge_is_refused_in_bounded
     assert not (tmp_path / "st").exists()
     assert len(hops) > 8
     assert max(n for n, _ in hops) <= 2 * TRANSFER.chunk_size
+
+
+async def test_tiny_series_on_a_local_disk_is_processed_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = SimArchive.generate(
+        collections=("C",), patients=1, series=1, images=2, image_size=1000, seed=5
+    )
+    hops = _record_threads(monkeypatch)
+    async with running_sim(archive) as sim:
+        s = first_series(archive)
+        fetched = await fetch(sim, s, tmp_path / "st", inline=True)
+    assert_matches_truth(fetched, archive, s)
+    assert [on_loop for _, on_loop in hops] == [True]
+
+
+async def test_tiny_series_off_a_local_disk_is_processed_in_the_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = SimArchive.generate(
+        collections=("C",), patients=1, series=1, images=2, image_size=1000, seed=5
+    )
+    hops = _record_threads(monkeypatch)
+    async with running_sim(archive) as sim:
+        s = first_series(archive)
+        fetched = await fetch(sim, s, tmp_path / "st", inline=False)
+    assert_matches_truth(fetched, archive, s)
+    assert [on_loop for _, on_loop in hops] == [False]
+
+
+async def test_series_above_one_hop_is_processed_in_the_worker_thread_on_a_local_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = ten_files_of_32_kib()
+    hops = _record_threads(monkeypatch)
+    async with running_sim(archive) as sim:
+        s = first_series(archive)
+        fetched = await fetch(sim, s, tmp_path / "st", inline=True)
+    assert_matches_truth(fetched, archive, s)
+    assert hops and not any(on_loop for _, on_loop in hops)
+
+
+async def test_hops_a_lying_server_makes_big_leave_the_event_loop(
+    sim_archive: SimArchive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transfer_zips import DEFLATED, Entry, build_zip
+
+    # Listed at 1,000 bytes (processed on the loop), then ~6 MB on the wire: past the
+    # first minimum hop everything goes to the thread, and the size bound refuses it.
+    big = random.Random(8).randbytes(download.SIZE_MARGIN_BYTES + (2 << 20))
+    body = build_zip(
+        [
+            Entry("1.dcm", big, DEFLATED, descriptor=True, sizes_in_header=False),
+            Entry("md5hashes.csv", _hash_list([("1.dcm", hashlib.md5(big).hexdigest())])),
+        ]
+    )
+    hops = _record_threads(monkeypatch)
+    async with serving(body) as url:
+        with pytest.raises(HostileArchiveError, match="FileSize is 1000"):
+            s = first_series(sim_archive)
+            claim = claim_for(s, file_size=1000, image_count=1)
+            await fetch_from(url, claim, tmp_path / "st", inline=True)
+    assert not (tmp_path / "st").exists()
+    assert len(hops) > 8
+    assert [on_loop for _, on_loop in hops[1:]] == [False] * (len(hops) - 1)
+    assert hops[0][0] <= download._MIN_HOP

@@ -813,3 +813,36 @@ async def test_the_server_never_sees_more_downloads_at_once_than_workers(
         report = await run_drain(settings, catalog)
     assert report.done == len(sim_archive.series)
     assert peaks[0] == 2
+
+
+@pytest.mark.parametrize("local", [True, False])
+async def test_tiny_series_are_processed_on_the_loop_only_on_a_local_disk(
+    local: bool, catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from nbia_sync import filesystems
+    from nbia_sync.transfer import download
+
+    fstype = "ext4" if local else "nfs4"
+    info = tmp_path / "mountinfo"
+    info.write_text(f"27 1 254:0 / / rw - {fstype} /dev/vda rw\n")
+    monkeypatch.setattr(filesystems, "MOUNTINFO", info)
+    on_loop: list[bool] = []
+    feed = download._ThreadSide.feed
+
+    def recording(side: Any, data: bytes | None, last: bool) -> Any:
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        return feed(side, data, last)
+
+    monkeypatch.setattr(download._ThreadSide, "feed", recording)
+    archive = SimArchive.generate(
+        collections=("SIM-CT",), patients=4, studies=1, series=1, images=1, image_size=2000, seed=9
+    )
+    async with running_sim(archive, SimFaults()) as sim:
+        settings = make_settings(tmp_path / "mirror", sim, workers=2)
+        await queue_all(catalog, settings, archive)
+        report = await run_drain(settings, catalog)
+    assert report.done == 4
+    assert on_loop == [local] * 4
+    assert len(mirror_state(tmp_path / "mirror", archive)) == 4
