@@ -4,7 +4,8 @@ Workers each loop: claim one series, reserve its disk space, fetch it into stagi
 then place it and mark it done in one catalog transaction (``catalog.queue.placing_many``).
 A worker holds a download slot (``transfer.workers`` in all, a source's
 ``max_connections`` each) only while it fetches; there are TASKS_PER_SLOT workers per
-slot, so while some wait for their group commit others download. The
+slot, so while some wait for their group commit others download (all of them hold claims
+on small series, LARGE_CLAIMS_PER_SLOT per slot on larger ones). The
 catalog decides retries (attempts and next-try times live there, so a restart resumes the
 schedule); the pool only classifies failures by their exception class:
 
@@ -75,8 +76,13 @@ MIN_IDLE_POLL = 0.05
 MAX_PLACE_BATCH = 32
 # Worker tasks per download slot. A worker holds its source's connection slot only while
 # it downloads: waiting for its series' group commit, it leaves the slot to another, and
-# the commits grow (5,000 one-file series: 3.6 series a commit with one task a slot).
-TASKS_PER_SLOT = 2
+# the commits grow (3,000 one-file series: 8 series a commit with 2 tasks a slot, 18 with
+# 4; bench/README.md). On larger series (download.SMALL_SERIES_BYTES and up), where a
+# commit is short beside a download, only LARGE_CLAIMS_PER_SLOT of them hold a claim (one
+# downloading, one ready to start): more would only wait for a slot while holding series
+# the other processes of a fleet could be downloading.
+TASKS_PER_SLOT = 4
+LARGE_CLAIMS_PER_SLOT = 2
 # Small series (download.SMALL_SERIES_BYTES) skip the download's per-file fsyncs: their
 # data is synced once per group commit (Mirror.place_many(unsynced=...)). Larger ones
 # fsync each file as it completes, overlapping the transfer, so a commit never waits for
@@ -148,6 +154,7 @@ class _Drain:
         self.downloads = anyio.Semaphore(workers)
         self.jobs: dict[int, _Job] = {}
         self.tasks = TASKS_PER_SLOT * workers
+        self._large_claimers = LARGE_CLAIMS_PER_SLOT * workers
         # Claimed for workers that have not picked them up yet (see the module doc).
         self._prefetched: deque[Claim] = deque()
         self._claim_lock = anyio.Lock()
@@ -157,6 +164,9 @@ class _Drain:
         # The last claim found fewer series than asked for: placements stop claiming
         # for their workers (a wasted query each) until a claim comes back full again.
         self._queue_dry = False
+        # The series claimed last were all small: their group commits set the pace, so
+        # every worker claims (see _claimers). Until a claim says so, fewer do.
+        self._small_queue = False
         self.report = DrainReport()
         self.fatal: BaseException | None = None
         self._changed = anyio.Event()  # something finished: idle workers look again
@@ -233,6 +243,16 @@ class _Drain:
                 continue
             await self._run_job(claim)
 
+    def _claimers(self) -> int:
+        """How many workers may hold a claim: all of them on small series (downloads
+        outpace their commits), else LARGE_CLAIMS_PER_SLOT per download slot."""
+        return self.tasks if self._small_queue else self._large_claimers
+
+    def _took(self, claims: list[Claim]) -> None:
+        self._prefetched.extend(claims)
+        if claims:
+            self._small_queue = all(_small(c) for c in claims)
+
     def _take_prefetched(self) -> Claim | None:
         """A prefetched claim, preferring one whose source has a free connection slot."""
         for claim in self._prefetched:
@@ -251,11 +271,11 @@ class _Drain:
             if claim is not None or self._finished:
                 return claim
             free = [self.source_ids[name] for name, sem in self.slots.items() if sem.value > 0]
-            if not free or self.downloads.value == 0:
+            # One series for every worker not running a job (this one included) that may
+            # hold one: they would each claim one right after us otherwise.
+            idle = self._claimers() - len(self.jobs)
+            if not free or self.downloads.value == 0 or idle <= 0:
                 return None
-            # One series for every worker not running a job (this one included): they
-            # would each claim one right after us otherwise.
-            idle = max(1, self.tasks - len(self.jobs))
             try:
                 # Every catalog call of the pool is shielded from cancellation: they are
                 # short, and a transaction cut half way can leave the driver's connection
@@ -271,7 +291,7 @@ class _Drain:
                 self._abort(exc)
                 return None
             self._queue_dry = len(claims) < idle
-            self._prefetched.extend(claims)
+            self._took(claims)
             if len(claims) > 1:
                 self._notify()  # idle workers waiting in _wait_for_work: work is here
             return self._take_prefetched()
@@ -436,7 +456,7 @@ class _Drain:
         claim_next = 0
         if not (self._queue_dry or self._finished or self.report.interrupted):
             running = len(self.jobs) - len(batch)
-            claim_next = max(0, min(len(batch), self.tasks - running - len(self._prefetched)))
+            claim_next = max(0, min(len(batch), self._claimers() - running - len(self._prefetched)))
         batch_sources = {p.claim.source_name for p in batch}
         sources = [
             self.source_ids[name]
@@ -484,7 +504,7 @@ class _Drain:
             settled = True
             if claim_next:
                 self._queue_dry = len(held.claimed) < claim_next
-                self._prefetched.extend(held.claimed)
+                self._took(held.claimed)
                 if held.claimed:
                     self._notify()
         except Exception as exc:
