@@ -44,6 +44,7 @@ DEFAULT_CONFIG = "nbia-sync.toml"
 # After the first SIGINT/SIGTERM the pass gets this long to cancel its downloads and
 # give its leases back before it is cancelled outright (Docker's stop timeout is 10 s).
 STOP_GRACE = 8.0
+GIL_SWITCH_INTERVAL = 0.001  # seconds; Python's default is 0.005 (see run())
 
 Command = Callable[[argparse.Namespace], int]
 Job = Callable[["anyio.Event"], Coroutine[Any, Any, int]]
@@ -732,6 +733,10 @@ def run() -> NoReturn:
 
     limit_malloc_arenas()  # before any thread starts
     pause_gc()  # until the command's event loop starts (_run_signalled, cmd_simulate)
+    # A worker thread done with a catalog transaction or a download hop waits up to the
+    # switch interval for the GIL the event loop holds: 1 ms instead of 5 shortens every
+    # group commit's hops (3,000 one-file series: wall -8 %; 0.5 ms was slower again).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     code = main()
     logging = sys.modules.get("logging")
     if logging is not None:

@@ -70,3 +70,14 @@ def test_the_simulator_serves_with_the_garbage_collector_on() -> None:
         print(cli.cmd_simulate(args))
     """)
     assert out == "0"
+
+
+def test_a_command_runs_with_the_shorter_gil_switch_interval() -> None:
+    out = _run("""
+        def main() -> int:
+            print(sys.getswitchinterval() == cli.GIL_SWITCH_INTERVAL < 0.005, flush=True)
+            return 0
+        cli.main = main
+        cli.run()
+    """)
+    assert out == "True"
