@@ -40,6 +40,8 @@ STATE_DIR = ".nbia-sync"
 # From this many touched directories on, one syncfs(2) replaces their fsyncs.
 _SYNCFS_FROM = 3
 _MAX_PART_BYTES = 255  # NAME_MAX on every common file system
+# rename(2) onto a series directory that holds files (or a file where it should be).
+_TAKEN = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
 # One statvfs (a thread hop) serves the space checks of this many seconds of claims: on
 # many small series it was one hop per series. Other processes writing to the same disk
 # in that window go unseen, as they would between any two readings.
@@ -194,18 +196,21 @@ def fsync_dir(directory: Path) -> None:
 
 def _makedirs_unsynced(path: Path, created: set[Path]) -> None:
     """mkdir -p; adds to ``created`` each directory made here (its parent then needs an
-    fsync before the new name can be relied on: see Mirror.place_many)."""
-    missing: list[Path] = []
-    probe = path
-    while not probe.is_dir():
-        missing.append(probe)
-        probe = probe.parent
-    for d in reversed(missing):
+    fsync before the new name can be relied on: see Mirror.place_many). Tries the
+    deepest first: one call when it exists, three for a new patient's study."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:  # there already (or made by another worker meanwhile)
+        return
+    except FileNotFoundError:
+        if path.parent == path:
+            raise
+        _makedirs_unsynced(path.parent, created)
         try:
-            d.mkdir()
-        except FileExistsError:  # another worker made it first
-            continue
-        created.add(d)
+            os.mkdir(path)
+        except FileExistsError:
+            return
+    created.add(path)
 
 
 def _rmtree(path: Path) -> None:
@@ -318,9 +323,14 @@ class Mirror:
             try:
                 _makedirs_unsynced(final_dir.parent, created)
                 dirty.add(final_dir.parent)
-                if final_dir.exists():
+                try:
+                    os.rename(staged_dir, final_dir)
+                except OSError as exc:
+                    # A copy is there already (an update): aside first, then ours.
+                    if exc.errno not in _TAKEN:
+                        raise
                     move_aside(final_dir)
-                os.rename(staged_dir, final_dir)
+                    os.rename(staged_dir, final_dir)
                 if moved_from is not None and moved_from != final_dir and moved_from.is_dir():
                     move_aside(moved_from)
                 errors.append(None)

@@ -159,7 +159,9 @@ NEW = {"1.dcm": b"new-1" * 1000, "3.dcm": b"new-3" * 1000}
 
 
 @pytest.mark.parametrize(
-    "kill_at", [1, 2, 3], ids=["before-any-rename", "old-moved-aside", "after-placing"]
+    "kill_at",
+    [1, 2, 3, 4],
+    ids=["before-any-rename", "new-refused-by-the-old", "old-moved-aside", "after-placing"],
 )
 async def test_placement_killed_midway_never_shows_a_mixed_or_partial_series(
     tmp_path: Path, kill_at: int
@@ -172,8 +174,9 @@ async def test_placement_killed_midway_never_shows_a_mixed_or_partial_series(
         [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), str(kill_at)], check=False
     )
     placed = {k.rsplit("/", 1)[1]: v for k, v in tree(tmp_path).items()}
-    if kill_at == 3:
-        assert proc.returncode == 0  # only two renames: it ran to the end
+    if kill_at == 4:
+        # Three renames: the new copy refused by the old one, the old aside, the new in.
+        assert proc.returncode == 0
         assert placed == NEW
     else:
         assert proc.returncode == -9
@@ -181,7 +184,7 @@ async def test_placement_killed_midway_never_shows_a_mixed_or_partial_series(
         assert placed in (OLD, {})
         assert {p.name: p.read_bytes() for p in staged.iterdir()} == NEW
     removed = await m.clean_staging(keep_owners=["alive"])
-    assert "dead" in removed or kill_at == 3
+    assert "dead" in removed or kill_at == 4
     assert not m.trash_root.exists()
     assert not (m.staging_root / "dead").exists()
 
