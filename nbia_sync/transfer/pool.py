@@ -154,7 +154,6 @@ class _Drain:
         self.downloads = anyio.Semaphore(workers)
         self.jobs: dict[int, _Job] = {}
         self.tasks = TASKS_PER_SLOT * workers
-        self._large_claimers = LARGE_CLAIMS_PER_SLOT * workers
         # Claimed for workers that have not picked them up yet (see the module doc).
         self._prefetched: deque[Claim] = deque()
         self._claim_lock = anyio.Lock()
@@ -246,7 +245,9 @@ class _Drain:
     def _claimers(self) -> int:
         """How many workers may hold a claim: all of them on small series (downloads
         outpace their commits), else LARGE_CLAIMS_PER_SLOT per download slot."""
-        return self.tasks if self._small_queue else self._large_claimers
+        if self._small_queue:
+            return self.tasks
+        return LARGE_CLAIMS_PER_SLOT * self.transfer.workers
 
     def _took(self, claims: list[Claim]) -> None:
         self._prefetched.extend(claims)

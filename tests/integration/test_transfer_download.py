@@ -9,6 +9,7 @@ import threading
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -491,26 +492,21 @@ async def test_a_large_series_hops_the_whole_read_budget_at_a_time(
     assert len(sizes) >= 2 and all(n >= 256 << 10 for n in sizes[:-1])
 
 
-def _record_hops(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
-    """(bytes, last) of every hop to the worker thread."""
-    hops: list[tuple[int, bool]] = []
+@dataclass(frozen=True)
+class _Hop:
+    size: int  # bytes handed over
+    last: bool
+    on_loop: bool  # processed on the event loop's thread, not a worker thread
+
+
+def _record_hops(monkeypatch: pytest.MonkeyPatch) -> list[_Hop]:
+    """Every piece of processing fetch_series hands over, in order."""
+    hops: list[_Hop] = []
     feed = download._ThreadSide.feed
 
     def recording(side: Any, data: bytes | None, last: bool) -> Any:
-        hops.append((len(data or b""), last))
-        return feed(side, data, last)
-
-    monkeypatch.setattr(download._ThreadSide, "feed", recording)
-    return hops
-
-
-def _record_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
-    """(bytes, ran on the event loop's thread) of every piece of processing."""
-    hops: list[tuple[int, bool]] = []
-    feed = download._ThreadSide.feed
-
-    def recording(side: Any, data: bytes | None, last: bool) -> Any:
-        hops.append((len(data or b""), threading.current_thread() is threading.main_thread()))
+        on_loop = threading.current_thread() is threading.main_thread()
+        hops.append(_Hop(len(data or b""), last, on_loop))
         return feed(side, data, last)
 
     monkeypatch.setattr(download._ThreadSide, "feed", recording)
@@ -529,7 +525,7 @@ async def test_tiny_series_is_processed_in_one_hop(
         assert s.file_size < download._MIN_HOP
         fetched = await fetch(sim, s, tmp_path / "st")
     assert_matches_truth(fetched, archive, s)
-    assert [last for _, last in hops] == [True]
+    assert [h.last for h in hops] == [True]
 
 
 def ten_files_of_32_kib() -> SimArchive:
@@ -549,9 +545,9 @@ async def test_series_larger_than_listed_hops_within_the_budget(
         fetched = await fetch(sim, s, tmp_path / "st", file_size=1000)
     assert_matches_truth(fetched, archive, s)
     assert len(hops) > 2
-    assert [last for _, last in hops] == [False] * (len(hops) - 1) + [True]
+    assert [h.last for h in hops] == [False] * (len(hops) - 1) + [True]
     # At most the budget plus one network chunk waits for the thread.
-    assert max(n for n, _ in hops) <= 2 * TRANSFER.chunk_size
+    assert max(h.size for h in hops) <= 2 * TRANSFER.chunk_size
 
 
 async def test_series_above_one_hop_is_processed_while_it_arrives(
@@ -567,20 +563,26 @@ async def test_series_above_one_hop_is_processed_while_it_arrives(
     assert len(hops) >= 3
 
 
-async def test_series_listed_tiny_that_a_server_makes_huge_is_refused_in_bounded_hops(
-    sim_archive: SimArchive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def past_the_size_bound(seed: int) -> bytes:
+    """A one-file archive of ~6 MB of incompressible data, more than any series listed
+    at 1,000 bytes may inflate to (download.SIZE_MARGIN_BYTES)."""
     from transfer_zips import DEFLATED, Entry, build_zip
 
-    # Listed at 1,000 bytes (read whole), then ~6 MB of incompressible data on the wire:
-    # nothing is buffered past the read budget, and the size bound refuses it.
-    big = random.Random(7).randbytes(download.SIZE_MARGIN_BYTES + (2 << 20))
-    body = build_zip(
+    big = random.Random(seed).randbytes(download.SIZE_MARGIN_BYTES + (2 << 20))
+    return build_zip(
         [
             Entry("1.dcm", big, DEFLATED, descriptor=True, sizes_in_header=False),
             Entry("md5hashes.csv", _hash_list([("1.dcm", hashlib.md5(big).hexdigest())])),
         ]
     )
+
+
+async def test_series_listed_tiny_that_a_server_makes_huge_is_refused_in_bounded_hops(
+    sim_archive: SimArchive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Listed at 1,000 bytes (read whole), then ~6 MB of incompressible data on the wire:
+    # nothing is buffered past the read budget, and the size bound refuses it.
+    body = past_the_size_bound(seed=7)
     hops = _record_hops(monkeypatch)
     async with serving(body) as url:
         with pytest.raises(HostileArchiveError, match="FileSize is 1000"):
@@ -588,64 +590,43 @@ async def test_series_listed_tiny_that_a_server_makes_huge_is_refused_in_bounded
             await fetch_from(url, claim_for(s, file_size=1000, image_count=1), tmp_path / "st")
     assert not (tmp_path / "st").exists()
     assert len(hops) > 8
-    assert max(n for n, _ in hops) <= 2 * TRANSFER.chunk_size
+    assert max(h.size for h in hops) <= 2 * TRANSFER.chunk_size
 
 
-async def test_tiny_series_on_a_local_disk_is_processed_on_the_event_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("local_disk", [True, False])
+async def test_tiny_series_is_processed_on_the_event_loop_only_on_a_local_disk(
+    local_disk: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     archive = SimArchive.generate(
         collections=("C",), patients=1, series=1, images=2, image_size=1000, seed=5
     )
-    hops = _record_threads(monkeypatch)
+    hops = _record_hops(monkeypatch)
     async with running_sim(archive) as sim:
         s = first_series(archive)
-        fetched = await fetch(sim, s, tmp_path / "st", inline=True)
+        fetched = await fetch(sim, s, tmp_path / "st", inline=local_disk)
     assert_matches_truth(fetched, archive, s)
-    assert [on_loop for _, on_loop in hops] == [True]
-
-
-async def test_tiny_series_off_a_local_disk_is_processed_in_the_worker_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    archive = SimArchive.generate(
-        collections=("C",), patients=1, series=1, images=2, image_size=1000, seed=5
-    )
-    hops = _record_threads(monkeypatch)
-    async with running_sim(archive) as sim:
-        s = first_series(archive)
-        fetched = await fetch(sim, s, tmp_path / "st", inline=False)
-    assert_matches_truth(fetched, archive, s)
-    assert [on_loop for _, on_loop in hops] == [False]
+    assert [h.on_loop for h in hops] == [local_disk]
 
 
 async def test_series_above_one_hop_is_processed_in_the_worker_thread_on_a_local_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     archive = ten_files_of_32_kib()
-    hops = _record_threads(monkeypatch)
+    hops = _record_hops(monkeypatch)
     async with running_sim(archive) as sim:
         s = first_series(archive)
         fetched = await fetch(sim, s, tmp_path / "st", inline=True)
     assert_matches_truth(fetched, archive, s)
-    assert hops and not any(on_loop for _, on_loop in hops)
+    assert hops and not any(h.on_loop for h in hops)
 
 
 async def test_hops_a_lying_server_makes_big_leave_the_event_loop(
     sim_archive: SimArchive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from transfer_zips import DEFLATED, Entry, build_zip
-
     # Listed at 1,000 bytes (processed on the loop), then ~6 MB on the wire: past the
     # first minimum hop everything goes to the thread, and the size bound refuses it.
-    big = random.Random(8).randbytes(download.SIZE_MARGIN_BYTES + (2 << 20))
-    body = build_zip(
-        [
-            Entry("1.dcm", big, DEFLATED, descriptor=True, sizes_in_header=False),
-            Entry("md5hashes.csv", _hash_list([("1.dcm", hashlib.md5(big).hexdigest())])),
-        ]
-    )
-    hops = _record_threads(monkeypatch)
+    body = past_the_size_bound(seed=8)
+    hops = _record_hops(monkeypatch)
     async with serving(body) as url:
         with pytest.raises(HostileArchiveError, match="FileSize is 1000"):
             s = first_series(sim_archive)
@@ -653,5 +634,5 @@ async def test_hops_a_lying_server_makes_big_leave_the_event_loop(
             await fetch_from(url, claim, tmp_path / "st", inline=True)
     assert not (tmp_path / "st").exists()
     assert len(hops) > 8
-    assert [on_loop for _, on_loop in hops[1:]] == [False] * (len(hops) - 1)
-    assert hops[0][0] <= download._MIN_HOP
+    assert [h.on_loop for h in hops[1:]] == [False] * (len(hops) - 1)
+    assert hops[0].size <= download._MIN_HOP

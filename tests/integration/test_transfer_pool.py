@@ -848,25 +848,37 @@ async def test_tiny_series_are_processed_on_the_loop_only_on_a_local_disk(
     assert len(mirror_state(tmp_path / "mirror", archive)) == 4
 
 
-async def drain_sampling_leases(
-    settings: Settings, catalog: Catalog, held: list[int]
-) -> DrainReport:
-    """run_drain, with the series leased to it (downloading, waiting for a slot or a
-    commit, claimed ahead) read from the catalog every few milliseconds meanwhile."""
+async def leases_while_draining(catalog: Catalog, tmp_path: Path, series: int) -> list[int]:
+    """Drain ``series`` one-file series with 2 workers (10 ms latency), reading the series
+    leased to the drain (downloading, waiting for a slot or a commit, claimed ahead) from
+    the catalog every few milliseconds meanwhile; the readings."""
+    held: list[int] = []
     report: DrainReport | None = None
+    archive = SimArchive.generate(
+        collections=("SIM-CT",),
+        patients=series,
+        studies=1,
+        series=1,
+        images=1,
+        image_size=2000,
+        seed=5,
+    )
 
-    async def draining(scope: anyio.CancelScope) -> None:
+    async def draining(settings: Settings, scope: anyio.CancelScope) -> None:
         nonlocal report
         report = await run_drain(settings, catalog)
         scope.cancel()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(draining, tg.cancel_scope)
-        while True:
-            held.append(await downloading(catalog))
-            await anyio.sleep(0.002)
-    assert report is not None
-    return report
+    async with running_sim(archive, SimFaults(latency=0.01)) as sim:
+        settings = make_settings(tmp_path / "mirror", sim, workers=2)
+        await queue_all(catalog, settings, archive)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(draining, settings, tg.cancel_scope)
+            while True:
+                held.append(await downloading(catalog))
+                await anyio.sleep(0.002)
+    assert report is not None and report.done == series
+    return held
 
 
 async def test_on_large_series_a_process_claims_two_series_per_download_slot_at_most(
@@ -875,32 +887,16 @@ async def test_on_large_series_a_process_claims_two_series_per_download_slot_at_
     from nbia_sync.transfer import download, pool
 
     monkeypatch.setattr(download, "SMALL_SERIES_BYTES", 1)  # every series counts as large
-    held: list[int] = []
-    archive = SimArchive.generate(
-        collections=("SIM-CT",), patients=24, studies=1, series=1, images=1, image_size=2000, seed=5
-    )
-    async with running_sim(archive, SimFaults(latency=0.01)) as sim:
-        settings = make_settings(tmp_path / "mirror", sim, workers=2)
-        await queue_all(catalog, settings, archive)
-        report = await drain_sampling_leases(settings, catalog, held)
-    assert report.done == 24
+    held = await leases_while_draining(catalog, tmp_path, series=24)
     assert held and max(held) <= pool.LARGE_CLAIMS_PER_SLOT * 2
 
 
 async def test_on_small_series_every_worker_may_hold_a_claim(
-    catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    catalog: Catalog, tmp_path: Path
 ) -> None:
     from nbia_sync.transfer import pool
 
-    held: list[int] = []
-    archive = SimArchive.generate(
-        collections=("SIM-CT",), patients=48, studies=1, series=1, images=1, image_size=2000, seed=5
-    )
-    async with running_sim(archive, SimFaults(latency=0.01)) as sim:
-        settings = make_settings(tmp_path / "mirror", sim, workers=2)
-        await queue_all(catalog, settings, archive)
-        report = await drain_sampling_leases(settings, catalog, held)
-    assert report.done == 48
+    held = await leases_while_draining(catalog, tmp_path, series=48)
     # Once the series are seen to be small, more than two per slot are held (while the
     # others wait for their commits), never more than one per worker.
     assert pool.LARGE_CLAIMS_PER_SLOT * 2 < max(held) <= pool.TASKS_PER_SLOT * 2
