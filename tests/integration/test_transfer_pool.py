@@ -848,11 +848,21 @@ async def test_tiny_series_are_processed_on_the_loop_only_on_a_local_disk(
     assert len(mirror_state(tmp_path / "mirror", archive)) == 4
 
 
-async def leases_while_draining(catalog: Catalog, tmp_path: Path, series: int) -> list[int]:
-    """Drain ``series`` one-file series with 2 workers (10 ms latency), reading the series
-    leased to the drain (downloading, waiting for a slot or a commit, claimed ahead) from
-    the catalog every few milliseconds meanwhile; the readings."""
+async def leases_while_draining(
+    catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, series: int
+) -> list[int]:
+    """Drain ``series`` one-file series with 2 workers (10 ms latency) and placements slowed
+    to 50 ms, so that finished downloads pile up waiting for their commits; the number of
+    series leased to the drain (downloading, waiting for a slot or a commit, claimed
+    ahead), read from the catalog every few milliseconds meanwhile."""
     held: list[int] = []
+    place_many = Mirror.place_many
+
+    async def slow_place_many(self: Mirror, *args: Any, **kwargs: Any) -> Any:
+        await anyio.sleep(0.05)
+        return await place_many(self, *args, **kwargs)
+
+    monkeypatch.setattr(Mirror, "place_many", slow_place_many)
     report: DrainReport | None = None
     archive = SimArchive.generate(
         collections=("SIM-CT",),
@@ -887,16 +897,17 @@ async def test_on_large_series_a_process_claims_two_series_per_download_slot_at_
     from nbia_sync.transfer import download, pool
 
     monkeypatch.setattr(download, "SMALL_SERIES_BYTES", 1)  # every series counts as large
-    held = await leases_while_draining(catalog, tmp_path, series=24)
+    held = await leases_while_draining(catalog, tmp_path, monkeypatch, series=24)
     assert held and max(held) <= pool.LARGE_CLAIMS_PER_SLOT * 2
 
 
 async def test_on_small_series_every_worker_may_hold_a_claim(
-    catalog: Catalog, tmp_path: Path
+    catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from nbia_sync.transfer import pool
 
-    held = await leases_while_draining(catalog, tmp_path, series=48)
-    # Once the series are seen to be small, more than two per slot are held (while the
-    # others wait for their commits), never more than one per worker.
+    held = await leases_while_draining(catalog, tmp_path, monkeypatch, series=48)
+    # Once the series are seen to be small, the workers whose series wait for the slowed
+    # commit hold them, and others claim: more than two per slot, never more than one
+    # per worker.
     assert pool.LARGE_CLAIMS_PER_SLOT * 2 < max(held) <= pool.TASKS_PER_SLOT * 2
