@@ -260,10 +260,17 @@ async def _upsert_batch(
                 SERIES.c.patient_id,
                 SERIES.c.study_uid,
                 SERIES.c.conflict,
-            ).where(
+            )
+            .where(
                 SERIES.c.source_id == source_id,
                 SERIES.c.series_uid.in_([s.series_uid for s in batch]),
             )
+            # Locked while read (PostgreSQL; SQLite has one writer anyway), in id order as
+            # placers lock them: a concurrent writer of the same series, such as another
+            # query of this pass listing it too, waits and then reads our change, instead
+            # of both judging it against the old row (a change counted, and bumped, twice).
+            .order_by(SERIES.c.id)
+            .with_for_update()
         )
     }
     elsewhere = await _other_sources(
@@ -577,7 +584,7 @@ class Sources:
         listing = Listing() if listing is None else listing
         for s in good:
             listing.note(s)
-        # Last report of a UID wins; sorted so concurrent writers lock rows in one order.
+        # Last report of a UID wins; sorted so that concurrent writers cut the same batches.
         unique = sorted({s.series_uid: s for s in good}.values(), key=lambda s: s.series_uid)
         total = UpsertResult(skipped=skipped)
         for batch in batches(unique):

@@ -70,6 +70,23 @@ async def test_changed_done_series_is_requeued_with_new_generation(
     assert (claim.series_uid, claim.generation, claim.attempts) == ("1", 2, 0)
 
 
+async def test_one_change_reported_by_two_concurrent_queries_counts_once(
+    catalog: Catalog,
+) -> None:
+    # Discovery stores getUpdatedSeries and a new study's getSeries at once: both list
+    # the re-released series. The second writer must see the first one's change.
+    sid = await catalog.sources.ensure_source(make_source())
+    await catalog.sources.upsert_series(sid, [make_series("1"), make_series("2")])
+    await _complete_all(catalog)
+    changed = make_series("1", released=T0 + timedelta(days=3))
+    results = await asyncio.gather(
+        *(catalog.sources.upsert_series(sid, [changed, make_series("2")]) for _ in range(4))
+    )
+    assert sum(r.changed for r in results) == 1
+    [claim] = await catalog.queue.claim("w", limit=10, lease_seconds=60)
+    assert (claim.series_uid, claim.generation) == ("1", 2)
+
+
 @pytest.mark.parametrize(
     "move",
     [{"collection": "OTHER"}, {"patient_id": "P2"}, {"study_uid": "1.2.9"}],
