@@ -9,6 +9,8 @@ from typing import Any
 import anyio
 import pytest
 import pytest_asyncio
+from aiohttp import web
+from served_apps import serving
 
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.models import SeriesInfo
@@ -86,6 +88,70 @@ async def test_increment_queues_exactly_new_patient_and_updated_series(
     report = await _pass(catalog, client, _source(sim))
     assert (report.full, report.new, report.changed) == (False, 2, 1)
     assert await _drain(catalog) == sorted([s.uid for s in added] + [updated.uid])
+
+
+class _ReReleasedTwiceAtOnce:
+    """An archive of one series that, after the first pass, re-releases it: the series
+    is in getUpdatedSeries and, through its study in NewStudiesInPatientCollection, in
+    that study's getSeries. getUpdatedSeries answers only when getSeries is asked too
+    (or after 2 s), so that both answers are stored at once."""
+
+    UID, STUDY = "1.2.840.77.1", "1.2.840.77"
+
+    def __init__(self) -> None:
+        self.released = "2024-03-01 00:00:00.0"
+        self._study_listed = anyio.Event()
+
+    def series(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "SeriesInstanceUID": self.UID,
+                "StudyInstanceUID": self.STUDY,
+                "Collection": "A",
+                "PatientID": "A-1",
+                "ImageCount": 1,
+                "DateReleased": self.released,
+            }
+        ]
+
+    async def handler(self, request: web.Request) -> web.Response:
+        endpoint = request.match_info["endpoint"]
+        if endpoint == "getCollectionValues":
+            return web.json_response([{"Collection": "A"}])
+        if endpoint == "getUpdatedSeries":
+            with anyio.move_on_after(2):
+                await self._study_listed.wait()
+            return web.json_response(self.series())
+        if endpoint == "NewStudiesInPatientCollection":
+            study = {"StudyInstanceUID": self.STUDY, "Collection": "A", "PatientID": "A-1"}
+            return web.json_response([study])
+        if endpoint == "getSeries":
+            if "StudyInstanceUID" in request.query:
+                self._study_listed.set()
+            return web.json_response(self.series())
+        return web.json_response([])  # NewPatientsInCollection: none
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/nbia-api/services/v4/{endpoint}", self.handler)
+        return app
+
+
+async def test_series_two_queries_list_at_once_is_changed_and_requeued_once(
+    catalog: Catalog,
+) -> None:
+    archive = _ReReleasedTwiceAtOnce()
+    async with serving(archive.app()) as url:
+        source = SourceSettings(name="h", url=url, api="v4")
+        async with NbiaClient(source, TransferSettings()) as client:
+            first = await _pass(catalog, client, source)
+            await _drain(catalog)
+            archive.released = "2024-06-01 00:00:00.0"
+            report = await _pass(catalog, client, source)
+    assert (first.full, first.new) == (True, 1)
+    assert (report.full, report.new, report.changed) == (False, 0, 1)
+    [claim] = await catalog.queue.claim("t", limit=10, lease_seconds=60)
+    assert (claim.series_uid, claim.generation) == (archive.UID, 2)
 
 
 class _ListAfterTheIncrements:

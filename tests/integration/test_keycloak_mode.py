@@ -19,6 +19,7 @@ import anyio
 import pytest
 from aiohttp import web
 from cli_fixtures import FAST_TRANSFER, expected_files, mirror_files
+from served_apps import serving
 
 from nbia_sync.api.auth import GRANT_TOTALS
 from nbia_sync.api.client import NbiaClient
@@ -278,19 +279,6 @@ class EmptyAfter:
                 for i in (1, 2)
             ]
         return web.Response(text=json.dumps(rows) if rows else "", content_type="application/json")
-
-
-@asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}/nbia-api/"
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize("schedule", [INCREMENTS, ScheduleSettings(full_listing_days=1e-9)])
