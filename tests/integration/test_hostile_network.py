@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from cli_fixtures import REPO, free_port, mirror_files, run_subprocess, write_config
+from served_apps import serving
 
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.retry import RetryPolicy
@@ -64,15 +65,8 @@ async def hostile(routes: dict[str, Handler], method: str = "GET") -> AsyncItera
     app = web.Application()
     for path, handler in routes.items():
         app.router.add_route(method if path != "oauth/token" else "POST", ROOT + path, handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}{ROOT}"
-    finally:
-        await runner.cleanup()
+    async with serving(app, access_log=None, shutdown_timeout=0.5) as url:
+        yield url
 
 
 async def guarded(awaitable: Awaitable[Any]) -> Any:

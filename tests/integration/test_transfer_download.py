@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+import served_apps
 
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.retry import RetryPolicy
@@ -294,17 +295,9 @@ def _zip_server(body: bytes) -> Any:
 
 @asynccontextmanager
 async def serving(body: bytes) -> AsyncIterator[str]:
-    from aiohttp import web
-
-    runner = web.AppRunner(_zip_server(body))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}/nbia-api/"
-    finally:
-        await runner.cleanup()
+    """A server that answers every download with ``body``; its API root URL."""
+    async with served_apps.serving(_zip_server(body)) as url:
+        yield url
 
 
 async def fetch_from(url: str, claim: Claim, staging: Path, inline: bool = False) -> FetchedSeries:
