@@ -19,6 +19,7 @@ import anyio
 import pytest
 from aiohttp import web
 from cli_fixtures import FAST_TRANSFER
+from served_apps import serving
 from sqlalchemy import select
 
 from nbia_sync.api.client import NbiaClient
@@ -241,20 +242,13 @@ async def test_hostile_listing_stores_only_what_the_catalog_can_hold(
         return web.Response(body=b"", content_type="application/json")
 
     app = web.Application()
-    app.router.add_get("/services/v4/{endpoint}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        settings = settings_for(tmp_path / "m", f"http://127.0.0.1:{port}/", api="v4")
+    app.router.add_get("/nbia-api/services/v4/{endpoint}", handler)
+    async with serving(app) as url:
+        settings = settings_for(tmp_path / "m", url, api="v4")
         source = settings.sources[0]
         sid = await catalog.sources.ensure_source(source)
         async with NbiaClient(source, settings.transfer) as client:
             report = await discover(catalog, client, source, sid, settings.schedule)
-    finally:
-        await runner.cleanup()
     stored = await rows(catalog)
     # 1.2.3.5 is kept: an ImageCount of 1e400 is no number (unknown), year 1 is no date.
     assert sorted(stored) == ["1.2.3.5", "1.2.3.9"]
@@ -285,21 +279,14 @@ async def test_bad_patient_and_study_records_of_an_increment_are_skipped(
         return web.json_response(body)
 
     app = web.Application()
-    app.router.add_get("/services/v4/{endpoint}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        settings = settings_for(tmp_path / "m", f"http://127.0.0.1:{port}/", api="v4")
+    app.router.add_get("/nbia-api/services/v4/{endpoint}", handler)
+    async with serving(app) as url:
+        settings = settings_for(tmp_path / "m", url, api="v4")
         source = settings.sources[0]
         sid = await catalog.sources.ensure_source(source)
         async with NbiaClient(source, settings.transfer) as client:
             first = await discover(catalog, client, source, sid, settings.schedule)
             increment = await discover(catalog, client, source, sid, settings.schedule)
-    finally:
-        await runner.cleanup()
     assert first.full and not increment.full
     assert (increment.new, increment.skipped) == (1, 3)
     assert sorted(await rows(catalog)) == ["1.2.3.10", "1.2.3.9"]

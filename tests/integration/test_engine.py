@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from cli_fixtures import FAST_TRANSFER, expected_files, free_port, mirror_files
+from served_apps import serving
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -150,25 +151,16 @@ async def test_a_body_cut_mid_listing_ends_the_pass_with_an_error_naming_the_sou
 
     app = web.Application()
     app.router.add_get("/nbia-api/services/v4/getCollectionValues", cut)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serving(app) as url:
         settings = settings_from_dict(
             {
                 "mirror": {"root": str(tmp_path / "m"), "min_free_bytes": 0},
                 "transfer": {**FAST_TRANSFER, "request_attempts": 2},
-                "sources": [
-                    {"name": "cut", "url": f"http://127.0.0.1:{port}/nbia-api/", "api": "v4"}
-                ],
+                "sources": [{"name": "cut", "url": url, "api": "v4"}],
             },
             env={},
         )
         report = await run_pass(settings, catalog, progress=NullProgress(), stop=anyio.Event())
-    finally:
-        await runner.cleanup()
     assert report.outcome is Outcome.ERROR
     assert report.error is not None and report.error.startswith("source 'cut'")
     assert await catalog.fleet.workers() == []

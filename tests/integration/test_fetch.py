@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from cli_fixtures import REPO, STATE, mirror_files, run_main, run_subprocess, write_config
+from served_apps import serving
 
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.catalog import Catalog
@@ -196,7 +197,7 @@ async def test_manifest_source_never_lists_the_archive(tmp_path: Path, catalog: 
 
     app = web.Application()
     app.router.add_get("/nbia-api/services/v4/{endpoint}", handler)
-    async with _serve(app) as url:
+    async with serving(app) as url:
         write_manifest(tmp_path / "a.tcia", ["1.2.3.4"])
         source = SourceSettings(name="s", url=url, api="v4", manifests=[tmp_path / "a.tcia"])
         sid = await catalog.sources.ensure_source(source)
@@ -206,21 +207,6 @@ async def test_manifest_source_never_lists_the_archive(tmp_path: Path, catalog: 
             second = await discover(catalog, client, source, sid, schedule)
     assert (first.new, first.full, second.full) == (1, True, False)
     assert set(asked) == {"getSeries", "getUpdatedSeries"}
-
-
-class _serve:
-    def __init__(self, app: web.Application) -> None:
-        self.runner = web.AppRunner(app)
-
-    async def __aenter__(self) -> str:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = self.runner.addresses[0][1]
-        return f"http://127.0.0.1:{port}/nbia-api/"
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.runner.cleanup()
 
 
 async def test_manifest_source_with_a_missing_manifest_is_one_error(

@@ -25,6 +25,7 @@ from cli_fixtures import (
     run_main,
     run_subprocess,
 )
+from served_apps import serving
 from sqlalchemy import select
 
 from nbia_sync.api.client import NbiaClient
@@ -251,18 +252,13 @@ async def test_hostile_listing_of_one_uid_in_two_collections_is_one_conflict(
         return web.Response(body=b"", content_type="application/json")
 
     app = web.Application()
-    app.router.add_get("/services/v4/{endpoint}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    app.router.add_get("/nbia-api/services/v4/{endpoint}", handler)
+    async with serving(app) as url:
         settings = settings_from_dict(
             {
                 "mirror": {"root": str(tmp_path / "m")},
                 "schedule": ALWAYS_FULL,
-                "sources": [{"name": "h", "url": f"http://127.0.0.1:{port}/", "api": "v4"}],
+                "sources": [{"name": "h", "url": url, "api": "v4"}],
             },
             env={},
         )
@@ -272,8 +268,6 @@ async def test_hostile_listing_of_one_uid_in_two_collections_is_one_conflict(
             first = await discover(catalog, client, source, sid, settings.schedule)
             held = await row_of(catalog, "1.2.840.99.1")
             again = await discover(catalog, client, source, sid, settings.schedule)
-    finally:
-        await runner.cleanup()
     assert (first.new, first.conflicts) == (1, 1)
     assert (again.queued, again.conflicts) == (0, 0)  # still held: no flip-flop, no requeue
     row = await row_of(catalog, "1.2.840.99.1")

@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
+from served_apps import serving
 from sqlalchemy.exc import OperationalError
 
 from nbia_sync.api.client import NbiaClient
@@ -791,15 +792,8 @@ async def counting_proxy(upstream: str, delay: float) -> AsyncIterator[tuple[str
 
     app = web.Application()
     app.router.add_route("*", "/nbia-api/{tail:.*}", forward)
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        try:
-            yield f"http://127.0.0.1:{runner.addresses[0][1]}/nbia-api/", peaks
-        finally:
-            await runner.cleanup()
+    async with aiohttp.ClientSession(auto_decompress=False) as session, serving(app) as url:
+        yield url, peaks
 
 
 async def test_the_server_never_sees_more_downloads_at_once_than_workers(

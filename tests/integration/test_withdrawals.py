@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from cli_fixtures import SimMirror, mirror_files, run_main, run_subprocess, write_config
+from served_apps import serving
 
 from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.models import SeriesInfo
@@ -170,14 +171,8 @@ async def flaky() -> AsyncIterator[tuple[FlakyArchive, str]]:
     archive = FlakyArchive()
     app = web.Application()
     app.router.add_get("/nbia-api/services/v4/{endpoint}", archive.handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield archive, f"http://127.0.0.1:{runner.addresses[0][1]}/nbia-api/"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield archive, url
 
 
 async def test_an_empty_listing_withdraws_nothing(
