@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -132,6 +132,51 @@ def require_mirror(root: Path) -> None:
         raise MirrorRootError(
             f"no mirror at {root} (no {STATE_DIR} directory): check mirror.root, or run sync first"
         )
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+def create_file(path: Path) -> int:
+    """A new file's descriptor, for writing; never opens one that is there already."""
+    return os.open(path, _CREATE, 0o644)
+
+
+def write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def fresh_dir(path: Path) -> None:
+    """A series' staging directory, empty: one left by a crashed attempt of ours goes."""
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+
+
+def write_staged(directory: Path, files: Sequence[tuple[Path, bytes | bytearray]]) -> None:
+    """Write a series verified in memory (a tiny one, see transfer/download.py) into a
+    fresh staging ``directory``: each file once, not synced (the caller syncs)."""
+    fresh_dir(directory)
+    for path, data in files:
+        fd = create_file(path)
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+
+
+def disk_space_error(exc: OSError, where: Path) -> DiskSpaceError | None:
+    """The DiskSpaceError a failed write to ``where`` means, or None if not a full disk."""
+    if not disk_full(exc):
+        return None
+    return DiskSpaceError(
+        f"disk full while writing to {where} ({exc.strerror}); free space on the "
+        "mirror's file system or raise mirror.min_free_bytes"
+    )
 
 
 def _fsync_path(path: Path, *, directory: bool = False) -> None:
@@ -262,6 +307,7 @@ class Mirror:
         moves: Sequence[tuple[Path, Path] | tuple[Path, Path, Path | None]],
         *,
         unsynced: Collection[Path] = (),
+        unwritten: Mapping[Path, Sequence[tuple[Path, bytes | bytearray]]] | None = None,
     ) -> list[Exception | None]:
         """Move fully staged series (files and directory fsynced by the download) into
         the mirror in one worker-thread call; per move, None or the error that
@@ -287,17 +333,34 @@ class Mirror:
         series): their data is synced here first, once for all (syncfs(2) on Linux,
         else file by file), still before any rename. On Linux one syncfs after the
         renames also replaces the directory fsyncs when a batch touched several.
+        ``unwritten``: staged directories not on disk yet, with their files (series
+        verified in memory by the download): written here first, unsynced, so the
+        event loop never waits on their creates; a move whose files could not be
+        written fails alone (a full disk: DiskSpaceError).
         A crash before those fsyncs may lose renames, but none is recorded as done yet:
         the catalog still has the series leased and it is fetched again. Old copies are
         deleted only after the fsyncs: an updated series is never absent from the tree.
         """
-        return await anyio.to_thread.run_sync(self._place_many_sync, list(moves), set(unsynced))
+        return await anyio.to_thread.run_sync(
+            self._place_many_sync, list(moves), set(unsynced), unwritten or {}
+        )
 
     def _place_many_sync(
         self,
         moves: list[tuple[Path, Path] | tuple[Path, Path, Path | None]],
         unsynced: Collection[Path] = (),
+        unwritten: Mapping[Path, Sequence[tuple[Path, bytes | bytearray]]] | None = None,
     ) -> list[Exception | None]:
+        refused: dict[Path, Exception] = {}
+        unsynced = set(unsynced)
+        for staged, files in (unwritten or {}).items():
+            try:
+                write_staged(staged, files)
+            except OSError as exc:
+                _rmtree(staged)
+                refused[staged] = disk_space_error(exc, staged) or exc
+            else:
+                unsynced.add(staged)
         # Small series skip the download's fsyncs: their data is made durable here,
         # once for the whole batch, before any of them is renamed into the tree.
         if unsynced and not _sync_fs(self.root):
@@ -320,6 +383,9 @@ class Mirror:
         for move in moves:
             staged_dir, final_dir = move[0], move[1]
             moved_from = move[2] if len(move) > 2 else None
+            if staged_dir in refused:
+                errors.append(refused[staged_dir])
+                continue
             try:
                 _makedirs_unsynced(final_dir.parent, created)
                 dirty.add(final_dir.parent)

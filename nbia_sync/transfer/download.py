@@ -3,8 +3,9 @@
 One pass over the bytes: each chunk from the socket is parsed, inflated, MD5-hashed and
 written once, in a worker thread (zlib, MD5, CRC and writes are CPU and disk work that
 must not stall the event loop on a 2-core machine), except a tiny series on a local disk,
-whose few KB cost less than the hop (see _MIN_HOP). Memory stays flat: one chunk at a
-time, whatever the series size.
+whose few KB cost less than the hop (see _MIN_HOP): it is checked in memory and written
+by the group commit (Mirror.place_many), so the loop makes no file-system call for it.
+Memory stays flat: one chunk at a time, whatever the series size.
 
 A series is accepted only when the server's hash list (md5hashes.csv) is there (its absence
 is the server's silent truncation), every file is listed and matches its MD5, no listed
@@ -33,14 +34,20 @@ import anyio
 import structlog
 
 from nbia_sync.errors import (
-    DiskSpaceError,
     HostileArchiveError,
     IntegrityError,
     RetryableError,
     sole_error,
 )
 from nbia_sync.progress import ProgressSink
-from nbia_sync.storage import disk_full, fsync_dir, safe_part
+from nbia_sync.storage import (
+    create_file,
+    disk_space_error,
+    fresh_dir,
+    fsync_dir,
+    safe_part,
+    write_all,
+)
 from nbia_sync.transfer.archive import EntryData, EntryEnd, EntryStart, ZipEvent, ZipStreamReader
 from nbia_sync.transfer.dicomhead import NotDicomError, read_uids
 
@@ -59,7 +66,6 @@ _DICOM_TAGS = ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"]
 # Each file's first bytes are kept in memory for the UID check (dicomhead.read_uids);
 # DICOM headers before pixel data are a few KB.
 _HEAD_BYTES = 64 << 10
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 # Series listed below this size are small: their files skip the per-file fsync (the group
 # commit syncs them, see transfer/pool.py) and they hop to the worker thread in pieces of
 # _MIN_HOP, so processing keeps pace with the socket and the last byte is followed by
@@ -72,17 +78,15 @@ _MIN_HOP = 64 << 10
 # while no more than _MIN_HOP bytes of it arrived: its staging directory, a create, a few
 # KB inflated, hashed and written, and a rename cost less than the thread hop and its
 # wake-ups (bench/README.md). A server lying about the size gets one such hop on the loop
-# (its inflation bounded by SIZE_MARGIN_BYTES); the rest goes to the thread.
+# (its inflation bounded by SIZE_MARGIN_BYTES); the rest goes to the thread. Such a
+# series is also kept in memory until the group commit writes it (Mirror.place_many):
+# the loop makes no directory, create or rename for it. Past _MEMORY_BYTES (a server
+# sending more than it listed) what is held goes to staging and the rest follows there.
+_MEMORY_BYTES = 4 * _MIN_HOP
 
 
 def is_small(file_size: int | None) -> bool:
     return file_size is not None and file_size < SMALL_SERIES_BYTES
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class SeriesStreamer(Protocol):
@@ -115,6 +119,7 @@ class StagedFile:
     size: int
     path: Path  # in staging, named <SOPInstanceUID>.dcm
     entry_name: str  # the name in the archive's ZIP
+    data: bytearray | None = None  # the bytes, when verified in memory and not written yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +129,12 @@ class FetchedSeries:
     files: list[StagedFile]
     bytes_downloaded: int  # bytes off the wire (the ZIP)
     unverified: int = 0  # files the hash list gave a blank MD5 for (accepted on the rest)
+    in_memory: bool = False  # staging_dir not made yet: Mirror.place_many writes `unwritten`
+
+    @property
+    def unwritten(self) -> list[tuple[Path, bytearray]]:
+        """(staged path, bytes) of files verified in memory (see in_memory)."""
+        return [(f.path, f.data) for f in self.files if f.data is not None]
 
     @property
     def size(self) -> int:
@@ -139,6 +150,7 @@ class _Entry:
     size: int = 0
     sop_uid: str = ""
     uids: tuple[str, str] = ("", "")  # (series, study) as the file says
+    data: bytearray | None = None  # the file, in memory mode (never written to `part`)
 
 
 @dataclass(slots=True)
@@ -155,11 +167,13 @@ class _SeriesWriter:
     check_dicom: bool
     sync: bool = False  # fsync each file as it completes, and the directory at the end
     file_size: int | None = None  # the listing's FileSize: bounds what may be inflated
+    memory: bool = False  # keep the files in memory, staging untouched (see _MEMORY_BYTES)
     reader: ZipStreamReader = field(init=False)
     entries: list[_Entry] = field(default_factory=list)
     hash_list: bytearray | None = None
     _names: set[str] = field(default_factory=set)
     _fd: int | None = None  # the current file, written with os.write (no buffer layer)
+    _buf: bytearray | None = None  # or, in memory mode, its bytes so far
     _md5: hashlib._Hash | None = None
     _head: bytearray = field(default_factory=bytearray)
     _sink: str = "skip"  # where the current entry's bytes go: file | hashes | skip
@@ -172,7 +186,7 @@ class _SeriesWriter:
     @property
     def files_written(self) -> int:
         """Entries written whole so far (the one being written is not)."""
-        return len(self.entries) - (self._fd is not None)
+        return len(self.entries) - (self._fd is not None or self._buf is not None)
 
     def feed(self, chunk: bytes) -> None:
         with _disk_errors(self.staging):
@@ -192,6 +206,7 @@ class _SeriesWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._buf = None
         self.reader.close()
 
     # -- events -------------------------------------------------------------------
@@ -207,9 +222,15 @@ class _SeriesWriter:
                     f"{SIZE_MARGIN_BYTES >> 20} MiB more)"
                 )
             if self._sink == "file":
-                assert self._fd is not None and self._md5 is not None
+                assert self._md5 is not None
                 self._md5.update(event.data)
-                _write_all(self._fd, event.data)
+                if self._buf is not None:
+                    self._buf += event.data
+                    if self._inflated > _MEMORY_BYTES:
+                        self._spill()
+                    return
+                assert self._fd is not None
+                write_all(self._fd, event.data)
                 if len(self._head) < _HEAD_BYTES:
                     self._head += event.data[: _HEAD_BYTES - len(self._head)]
             elif self._sink == "hashes":
@@ -236,7 +257,10 @@ class _SeriesWriter:
             # has to match the hash list.
             entry = _Entry(name=name, part=self.staging / f"{len(self.entries):08d}.part")
             self.entries.append(entry)
-            self._fd = os.open(entry.part, _CREATE, 0o644)
+            if self.memory:
+                self._buf = bytearray()
+            else:
+                self._fd = create_file(entry.part)
             self._md5 = hashlib.md5(usedforsecurity=False)
             self._head = bytearray()
             self._sink = "file"
@@ -245,19 +269,43 @@ class _SeriesWriter:
         if self._sink != "file":
             self._sink = "skip"
             return
-        assert self._fd is not None and self._md5 is not None
-        fd, self._fd = self._fd, None
-        try:
-            if self.sync:
-                os.fsync(fd)  # now, while the rest still streams, not after the last byte
-        finally:
-            os.close(fd)
+        assert self._md5 is not None
         entry = self.entries[-1]
+        if self._buf is not None:
+            entry.data, self._buf = self._buf, None
+            head = bytes(entry.data[:_HEAD_BYTES])
+        else:
+            assert self._fd is not None
+            fd, self._fd = self._fd, None
+            try:
+                if self.sync:
+                    os.fsync(fd)  # now, while the rest still streams, not after the last byte
+            finally:
+                os.close(fd)
+            head = bytes(self._head)
+        self._head = bytearray()
         entry.md5 = self._md5.hexdigest()
         entry.size = size
         self._sink = "skip"
-        head, self._head = bytes(self._head), bytearray()
         self._read_dicom(entry, head)
+
+    def _spill(self) -> None:
+        """Leave memory mode: what is held goes to staging, the rest is written there."""
+        fresh_dir(self.staging)
+        for e in self.entries:
+            if e.data is not None:
+                fd = create_file(e.part)
+                try:
+                    write_all(fd, e.data)
+                finally:
+                    os.close(fd)
+                e.data = None
+        if self._buf is not None:
+            self._fd = create_file(self.entries[-1].part)
+            write_all(self._fd, self._buf)
+            self._head = self._buf[:_HEAD_BYTES]
+            self._buf = None
+        self.memory = False
 
     def _read_dicom(self, entry: _Entry, head: bytes) -> None:
         try:
@@ -282,7 +330,8 @@ class _SeriesWriter:
         try:
             import pydicom  # here, in the download thread: ~0.15 s off every start
 
-            ds = pydicom.dcmread(entry.part, stop_before_pixels=True, specific_tags=_DICOM_TAGS)
+            source = io.BytesIO(entry.data) if entry.data is not None else entry.part
+            ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=_DICOM_TAGS)
             entry.uids = (str(ds.get("SeriesInstanceUID", "")), str(ds.get("StudyInstanceUID", "")))
             return str(ds.get("SOPInstanceUID", ""))
         except Exception as exc:  # pydicom raises many types on garbage
@@ -345,8 +394,9 @@ class _SeriesWriter:
         staged = []
         for fname, e in names.items():
             final = self.staging / fname
-            os.rename(e.part, final)
-            staged.append(StagedFile(e.sop_uid, e.md5, e.size, final, e.name))
+            if e.data is None:
+                os.rename(e.part, final)
+            staged.append(StagedFile(e.sop_uid, e.md5, e.size, final, e.name, e.data))
         return staged
 
 
@@ -389,20 +439,10 @@ def _disk_errors(staging: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if disk_full(exc):
-            raise DiskSpaceError(
-                f"disk full while writing to {staging} ({exc.strerror}); free space on the "
-                "mirror's file system or raise mirror.min_free_bytes"
-            ) from None
+        full = disk_space_error(exc, staging)
+        if full is not None:
+            raise full from None
         raise
-
-
-def _fresh_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True)
-    except FileExistsError:  # a previous attempt of ours crashed here
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
 
 
 @dataclass(slots=True)
@@ -416,7 +456,8 @@ class _ThreadSide:
 
     def feed(self, data: bytes | None, last: bool) -> list[StagedFile] | None:
         if not self._ready:
-            _fresh_dir(self.writer.staging)
+            if not self.writer.memory:
+                fresh_dir(self.writer.staging)
             self._ready = True
         if data:
             self.writer.feed(data)
@@ -496,6 +537,7 @@ async def fetch_series(
     HostileArchiveError/PermanentError (give up), DiskSpaceError (stop everything).
     """
     file_size = getattr(claim, "file_size", None)
+    tiny = file_size is not None and file_size < _MIN_HOP
     writer = _SeriesWriter(
         staging_dir,
         claim.series_uid,
@@ -504,13 +546,12 @@ async def fetch_series(
         check_dicom,
         sync,
         file_size,
+        memory=inline and tiny and not sync,  # sync: each file fsynced as it completes
     )
     side = _ThreadSide(writer)
     received = 0
     files: list[StagedFile] | None = None
     reported = 0
-
-    tiny = file_size is not None and file_size < _MIN_HOP
 
     async def hop(data: bytes | None, last: bool) -> None:
         nonlocal files, reported
@@ -550,7 +591,9 @@ async def fetch_series(
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(_abort, writer, staging_dir)
         raise
-    return FetchedSeries(claim.series_uid, staging_dir, files, received, writer.unverified)
+    return FetchedSeries(
+        claim.series_uid, staging_dir, files, received, writer.unverified, writer.memory
+    )
 
 
 Receive = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]

@@ -486,6 +486,11 @@ class _Drain:
                         for p in todo
                     ],
                     unsynced=[p.fetched.staging_dir for p in todo if _small(p.claim)],
+                    unwritten={
+                        p.fetched.staging_dir: p.fetched.unwritten
+                        for p in todo
+                        if p.fetched.in_memory
+                    },
                 )
                 for p, err in zip(todo, errors, strict=True):
                     if err is None:

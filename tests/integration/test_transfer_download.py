@@ -105,6 +105,13 @@ def exists(path: Path) -> bool:
 def assert_matches_truth(fetched: FetchedSeries, archive: SimArchive, s: SimSeries) -> None:
     truth = archive.truth()[s.uid]
     assert {f.sop_uid: f.md5 for f in fetched.files} == truth
+    if fetched.in_memory:
+        assert not fetched.staging_dir.exists()  # written at the group commit
+        assert {p.name: hashlib.md5(data).hexdigest() for p, data in fetched.unwritten} == {
+            f"{sop}.dcm": md5 for sop, md5 in truth.items()
+        }
+        assert all(p.parent == fetched.staging_dir for p, _ in fetched.unwritten)
+        return
     for f in fetched.files:
         assert f.path.name == f"{f.sop_uid}.dcm"
         assert hashlib.md5(f.path.read_bytes()).hexdigest() == truth[f.sop_uid]
@@ -599,6 +606,40 @@ async def test_tiny_series_is_processed_on_the_event_loop_only_on_a_local_disk(
         fetched = await fetch(sim, s, tmp_path / "st", inline=local_disk)
     assert_matches_truth(fetched, archive, s)
     assert [h.on_loop for h in hops] == [local_disk]
+
+
+@pytest.mark.parametrize("local_disk", [True, False])
+async def test_tiny_series_is_kept_in_memory_only_on_a_local_disk(
+    local_disk: bool, tmp_path: Path
+) -> None:
+    archive = SimArchive.generate(
+        collections=("C",), patients=1, series=1, images=3, image_size=1000, seed=5
+    )
+    async with running_sim(archive) as sim:
+        s = first_series(archive)
+        fetched = await fetch(sim, s, tmp_path / "st", inline=local_disk)
+    assert fetched.in_memory is local_disk
+    assert (tmp_path / "st").exists() is not local_disk
+    assert_matches_truth(fetched, archive, s)
+
+
+async def test_tiny_listed_series_sent_larger_leaves_memory_for_staging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Listed at 1,000 bytes (kept in memory), sent as 3 files of 120 KB (a listing out
+    # of date, within the size bound): past download._MEMORY_BYTES what is held goes to
+    # staging and the rest is written there; the series is still accepted whole.
+    archive = SimArchive.generate(
+        collections=("C",), patients=1, series=1, images=3, image_size=120_000, seed=6
+    )
+    assert 2 * 120_000 < download._MEMORY_BYTES < 3 * 120_000
+    hops = _record_hops(monkeypatch)
+    async with running_sim(archive) as sim:
+        s = first_series(archive)
+        fetched = await fetch(sim, s, tmp_path / "st", inline=True, file_size=1000)
+    assert not fetched.in_memory and not fetched.unwritten
+    assert_matches_truth(fetched, archive, s)
+    assert hops[0].on_loop and hops[0].size <= download._MIN_HOP
 
 
 async def test_series_above_one_hop_is_processed_in_the_worker_thread_on_a_local_disk(

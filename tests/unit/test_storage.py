@@ -399,3 +399,78 @@ async def test_place_many_without_syncfs_fsyncs_unsynced_files_before_renaming(
     assert await m.place_many([(staged, final)], unsynced=[staged]) == [None]
     assert sorted(order[:3]) == ["1.2", "1.dcm", "2.dcm"]  # files, then their directory
     assert set(order[3:]) == {"tree"}
+
+
+# -- series verified in memory (tiny ones: transfer/download.py) ----------------------
+
+
+async def test_place_many_writes_series_kept_in_memory_then_syncs_before_renaming(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nbia_sync.storage as storage
+
+    m = Mirror(tmp_path)
+    seen: list[dict[str, bytes]] = []
+
+    def sync_fs(path: Path) -> bool:
+        seen.append({p.name: p.read_bytes() for p in m.staging_root.rglob("*.dcm")})
+        return True
+
+    monkeypatch.setattr(storage, "_sync_fs", sync_fs)
+    staged = m.staging_dir("me", "1.2")
+    final = m.series_dir("C", "P", "1.1", "1.2")
+    files = [(staged / "1.dcm", b"one"), (staged / "2.dcm", bytearray(b"two"))]
+    assert await m.place_many([(staged, final)], unwritten={staged: files}) == [None]
+    # The data sync saw both files in staging, before anything entered the tree.
+    assert seen[0] == {"1.dcm": b"one", "2.dcm": b"two"}
+    assert tree(tmp_path) == {"C/P/1.1/1.2/1.dcm": b"one", "C/P/1.1/1.2/2.dcm": b"two"}
+
+
+async def test_series_kept_in_memory_with_no_files_is_placed_as_an_empty_directory(
+    tmp_path: Path,
+) -> None:
+    m = Mirror(tmp_path)
+    staged = m.staging_dir("me", "1.2")
+    final = m.series_dir("C", "P", "1.1", "1.2")
+    assert await m.place_many([(staged, final)], unwritten={staged: []}) == [None]
+    assert final.is_dir() and not any(final.iterdir())
+
+
+async def test_full_disk_writing_a_series_kept_in_memory_fails_that_move_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import nbia_sync.storage as storage
+
+    m = Mirror(tmp_path)
+    write_all = storage.write_all
+
+    def full_for_big(fd: int, data: bytes | bytearray) -> None:
+        if len(data) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_all(fd, data)
+
+    monkeypatch.setattr(storage, "write_all", full_for_big)
+    small, big = m.staging_dir("me", "1.2"), m.staging_dir("me", "2.2")
+    moves = [
+        (small, m.series_dir("C", "P", "1.1", "1.2")),
+        (big, m.series_dir("C", "P", "2.1", "2.2")),
+    ]
+    unwritten = {small: [(small / "1.dcm", b"one")], big: [(big / "1.dcm", b"too big")]}
+    errors = await m.place_many(moves, unwritten=unwritten)
+    assert errors[0] is None
+    assert isinstance(errors[1], DiskSpaceError) and "disk full" in str(errors[1])
+    assert tree(tmp_path) == {"C/P/1.1/1.2/1.dcm": b"one"}
+    assert not big.exists()  # no half-written staging left behind
+
+
+async def test_series_kept_in_memory_replaces_a_leftover_staging_directory(
+    tmp_path: Path,
+) -> None:
+    m = Mirror(tmp_path)
+    staged = stage(m.staging_dir("me", "1.2"), {"stale.part": b"from a crashed attempt"})
+    final = m.series_dir("C", "P", "1.1", "1.2")
+    files = [(staged / "1.dcm", b"one")]
+    assert await m.place_many([(staged, final)], unwritten={staged: files}) == [None]
+    assert tree(tmp_path) == {"C/P/1.1/1.2/1.dcm": b"one"}
