@@ -47,6 +47,7 @@ from nbia_sync.storage import (
     fsync_dir,
     safe_part,
     write_all,
+    write_staged,
 )
 from nbia_sync.transfer.archive import EntryData, EntryEnd, EntryStart, ZipEvent, ZipStreamReader
 from nbia_sync.transfer.dicomhead import NotDicomError, read_uids
@@ -291,15 +292,9 @@ class _SeriesWriter:
 
     def _spill(self) -> None:
         """Leave memory mode: what is held goes to staging, the rest is written there."""
-        fresh_dir(self.staging)
+        write_staged(self.staging, [(e.part, e.data) for e in self.entries if e.data is not None])
         for e in self.entries:
-            if e.data is not None:
-                fd = create_file(e.part)
-                try:
-                    write_all(fd, e.data)
-                finally:
-                    os.close(fd)
-                e.data = None
+            e.data = None
         if self._buf is not None:
             self._fd = create_file(self.entries[-1].part)
             write_all(self._fd, self._buf)
