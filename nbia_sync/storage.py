@@ -174,8 +174,8 @@ def disk_space_error(exc: OSError, where: Path) -> DiskSpaceError | None:
     if not disk_full(exc):
         return None
     return DiskSpaceError(
-        f"disk full while writing to {where} ({exc.strerror}); free space on the "
-        "mirror's file system or raise mirror.min_free_bytes"
+        f"disk full while writing to {where} ({exc.strerror}); free space (or inodes: "
+        "df -i) on the mirror's file system or raise mirror.min_free_bytes"
     )
 
 
@@ -401,7 +401,9 @@ class Mirror:
                     move_aside(moved_from)
                 errors.append(None)
             except OSError as exc:
-                errors.append(exc)
+                # Out of space or inodes making the series' directories: a DiskSpaceError
+                # (the pass stops, the series is given back), not a failed attempt.
+                errors.append(disk_space_error(exc, final_dir) or exc)
         dirty.update(d.parent for d in created)
         # Any order will do: all of them are durable before the caller's commit. With
         # syncfs, one call for all the new names (one journal commit), else one fsync

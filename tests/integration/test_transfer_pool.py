@@ -905,3 +905,28 @@ async def test_on_small_series_every_worker_may_hold_a_claim(
     # commit hold them, and others claim: more than two per slot, never more than one
     # per worker.
     assert pool.LARGE_CLAIMS_PER_SLOT * 2 < max(held) <= pool.TASKS_PER_SLOT * 2
+
+
+async def test_no_inodes_left_for_the_mirror_tree_stops_the_drain_and_gives_claims_back(
+    catalog: Catalog,
+    sim: SimServer,
+    sim_archive: SimArchive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    from nbia_sync import storage
+
+    def no_inodes(path: Path, created: set[Path]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "_makedirs_unsynced", no_inodes)
+    settings = make_settings(tmp_path / "mirror", sim)
+    await queue_all(catalog, settings, sim_archive)
+    with pytest.raises(DiskSpaceError, match="disk full"):
+        await run_drain(settings, catalog)
+    assert await downloading(catalog) == 0
+    assert await catalog.failures() == []  # no attempt counted against any series
+    counts = await catalog.state_counts()
+    assert counts.get(SeriesState.WANTED, (0, 0))[0] == 8

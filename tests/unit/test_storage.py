@@ -474,3 +474,24 @@ async def test_series_kept_in_memory_replaces_a_leftover_staging_directory(
     files = [(staged / "1.dcm", b"one")]
     assert await m.place_many([(staged, final)], unwritten={staged: files}) == [None]
     assert tree(tmp_path) == {"C/P/1.1/1.2/1.dcm": b"one"}
+
+
+async def test_no_space_for_a_series_directories_is_a_disk_space_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of inodes (or space) making a patient's directory: the pass must stop with
+    DiskSpaceError rather than count a failed attempt per series and retry them all."""
+    import errno
+
+    import nbia_sync.storage as storage
+
+    m = Mirror(tmp_path)
+
+    def no_inodes(path: Path, created: set[Path]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    staged = stage(m.staging_dir("me", "1.2"), {"1.dcm": b"one"})
+    monkeypatch.setattr(storage, "_makedirs_unsynced", no_inodes)
+    [error] = await m.place_many([(staged, m.series_dir("C", "P", "1.1", "1.2"))])
+    assert isinstance(error, DiskSpaceError) and "df -i" in str(error)
+    assert tree(tmp_path) == {}
