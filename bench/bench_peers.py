@@ -287,7 +287,7 @@ def report(
     print(f"; ideal {ideal:.2f} s" if ideal else "")
     print(
         f"{'client':<28}{'exit':>5}{'wall s':>8}{'ideal':>7}{'speed vs':>9}{'series/s':>9}"
-        f"{'RSS MiB':>8}{'CPU s/GB':>9}{'right':>9}"
+        f"{'RSS MiB':>8}{'CPU s/GB':>9}{'right':>11}"
     )
     engine = rows[0]
     out = []
@@ -310,7 +310,7 @@ def report(
         print(
             f"{r.client:<28}{rec['exit']:>5}{rec['wall']:>8.2f}{frac:>7}"
             f"{rec['nbia_sync_speed_ratio']:>9.2f}{rec['series_per_s']:>9.1f}"
-            f"{rec['rss_mib']:>8.1f}{rec['cpu_s_per_gb']:>9.1f}{r.right:>9}"
+            f"{rec['rss_mib']:>8.1f}{rec['cpu_s_per_gb']:>9.1f}{r.right:>11}"
         )
     by = {r.client: r for r in rows}
     lines = [f"peak RSS nbia-sync {engine.m.maxrss / 2**20:.0f} MiB (target <= 96)"]
