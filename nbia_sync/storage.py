@@ -157,16 +157,21 @@ def fresh_dir(path: Path) -> None:
         path.mkdir(parents=True)
 
 
+def write_file(path: Path, data: bytes | bytearray) -> None:
+    """A new file holding ``data``, not synced (the caller syncs)."""
+    fd = create_file(path)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
 def write_staged(directory: Path, files: Sequence[tuple[Path, bytes | bytearray]]) -> None:
     """Write a series verified in memory (a tiny one, see transfer/download.py) into a
     fresh staging ``directory``: each file once, not synced (the caller syncs)."""
     fresh_dir(directory)
     for path, data in files:
-        fd = create_file(path)
-        try:
-            write_all(fd, data)
-        finally:
-            os.close(fd)
+        write_file(path, data)
 
 
 def disk_space_error(exc: OSError, where: Path) -> DiskSpaceError | None:

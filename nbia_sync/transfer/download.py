@@ -47,7 +47,7 @@ from nbia_sync.storage import (
     fsync_dir,
     safe_part,
     write_all,
-    write_staged,
+    write_file,
 )
 from nbia_sync.transfer.archive import EntryData, EntryEnd, EntryStart, ZipEvent, ZipStreamReader
 from nbia_sync.transfer.dicomhead import NotDicomError, read_uids
@@ -292,9 +292,12 @@ class _SeriesWriter:
 
     def _spill(self) -> None:
         """Leave memory mode: what is held goes to staging, the rest is written there."""
-        write_staged(self.staging, [(e.part, e.data) for e in self.entries if e.data is not None])
+        # Not fresh_dir: the reader may have made the directory for its spool, in use.
+        self.staging.mkdir(parents=True, exist_ok=True)
         for e in self.entries:
-            e.data = None
+            if e.data is not None:
+                write_file(e.part, e.data)
+                e.data = None
         if self._buf is not None:
             self._fd = create_file(self.entries[-1].part)
             write_all(self._fd, self._buf)

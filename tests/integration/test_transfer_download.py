@@ -642,6 +642,34 @@ async def test_tiny_listed_series_sent_larger_leaves_memory_for_staging(
     assert hops[0].on_loop and hops[0].size <= download._MIN_HOP
 
 
+async def test_tiny_listed_series_that_must_be_spooled_and_spills_is_still_accepted(
+    tmp_path: Path,
+) -> None:
+    # Real DICOM files of a series, re-zipped the way only the spool can read (stored,
+    # sizes only in data descriptors) and listed at 1,000 bytes: the reader's spool makes
+    # the staging directory while the files are held in memory, then they spill into it.
+    from transfer_zips import STORED, Entry, build_zip
+
+    archive = SimArchive.generate(
+        collections=("C",), patients=1, series=1, images=3, image_size=120_000, seed=9
+    )
+    s = first_series(archive)
+    async with running_sim(archive) as sim:
+        staged = await fetch(sim, s, tmp_path / "plain")
+    files = {f.path.name: f.path.read_bytes() for f in staged.files}
+    rows = [(name, hashlib.md5(data).hexdigest()) for name, data in files.items()]
+    body = build_zip(
+        [Entry(n, d, STORED, descriptor=True, sizes_in_header=False) for n, d in files.items()]
+        + [Entry("md5hashes.csv", _hash_list(rows))]
+    )
+    async with serving(body) as url:
+        claim = claim_for(s, file_size=1000)
+        fetched = await fetch_from(url, claim, tmp_path / "st", inline=True)
+    assert not fetched.in_memory
+    assert {f.path.name: f.path.read_bytes() for f in fetched.files} == files
+    assert sorted(p.name for p in fetched.staging_dir.iterdir()) == sorted(files)
+
+
 async def test_series_above_one_hop_is_processed_in_the_worker_thread_on_a_local_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
