@@ -135,6 +135,8 @@ def require_mirror(root: Path) -> None:
 
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+# A series' files kept in memory: (path in its staging directory, bytes).
+StagedFiles = Sequence[tuple[Path, bytes | bytearray]]
 
 
 def create_file(path: Path) -> int:
@@ -166,7 +168,7 @@ def write_file(path: Path, data: bytes | bytearray) -> None:
         os.close(fd)
 
 
-def write_staged(directory: Path, files: Sequence[tuple[Path, bytes | bytearray]]) -> None:
+def write_staged(directory: Path, files: StagedFiles) -> None:
     """Write a series verified in memory (a tiny one, see transfer/download.py) into a
     fresh staging ``directory``: each file once, not synced (the caller syncs)."""
     fresh_dir(directory)
@@ -312,7 +314,7 @@ class Mirror:
         moves: Sequence[tuple[Path, Path] | tuple[Path, Path, Path | None]],
         *,
         unsynced: Collection[Path] = (),
-        unwritten: Mapping[Path, Sequence[tuple[Path, bytes | bytearray]]] | None = None,
+        unwritten: Mapping[Path, StagedFiles] | None = None,
     ) -> list[Exception | None]:
         """Move fully staged series (files and directory fsynced by the download) into
         the mirror in one worker-thread call; per move, None or the error that
@@ -354,7 +356,7 @@ class Mirror:
         self,
         moves: list[tuple[Path, Path] | tuple[Path, Path, Path | None]],
         unsynced: Collection[Path] = (),
-        unwritten: Mapping[Path, Sequence[tuple[Path, bytes | bytearray]]] | None = None,
+        unwritten: Mapping[Path, StagedFiles] | None = None,
     ) -> list[Exception | None]:
         refused: dict[Path, Exception] = {}
         unsynced = set(unsynced)

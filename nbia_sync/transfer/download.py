@@ -274,7 +274,7 @@ class _SeriesWriter:
         entry = self.entries[-1]
         if self._buf is not None:
             entry.data, self._buf = self._buf, None
-            head = bytes(entry.data[:_HEAD_BYTES])
+            head = bytes(memoryview(entry.data)[:_HEAD_BYTES])  # one copy, not two
         else:
             assert self._fd is not None
             fd, self._fd = self._fd, None
