@@ -22,6 +22,9 @@ from nbia_sync.sim.faults import SimFaults, StreamFault
 from nbia_sync.sim.zipstream import Compression, ZipStreamWriter
 
 _MAX_PIECE = 1 << 20
+# The archive wraps the response in `new BufferedOutputStream(output)` (V4_getImageWithMD5Hash):
+# the ZIP leaves in 8 KiB writes, not one write per header, member and descriptor.
+_SERVER_BUFFER = 8192
 _BOMB_CLAIM = 1024  # what the bomb's local header says it inflates to
 
 
@@ -77,7 +80,8 @@ def _crc_of_corrupted(instance: SimInstance) -> int:
 
 
 class Pipe:
-    """The response body: counts bytes, paces to the bandwidth cap, cuts at a fault point."""
+    """The response body: buffers as the archive does, counts bytes, paces to the bandwidth
+    cap, cuts at a fault point. `close` sends what is still buffered."""
 
     def __init__(
         self,
@@ -98,8 +102,24 @@ class Pipe:
         self._pace_start = time.monotonic()
         self._pace_sent = 0
         self._pace_rate: int | None = None
+        self._buffer = bytearray()
 
     async def write(self, data: bytes) -> None:
+        # BufferedOutputStream's rule: a write that does not fit sends the buffer first, and
+        # one at least as large as the buffer goes out directly.
+        if len(self._buffer) + len(data) > _SERVER_BUFFER:
+            await self._flush()
+        if len(data) >= _SERVER_BUFFER:
+            await self._write_through(data)
+        else:
+            self._buffer += data
+
+    async def _flush(self) -> None:
+        if self._buffer:
+            data, self._buffer = bytes(self._buffer), bytearray()
+            await self._write_through(data)
+
+    async def _write_through(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             rate = self._rate()
@@ -112,7 +132,8 @@ class Pipe:
             view = view[len(piece) :]
 
     async def close(self) -> None:
-        """The end of the body (the gzip trailer, when encoding)."""
+        """The end of the body: what is buffered, then the gzip trailer when encoding."""
+        await self._flush()
         if self._gzip is not None:
             await self._response.write(self._gzip.flush())
 

@@ -413,10 +413,12 @@ class SimServer:
         try:
             if series is None:
                 # Unknown series: an archive with nothing in it (and an empty hash list).
-                writer = ZipStreamWriter(Pipe(response, self.counters, self.faults, None).write)
+                empty = Pipe(response, self.counters, self.faults, None)
+                writer = ZipStreamWriter(empty.write)
                 if endpoint == "getImageWithMD5Hash":
                     await writer.write_bytes("md5hashes.csv", b"Filename,MD5Hash\n")
                 await writer.finish()
+                await empty.close()
                 return response
             job = SeriesZip(series, endpoint, params, fault, self.compression, self.faults)
             pipe = Pipe(response, self.counters, self.faults, job.cut_at(), gzip=encode)
@@ -460,6 +462,7 @@ class SimServer:
         try:
             for chunk in instance.iter_bytes():
                 await pipe.write(chunk)
+            await pipe.close()
             await response.write_eof()
         except ConnectionError:
             log.debug("sim.single_image.client_gone", sop=instance.sop_uid)

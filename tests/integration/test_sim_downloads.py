@@ -158,6 +158,48 @@ async def test_big_files_stream_in_bounded_chunks(http: aiohttp.ClientSession) -
     assert zipped.getinfo("00000001.dcm").file_size == archive.series[uid].instances[0].size
 
 
+async def _chunk_sizes(sim: SimServer, uid: str) -> list[int]:
+    """The sizes of the chunked body's chunks, read off the raw socket: each is one write
+    of the server, however TCP cut them up."""
+    host, port = sim.url.split("//")[1].split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET /nbia-api/services/v4/getImageWithMD5Hash?SeriesInstanceUID={uid} HTTP/1.1\r\n"
+        f"Host: {host}\r\nConnection: close\r\n\r\n".encode()
+    )
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    sizes = []
+    while True:
+        line, _, body = body.partition(b"\r\n")
+        size = int(line, 16)
+        if size == 0:
+            return sizes
+        sizes.append(size)
+        body = body[size + 2 :]
+
+
+async def test_a_small_series_leaves_in_one_write_as_from_the_archive() -> None:
+    # The archive buffers its ZIP 8 KiB at a time (V4_getImageWithMD5Hash wraps the
+    # response in a BufferedOutputStream): a few KB arrive in one piece, not one per record.
+    archive = SimArchive.generate(patients=1, series=1, images=2, image_size=1500)
+    async with running_sim(archive) as sim:
+        sizes = await _chunk_sizes(sim, _uid(sim))
+    assert len(sizes) == 1 and sizes[0] < 8192
+
+
+async def test_a_large_series_leaves_in_writes_of_8_kib_or_more() -> None:
+    archive = SimArchive.generate(patients=1, series=1, images=20, image_size=3000)
+    async with running_sim(archive) as sim:
+        sizes = await _chunk_sizes(sim, _uid(sim))
+    # 20 files of ~3 KB and their headers: many records, a few buffer-fulls.
+    assert 5 <= len(sizes) <= 10
+    assert all(size > 8192 - 3200 for size in sizes[:-1])
+    assert all(size <= 8192 for size in sizes)
+
+
 # ---- faults --------------------------------------------------------------------------
 
 
