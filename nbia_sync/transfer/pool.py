@@ -73,15 +73,16 @@ MAX_IDLE_POLL = 1.0
 MIN_IDLE_POLL = 0.05
 # Most series placed in one catalog transaction (bounds the time the write lock is held:
 # a few renames and directory fsyncs per series).
-MAX_PLACE_BATCH = 32
+MAX_PLACE_BATCH = 64
 # Worker tasks per download slot. A worker holds its source's connection slot only while
 # it downloads: waiting for its series' group commit, it leaves the slot to another, and
 # the commits grow (3,000 one-file series: 8 series a commit with 2 tasks a slot, 18 with
-# 4; bench/README.md). On larger series (download.SMALL_SERIES_BYTES and up), where a
+# 4; 5,000 on a machine with slow syscalls: 17.7 with 4, 37.6 with 8 and ~10 % less wall
+# time; bench/README.md). On larger series (download.SMALL_SERIES_BYTES and up), where a
 # commit is short beside a download, only LARGE_CLAIMS_PER_SLOT of them hold a claim (one
 # downloading, one ready to start): more would only wait for a slot while holding series
 # the other processes of a fleet could be downloading.
-TASKS_PER_SLOT = 4
+TASKS_PER_SLOT = 8
 LARGE_CLAIMS_PER_SLOT = 2
 # Small series (download.SMALL_SERIES_BYTES) skip the download's per-file fsyncs: their
 # data is synced once per group commit (Mirror.place_many(unsynced=...)). Larger ones
