@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -269,6 +270,42 @@ api = {json.dumps(api)}
 
 def engine_argv(config: Path, *args: str) -> list[str]:
     return [PYTHON, "-m", "nbia_sync", "-c", str(config), *args]
+
+
+def machine_fingerprint(workdir: Path) -> str:
+    """What the machine costs for the work nbia-sync does per series, measured now: the
+    same code ran 2-3x slower on one 2-core machine than on another (bench/README.md,
+    2026-12-03), so figures from two runs compare only with these beside them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / ".fingerprint"
+    shutil.rmtree(probe, ignore_errors=True)
+    probe.mkdir()
+
+    def per_call(fn: Any, n: int) -> float:
+        start = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        return (time.perf_counter() - start) / n * 1e6
+
+    loop = per_call(lambda _: sum(range(10_000)), 200)
+    mkdir = per_call(lambda i: os.mkdir(probe / str(i)), 500)
+    create = per_call(lambda i: (probe / str(i) / "f").write_bytes(b"x" * 2000), 500)
+    rename = per_call(lambda i: os.rename(probe / str(i), probe / f"r{i}"), 500)
+    from nbia_sync.storage import _sync_fs  # the engine's own group-commit sync
+
+    syncfs = per_call(lambda _: _sync_fs(probe), 20)
+    shutil.rmtree(probe, ignore_errors=True)
+    imports = run_measured(
+        [PYTHON, "-c", "import asyncio, aiohttp, sqlalchemy"],
+        cwd=workdir,
+        log_dir=workdir,
+        name="fingerprint-imports",
+    ).wall
+    return (
+        f"machine: sum(range(10000)) {loop:.0f} us; on the work directory mkdir {mkdir:.0f} "
+        f"us, create + 2 KB write {create:.0f} us, rename {rename:.0f} us, syncfs "
+        f"{syncfs / 1000:.2f} ms; python importing asyncio, aiohttp, sqlalchemy {imports:.2f} s"
+    )
 
 
 def md5_file(path: Path) -> str:

@@ -48,6 +48,7 @@ from _common import (
     SimProcess,
     check_engine_mirror,
     engine_argv,
+    machine_fingerprint,
     run_measured,
     write_config,
 )
@@ -372,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"load average before the run: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     base = args.workdir or Path(tempfile.mkdtemp(prefix="nbia-peers-"))
+    print(machine_fingerprint(base))
     results: list[dict[str, Any]] = []
     for case in cases(args.quick):
         if args.case and case.name not in args.case:
