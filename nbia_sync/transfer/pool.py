@@ -77,7 +77,7 @@ MAX_PLACE_BATCH = 64
 # Worker tasks per download slot. A worker holds its source's connection slot only while
 # it downloads: waiting for its series' group commit, it leaves the slot to another, and
 # the commits grow (3,000 one-file series: 8 series a commit with 2 tasks a slot, 18 with
-# 4; 5,000 on a machine with slow syscalls: 17.7 with 4, 37.6 with 8 and ~10 % less wall
+# 4; 5,000 on a machine with slow syscalls: 17.7 with 4, 37.6 with 8 and ~15 % less wall
 # time; bench/README.md). On larger series (download.SMALL_SERIES_BYTES and up), where a
 # commit is short beside a download, only LARGE_CLAIMS_PER_SLOT of them hold a claim (one
 # downloading, one ready to start): more would only wait for a slot while holding series
