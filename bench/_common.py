@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +281,7 @@ def machine_fingerprint(workdir: Path) -> str:
     shutil.rmtree(probe, ignore_errors=True)
     probe.mkdir()
 
-    def per_call(fn: Any, n: int) -> float:
+    def per_call(fn: Callable[[int], object], n: int) -> float:
         start = time.perf_counter()
         for i in range(n):
             fn(i)

@@ -169,6 +169,7 @@ async def _chunk_sizes(sim: SimServer, uid: str) -> list[int]:
     )
     raw = await reader.read()
     writer.close()
+    await writer.wait_closed()
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head.lower()
     sizes = []
@@ -190,7 +191,7 @@ async def test_a_small_series_leaves_in_one_write_as_from_the_archive() -> None:
     assert len(sizes) == 1 and sizes[0] < 8192
 
 
-async def test_a_large_series_leaves_in_writes_of_8_kib_or_more() -> None:
+async def test_a_larger_series_leaves_in_buffer_fulls_of_up_to_8_kib() -> None:
     archive = SimArchive.generate(patients=1, series=1, images=20, image_size=3000)
     async with running_sim(archive) as sim:
         sizes = await _chunk_sizes(sim, _uid(sim))

@@ -283,15 +283,16 @@ async def test_deflate_bomb_from_the_simulator_is_hostile_before_the_disk_fills(
     assert not (tmp_path / "stage").exists()
 
 
-def _zip_server(body: bytes) -> Any:
-    """A few lines of hostile server: every getImage* answers ``body`` as a ZIP."""
+def _zip_server(body: bytes, piece: int = 1 << 16) -> Any:
+    """A few lines of hostile server: every getImage* answers ``body`` as a ZIP, ``piece``
+    bytes a write (each its own chunk of the chunked body)."""
     from aiohttp import web
 
     async def handler(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/zip"})
         await resp.prepare(request)
-        for i in range(0, len(body), 1 << 16):
-            await resp.write(body[i : i + (1 << 16)])
+        for i in range(0, len(body), piece):
+            await resp.write(body[i : i + piece])
         await resp.write_eof()
         return resp
 
@@ -301,9 +302,9 @@ def _zip_server(body: bytes) -> Any:
 
 
 @asynccontextmanager
-async def serving(body: bytes) -> AsyncIterator[str]:
+async def serving(body: bytes, piece: int = 1 << 16) -> AsyncIterator[str]:
     """A server that answers every download with ``body``; its API root URL."""
-    async with served_apps.serving(_zip_server(body)) as url:
+    async with served_apps.serving(_zip_server(body, piece)) as url:
         yield url
 
 
@@ -620,6 +621,29 @@ async def test_tiny_series_is_kept_in_memory_only_on_a_local_disk(
         fetched = await fetch(sim, s, tmp_path / "st", inline=local_disk)
     assert fetched.in_memory is local_disk
     assert (tmp_path / "st").exists() is not local_disk
+    assert_matches_truth(fetched, archive, s)
+
+
+@pytest.mark.parametrize("local_disk", [True, False])
+async def test_tiny_series_sent_a_few_bytes_a_write_is_verified_whole(
+    local_disk: bool, tmp_path: Path
+) -> None:
+    # The simulator sends 8 KiB writes, as the archive does; a proxy or another
+    # deployment may not. The same ZIP in 7-byte chunks gives the same verified files,
+    # in memory and through the thread.
+    import aiohttp
+
+    archive = SimArchive.generate(
+        collections=("C",), patients=1, series=1, images=3, image_size=1000, seed=5
+    )
+    s = first_series(archive)
+    async with running_sim(archive) as sim, aiohttp.ClientSession() as http:
+        params = {"SeriesInstanceUID": s.uid, "IncludeMD5": "Yes"}
+        async with http.get(f"{sim.url}services/v4/getImage", params=params) as r:
+            body = await r.read()
+    async with serving(body, piece=7) as url:
+        fetched = await fetch_from(url, claim_for(s), tmp_path / "st", inline=local_disk)
+    assert fetched.in_memory is local_disk
     assert_matches_truth(fetched, archive, s)
 
 
