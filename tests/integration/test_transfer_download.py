@@ -609,13 +609,18 @@ async def test_tiny_series_is_processed_on_the_event_loop_only_on_a_local_disk(
     assert [h.on_loop for h in hops] == [local_disk]
 
 
+def _three_tiny_files() -> SimArchive:
+    """One series of three 1 KB files: listed well under one hop, kept in memory."""
+    return SimArchive.generate(
+        collections=("C",), patients=1, series=1, images=3, image_size=1000, seed=5
+    )
+
+
 @pytest.mark.parametrize("local_disk", [True, False])
 async def test_tiny_series_is_kept_in_memory_only_on_a_local_disk(
     local_disk: bool, tmp_path: Path
 ) -> None:
-    archive = SimArchive.generate(
-        collections=("C",), patients=1, series=1, images=3, image_size=1000, seed=5
-    )
+    archive = _three_tiny_files()
     async with running_sim(archive) as sim:
         s = first_series(archive)
         fetched = await fetch(sim, s, tmp_path / "st", inline=local_disk)
@@ -633,9 +638,7 @@ async def test_tiny_series_sent_a_few_bytes_a_write_is_verified_whole(
     # in memory and through the thread.
     import aiohttp
 
-    archive = SimArchive.generate(
-        collections=("C",), patients=1, series=1, images=3, image_size=1000, seed=5
-    )
+    archive = _three_tiny_files()
     s = first_series(archive)
     async with running_sim(archive) as sim, aiohttp.ClientSession() as http:
         params = {"SeriesInstanceUID": s.uid, "IncludeMD5": "Yes"}
