@@ -14,19 +14,25 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-_SOP = (0x0008, 0x0018)
-_STUDY = (0x0020, 0x000D)
-_SERIES = (0x0020, 0x000E)
+# Tags as (group << 16) | element: their order is the order of the data set.
+_SOP = 0x00080018
+_STUDY = 0x0020000D
+_SERIES = 0x0020000E
 _LAST = _SERIES
+_WANTED = frozenset((_SOP, _STUDY, _SERIES))
+_SYNTAX = 0x00020010
 _IMPLICIT = "1.2.840.10008.1.2"
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"
 _DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
 # VRs whose explicit-VR length field is 4 bytes (after two reserved bytes).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _UNDEFINED = 0xFFFFFFFF
-_ITEM = (0xFFFE, 0xE000)
-_ITEM_END = (0xFFFE, 0xE00D)
-_SEQ_END = (0xFFFE, 0xE0DD)
+_DELIMITERS = 0xFFFE  # the group of items and of item and sequence delimiters
+_ITEM = 0xE000
+# An element's first 8 bytes, read as explicit VR: group, element, VR, short length. In
+# implicit VR (and for items and delimiters) bytes 4-8 are the 4-byte length instead.
+_HEAD = struct.Struct("<HH2sH")
+_U32 = struct.Struct("<I")
 
 
 class NotDicomError(ValueError):
@@ -48,60 +54,61 @@ def _text(raw: bytes) -> str:
     return raw.rstrip(b"\x00 ").decode("ascii", "replace").strip()
 
 
-class _Walker:
-    def __init__(self, data: bytes, pos: int, *, explicit: bool) -> None:
-        self.data = data
-        self.pos = pos
-        self.explicit = explicit
+def _walk(data: bytes, pos: int, *, explicit: bool, meta: bool) -> tuple[dict[int, str], int]:
+    """The wanted values of the elements from ``pos`` on, and where the walk stopped.
 
-    def _need(self, n: int) -> None:
-        if self.pos + n > len(self.data):
+    The file meta group (``meta``): every (0002,xxxx) element, stopping at the first of
+    another group; else the data set's top level up to (0020,000E), stepping over nested
+    sequences and items (``depth`` counts the undefined-length ones open; defined-length
+    ones are skipped whole). One flat loop: this runs for every file downloaded."""
+    wanted = (_SYNTAX,) if meta else _WANTED
+    found: dict[int, str] = {}
+    end = len(data)
+    depth = 0
+    while True:
+        if pos + 8 > end:
             raise _Short
-
-    def element(self) -> tuple[tuple[int, int], bytes | None, int, bool]:
-        """(tag, vr, length, is_sequence) and the position after the header."""
-        self._need(8)
-        group, elem = struct.unpack_from("<HH", self.data, self.pos)
-        tag = (group, elem)
-        if group == 0xFFFE:  # item and delimiters: always implicit-style
-            (length,) = struct.unpack_from("<I", self.data, self.pos + 4)
-            self.pos += 8
-            return tag, None, length, False
-        if self.explicit:
-            vr = self.data[self.pos + 4 : self.pos + 6]
-            if vr in _LONG_VRS:
-                self._need(12)
-                (length,) = struct.unpack_from("<I", self.data, self.pos + 8)
-                self.pos += 12
-            else:
-                (length,) = struct.unpack_from("<H", self.data, self.pos + 6)
-                self.pos += 8
-            return tag, vr, length, vr == b"SQ" or (vr == b"UN" and length == _UNDEFINED)
-        (length,) = struct.unpack_from("<I", self.data, self.pos + 4)
-        self.pos += 8
-        return tag, None, length, length == _UNDEFINED
-
-    def value(self, length: int) -> bytes:
-        self._need(length)
-        raw = self.data[self.pos : self.pos + length]
-        self.pos += length
-        return raw
-
-    def skip_undefined(self, *, until: tuple[int, int]) -> None:
-        """Skip to past the delimiter ``until``, through nested items and sequences."""
-        while True:
-            tag, _, length, _ = self.element()
-            if tag == until:
-                return
-            if tag == _ITEM:
+        group, element, vr, length = _HEAD.unpack_from(data, pos)
+        if meta and group != 0x0002:
+            return found, pos
+        if group == _DELIMITERS:
+            (length,) = _U32.unpack_from(data, pos + 4)
+            pos += 8
+            if element == _ITEM:
                 if length == _UNDEFINED:
-                    self.skip_undefined(until=_ITEM_END)
+                    depth += 1
                 else:
-                    self.value(length)
-            elif length == _UNDEFINED:
-                self.skip_undefined(until=_SEQ_END)
+                    pos += length
+            elif depth == 0:  # a delimiter with nothing open: past the data set's end
+                return found, pos - 8
             else:
-                self.value(length)
+                depth -= 1
+            continue
+        tag = group << 16 | element
+        if depth == 0 and tag > _LAST:
+            return found, pos
+        if not explicit:
+            (length,) = _U32.unpack_from(data, pos + 4)
+            pos += 8
+        elif vr in _LONG_VRS:
+            if pos + 12 > end:
+                raise _Short
+            (length,) = _U32.unpack_from(data, pos + 8)
+            pos += 12
+        else:
+            pos += 8
+        if length == _UNDEFINED:
+            if meta:
+                raise NotDicomError("undefined length in the file meta group")
+            depth += 1  # a sequence (or UN) closed by a delimiter: walked through
+            continue
+        if depth == 0 and tag in wanted:
+            if pos + length > end:
+                raise _Short
+            found[tag] = _text(data[pos : pos + length])
+            if tag == _LAST:
+                return found, pos + length
+        pos += length
 
 
 def read_uids(prefix: bytes) -> HeaderUids | None:
@@ -112,37 +119,12 @@ def read_uids(prefix: bytes) -> HeaderUids | None:
     """
     if len(prefix) < 132 or prefix[128:132] != b"DICM":
         raise NotDicomError("no DICOM preamble")
-    meta = _Walker(prefix, 132, explicit=True)
-    syntax = ""
     try:
-        while True:
-            start = meta.pos
-            meta._need(4)
-            (group,) = struct.unpack_from("<H", prefix, start)
-            if group != 0x0002:
-                break
-            tag, _, length, _ = meta.element()
-            if length == _UNDEFINED:
-                raise NotDicomError("undefined length in the file meta group")
-            raw = meta.value(length)
-            if tag == (0x0002, 0x0010):
-                syntax = _text(raw)
+        meta, pos = _walk(prefix, 132, explicit=True, meta=True)
+        syntax = meta.get(_SYNTAX, "")
         if syntax == _BIG_ENDIAN or syntax in _DEFLATED or not syntax:
             return None
-        walker = _Walker(prefix, meta.pos, explicit=syntax != _IMPLICIT)
-        found: dict[tuple[int, int], str] = {}
-        while True:
-            tag, _, length, is_seq = walker.element()
-            if tag > _LAST:
-                break
-            if length == _UNDEFINED:
-                walker.skip_undefined(until=_SEQ_END if is_seq else _ITEM_END)
-                continue
-            raw = walker.value(length)
-            if tag in (_SOP, _STUDY, _SERIES):
-                found[tag] = _text(raw)
-            if tag == _LAST:
-                break
+        found, _ = _walk(prefix, pos, explicit=syntax != _IMPLICIT, meta=False)
     except _Short:
         return None
     except struct.error:

@@ -6,6 +6,8 @@ import io
 
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -87,3 +89,90 @@ def test_agrees_with_pydicom_on_every_simulated_file() -> None:
             assert read_uids(data[: 64 << 10]) == want
             checked += 1
     assert checked == 12
+
+
+# ---- property: any data set pydicom writes, and any prefix of it ---------------------------
+
+# Elements that may sit before, between and after the UIDs, in tag order once written.
+_FILLER = [
+    ("StudyDate", "20200101"),
+    ("Modality", "CT"),
+    ("Manufacturer", "ACME"),
+    ("PatientName", "A^B"),
+    ("PatientID", "P7"),
+    ("BodyPartExamined", "CHEST"),
+    ("ImageComments", "x" * 300),  # a long LT: a 2-byte length in explicit VR
+    ("StudyID", "S1"),
+    ("SeriesNumber", 3),
+    ("InstanceNumber", 9),
+]
+
+
+@st.composite
+def _items(draw: st.DrawFn, depth: int) -> Dataset:
+    item = Dataset()
+    item.CodeValue = draw(st.text("ABC123", min_size=1, max_size=8))
+    item.CodeMeaning = draw(st.text("abc ", max_size=40))
+    if draw(st.booleans()):
+        # Another series' UIDs inside an item (as in ReferencedSeriesSequence): not ours.
+        item.SeriesInstanceUID = "9.9.9"
+        item.SOPInstanceUID = "9.9.9.9"
+    if depth < 2 and draw(st.booleans()):
+        inner = draw(st.lists(_items(depth + 1), min_size=1, max_size=2))
+        item.ConceptNameCodeSequence = Sequence(inner)
+        item["ConceptNameCodeSequence"].is_undefined_length = draw(st.booleans())
+    item.is_undefined_length_sequence_item = draw(st.booleans())
+    return item
+
+
+@st.composite
+def _data_sets(draw: st.DrawFn) -> tuple[bytes, HeaderUids]:
+    uid = st.from_regex(r"1\.2\.[1-9][0-9]{0,20}(\.[1-9][0-9]{0,8}){0,4}", fullmatch=True)
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = draw(uid)
+    ds.StudyInstanceUID = draw(uid)
+    ds.SeriesInstanceUID = draw(uid)
+    for keyword, value in draw(st.lists(st.sampled_from(_FILLER), unique=True)):
+        setattr(ds, keyword, value)
+    # Sequences before the UIDs ((0008,1032), (0008,1110), (0008,1115)) and one after
+    # ((0040,0275)).
+    for keyword in draw(
+        st.lists(
+            st.sampled_from(
+                [
+                    "ProcedureCodeSequence",
+                    "ReferencedStudySequence",
+                    "ReferencedSeriesSequence",
+                    "RequestAttributesSequence",
+                ]
+            ),
+            unique=True,
+        )
+    ):
+        setattr(ds, keyword, Sequence(draw(st.lists(_items(0), min_size=0, max_size=3))))
+        ds[keyword].is_undefined_length = draw(st.booleans())
+    ds.PixelData = b"\x00" * 16
+    ds.BitsAllocated = 8
+    syntax = draw(st.sampled_from([ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buf = io.BytesIO()
+    implicit = syntax == ImplicitVRLittleEndian
+    ds.save_as(buf, enforce_file_format=True, little_endian=True, implicit_vr=implicit)
+    read = pydicom.dcmread(io.BytesIO(buf.getvalue()), stop_before_pixels=True)
+    truth = HeaderUids(read.SOPInstanceUID, read.SeriesInstanceUID, read.StudyInstanceUID)
+    return buf.getvalue(), truth
+
+
+@settings(max_examples=300, deadline=None)
+@given(_data_sets(), st.integers(min_value=0, max_value=4000))
+def test_any_prefix_gives_pydicoms_uids_or_says_it_cannot_tell(
+    made: tuple[bytes, HeaderUids], cut: int
+) -> None:
+    data, truth = made
+    assert read_uids(data) == truth
+    prefix = data[: 132 + cut]
+    assert read_uids(prefix) in (None, truth)
