@@ -51,6 +51,9 @@ class CatalogSettings:
     url: SecretStr | None = None
 
 
+EventLoopChoice = Literal["auto", "asyncio"]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TransferSettings:
     workers: int = field(default=8, metadata=rules(ge=1, le=256))
@@ -77,6 +80,9 @@ class TransferSettings:
     # Bytes per second over all downloads of this process; None = unlimited.
     bandwidth_limit: int | None = field(default=None, metadata=rules(gt=0))
     chunk_size: int = field(default=256 << 10, metadata=rules(ge=4096))
+    # The event loop every command runs on: "auto" = uvloop where it is installed (a
+    # dependency on Linux and macOS), else Python's asyncio; "asyncio" = always asyncio.
+    event_loop: EventLoopChoice = "auto"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

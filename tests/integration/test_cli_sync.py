@@ -49,6 +49,27 @@ async def test_sync_mirrors_every_file_and_exits_0(sim_mirror: SimMirror) -> Non
     assert_mirror_complete(sim_mirror)
 
 
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
+async def test_sync_runs_on_the_event_loop_the_config_names(
+    event_loop: str, sim_mirror: SimMirror, tmp_path: Path
+) -> None:
+    if event_loop == "auto":
+        pytest.importorskip("uvloop", reason="uvloop is not built for this platform")
+    config = write_config(
+        tmp_path / "loop.toml",
+        sim_mirror.root,
+        sim_mirror.server.url,
+        transfer={"event_loop": event_loop},
+        sections={"logging": {"level": "debug", "format": "json"}},
+    )
+    done = await run_subprocess("-c", str(config), "sync")
+    assert done.code == 0, done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    loops = [e["loop"] for e in events if e["event"] == "event_loop"]
+    assert loops == ["uvloop" if event_loop == "auto" else "asyncio"]
+    assert_mirror_complete(sim_mirror)
+
+
 async def test_second_sync_downloads_nothing(sim_mirror: SimMirror) -> None:
     assert await run_main("-c", str(sim_mirror.config), "sync") == 0
     before = sum(sim_mirror.server.counters.downloads_started.values())

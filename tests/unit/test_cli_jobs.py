@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def _run(body: str) -> str:
     code = "import asyncio, os, signal, sys\nfrom nbia_sync import cli\n" + textwrap.dedent(body)
@@ -81,3 +83,31 @@ def test_a_command_runs_with_the_shorter_gil_switch_interval() -> None:
         cli.run()
     """)
     assert out == "True"
+
+
+def _loop_of_a_job(choice: str, *, without_uvloop: bool = False) -> str:
+    """The module of the loop a quick job ran on, in a fresh interpreter."""
+    code = "import asyncio, sys\nfrom nbia_sync import cli\n"
+    if without_uvloop:
+        code += "sys.modules['uvloop'] = None  # import uvloop now raises ImportError\n"
+    code += (
+        "async def job() -> int:\n"
+        "    print(type(asyncio.get_running_loop()).__module__)\n"
+        "    return 0\n"
+        f"cli.run_quick_job(job, loop={choice!r})\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1].split(".")[0]  # after the debug log line
+
+
+def test_auto_runs_a_job_on_uvloop_where_it_is_installed() -> None:
+    pytest.importorskip("uvloop", reason="uvloop is not built for this platform")
+    assert _loop_of_a_job("auto") == "uvloop"
+
+
+def test_asyncio_runs_a_job_on_the_standard_library_loop() -> None:
+    assert _loop_of_a_job("asyncio") == "asyncio"
+
+
+def test_auto_falls_back_to_asyncio_without_uvloop() -> None:
+    assert _loop_of_a_job("auto", without_uvloop=True) == "asyncio"

@@ -37,6 +37,7 @@ def test_minimal_config_gets_documented_defaults() -> None:
     assert s.transfer.workers == 8
     assert s.daemon.listen_host == "127.0.0.1"
     assert s.logging.format == "auto"
+    assert s.transfer.event_loop == "auto"
     assert s.catalog_url.startswith("sqlite+aiosqlite:///")
     assert s.catalog_url.endswith("/tmp/m/.nbia-sync/catalog.sqlite")
 
@@ -60,6 +61,11 @@ def test_wrong_type_is_named() -> None:
 def test_out_of_range_value_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"transfer\.workers"):
         settings_from_dict(minimal(transfer={"workers": 0}), env={})
+
+
+def test_an_unknown_event_loop_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"transfer\.event_loop: "):
+        settings_from_dict(minimal(transfer={"event_loop": "trio"}), env={})
 
 
 def test_missing_mirror_root_is_named() -> None:
