@@ -93,20 +93,23 @@ ZipEvent = EntryStart | EntryData | EntryEnd
 
 def check_entry_name(name: str) -> None:
     """Refuse a name that could escape the extraction directory or confuse a file system."""
-    shown = name.encode("unicode_escape").decode("ascii")[:200]
     if not name:
         raise HostileArchiveError("ZIP entry with an empty name")
     # A printable name has no control character: the per-character walk only for others.
     if not name.isprintable() and any(unicodedata.category(ch) == "Cc" for ch in name):
-        raise HostileArchiveError(f"ZIP entry name has a NUL or control character: {shown!r}")
-    if "\\" in name:
-        raise HostileArchiveError(f"ZIP entry name has a backslash: {shown!r}")
-    if name.startswith("/"):
-        raise HostileArchiveError(f"ZIP entry name is an absolute path: {shown!r}")
-    if len(name) >= 2 and name[1] == ":" and name[0].isascii() and name[0].isalpha():
-        raise HostileArchiveError(f"ZIP entry name has a drive letter: {shown!r}")
-    if ".." in name.split("/"):
-        raise HostileArchiveError(f"ZIP entry name climbs out with '..': {shown!r}")
+        problem = "has a NUL or control character"
+    elif "\\" in name:
+        problem = "has a backslash"
+    elif name.startswith("/"):
+        problem = "is an absolute path"
+    elif len(name) >= 2 and name[1] == ":" and name[0].isascii() and name[0].isalpha():
+        problem = "has a drive letter"
+    elif ".." in name.split("/"):
+        problem = "climbs out with '..'"
+    else:
+        return
+    shown = name.encode("unicode_escape").decode("ascii")[:200]
+    raise HostileArchiveError(f"ZIP entry name {problem}: {shown!r}")
 
 
 def _decode_name(raw: bytes, flags: int) -> str:
