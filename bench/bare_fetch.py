@@ -1,10 +1,11 @@
 """The bare client: aiohttp fetching every series' archive and discarding it.
 
-    python bench/bare_fetch.py --url SIM_URL --uids UIDS.json --workers N [--keep DIR]
+    python bench/bare_fetch.py --url SIM_URL --uids UIDS.json --workers N [--keep DIR] [--uvloop]
 
 No parsing, no hashing, no disk (unless ``--keep``: then each archive is written to
 DIR/<uid>.zip for the CPU-floor measurement). What the transport alone costs: the
-one-file-series target is a fraction of this client's rate.
+one-file-series target is a fraction of this client's rate. ``--uvloop``: on uvloop's
+event loop, as nbia-sync runs where uvloop is installed (transfer.event_loop = "auto").
 """
 
 from __future__ import annotations
@@ -51,10 +52,15 @@ def main() -> int:
     ap.add_argument("--uids", type=Path, required=True)
     ap.add_argument("--workers", type=int, default=10)
     ap.add_argument("--keep", type=Path, default=None)
+    ap.add_argument("--uvloop", action="store_true")
     args = ap.parse_args()
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
     uids = json.loads(args.uids.read_text())
+    if args.uvloop:
+        import uvloop
+
+        return uvloop.run(run(args.url, uids, args.workers, args.keep))
     return asyncio.run(run(args.url, uids, args.workers, args.keep))
 
 

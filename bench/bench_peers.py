@@ -14,7 +14,8 @@ folder, in the same run:
   tcia-utils 3.3.5     ``nbia.downloadSeries`` (its default max_workers = 10, and nbia-sync's N)
   nbiatoolkit 1.3.1    ``NBIAClient.downloadSeries`` (its default nParallel = 1, and N)
   in-house baseline    bench/baseline_tciautils.py (stdlib stand-in for tcia-utils' loop)
-  bare aiohttp         bench/bare_fetch.py: fetch every archive, discard it
+  bare aiohttp         bench/bare_fetch.py: fetch every archive, discard it (on asyncio's
+                       event loop, and again on uvloop's, which nbia-sync uses by default)
 
 Printed per client: wall, fraction of ideal, speed relative to nbia-sync, peak RSS, CPU
 per GB. Then the case's ratios against the targets (issue 15), and the CPU floor: MD5 +
@@ -250,6 +251,8 @@ def run_case(case: Case, work: Path, peers: Path | None) -> list[dict[str, Any]]
         measure("bare aiohttp", [*bare, "--workers", str(streams), "--keep", str(keep)])
         floor = cpu_floor(keep)
         LEFTOVERS.append(keep)
+        # On the event loop nbia-sync runs on where uvloop is installed (the default).
+        measure("bare aiohttp, uvloop", [*bare, "--workers", str(streams), "--uvloop"])
 
         if case.peers:
             out = work / "baseline"
@@ -331,6 +334,11 @@ def report(
     bare = by.get("bare aiohttp")
     if bare is not None:
         lines.append(f"nbia-sync rate / bare aiohttp's {bare.m.wall / engine.m.wall:.2f}")
+    bare_uv = by.get("bare aiohttp, uvloop")
+    if bare_uv is not None:
+        lines.append(
+            f"nbia-sync rate / bare aiohttp on uvloop's {bare_uv.m.wall / engine.m.wall:.2f}"
+        )
     if floor is not None and floor[1]:
         floor_gb = floor[0] / (floor[1] / 1e9)
         engine_gb = engine.m.cpu / (max(engine.downloaded, 1) / 1e9)

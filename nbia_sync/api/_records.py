@@ -81,6 +81,8 @@ def json_records(body: bytes, what: str) -> list[Record]:
 
 def text(value: object) -> str | None:
     """A non-empty string, or None for absent/blank values."""
+    if isinstance(value, str):  # nearly every value of a listing: no str() copy
+        return value.strip() or None
     if value is None or isinstance(value, dict | list):
         return None
     try:
@@ -97,7 +99,7 @@ def clean(value: str | None) -> str | None:
         return None
     if "\x00" in value:
         value = value.replace("\x00", "")
-    if _has_surrogate(value):
+    if not value.isascii() and _has_surrogate(value):  # ASCII has none: no encode
         value = value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     return value.strip() or None
 
