@@ -279,6 +279,7 @@ class Mirror:
         self.state_dir = root / STATE_DIR
         self.staging_root = self.state_dir / "staging"
         self.trash_root = self.state_dir / "trash"
+        self._staging_of: dict[str, Path] = {}  # owner -> its staging directory
         # Bytes promised to downloads in progress in this process (see reserve()).
         self._reserved = 0
         self._space_lock = anyio.Lock()
@@ -305,7 +306,11 @@ class Mirror:
         return path.relative_to(self.root).as_posix()  # elsewhere: its ValueError
 
     def staging_dir(self, owner: str, series_uid: str) -> Path:
-        return self.staging_root / safe_part(owner) / safe_part(series_uid)
+        # Asked for every series: the owner's part is made once (a Path join is ~5 us).
+        of_owner = self._staging_of.get(owner)
+        if of_owner is None:
+            of_owner = self._staging_of[owner] = self.staging_root / safe_part(owner)
+        return of_owner / safe_part(series_uid)
 
     # -- placement ----------------------------------------------------------------
 

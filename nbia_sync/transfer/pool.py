@@ -435,8 +435,9 @@ class _Drain:
         final = mirror.series_dir(
             claim.collection, claim.patient_id, claim.study_uid, claim.series_uid
         )
+        where = mirror.relative(final)
         instances = [
-            InstanceRecord(f.sop_uid, f.md5, f.size, mirror.relative(final / f.path.name))
+            InstanceRecord(f.sop_uid, f.md5, f.size, f"{where}/{f.path.name}")
             for f in fetched.files
         ]
         item = _Placement(claim, fetched, final, instances)
