@@ -7,10 +7,13 @@ import asyncio
 import contextlib
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-# Light: `nbia-sync` builds its parser with add_arguments on every start. The archive
-# generator and the server (pydicom, aiohttp.web) are imported by `serve` only.
-from nbia_sync.sim.faults import SimFaults
+# Light: `nbia-sync` builds its parser with add_arguments on every start. SimFaults (a
+# fault flag left out keeps its default there), the archive generator and the server
+# (pydicom, aiohttp.web) are imported when the simulator is asked for only.
+if TYPE_CHECKING:
+    from nbia_sync.sim.faults import SimFaults
 
 # Fault knobs exposed as flags: (flag name, SimFaults field, type, help)
 _FAULT_FLAGS: tuple[tuple[str, type, str], ...] = (
@@ -75,20 +78,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     faults = parser.add_argument_group("faults")
     faults.add_argument("--fault-seed", type=int, default=0, help="seed of the random fault draws")
-    defaults = SimFaults()
     for name, kind, text in _FAULT_FLAGS:
-        faults.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            type=kind,
-            default=getattr(defaults, name),
-            help=text,
-        )
+        faults.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
 
 
 def _faults(args: argparse.Namespace) -> SimFaults:
-    values = {name: getattr(args, name) for name, _, _ in _FAULT_FLAGS}
-    return SimFaults(seed=args.fault_seed, **values)
+    from nbia_sync.sim.faults import SimFaults
+
+    given = {n: v for n, _, _ in _FAULT_FLAGS if (v := getattr(args, n)) is not None}
+    return SimFaults(seed=args.fault_seed, **given)
 
 
 def _users(specs: list[str]) -> dict[str, str] | None:

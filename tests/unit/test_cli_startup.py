@@ -32,6 +32,12 @@ def test_importing_the_cli_loads_no_heavy_library() -> None:
     assert [m for m in HEAVY if m in loaded] == []
 
 
+def test_building_the_parser_leaves_the_simulator_unloaded() -> None:
+    # `nbia-sync simulate`'s flags are made on every start; the simulator is not.
+    loaded = _modules_loaded_by("import nbia_sync.cli as c; c.build_parser()")
+    assert [m for m in loaded if m.startswith("nbia_sync.sim.") and m != "nbia_sync.sim.cli"] == []
+
+
 def test_the_sync_and_status_modules_do_not_load_the_sqlalchemy_orm() -> None:
     # The schema is Core, and sqlalchemy.ext.asyncio is imported without its sessions.
     loaded = _modules_loaded_by(
