@@ -251,8 +251,14 @@ def run_case(case: Case, work: Path, peers: Path | None) -> list[dict[str, Any]]
         measure("bare aiohttp", [*bare, "--workers", str(streams), "--keep", str(keep)])
         floor = cpu_floor(keep)
         LEFTOVERS.append(keep)
-        # On the event loop nbia-sync runs on where uvloop is installed (the default).
-        measure("bare aiohttp, uvloop", [*bare, "--workers", str(streams), "--uvloop"])
+        # On the event loop nbia-sync runs on where uvloop is installed (the default),
+        # keeping its archives too: the same work as the row above.
+        keep_uv = work / "zips-uvloop"
+        measure(
+            "bare aiohttp, uvloop",
+            [*bare, "--workers", str(streams), "--keep", str(keep_uv), "--uvloop"],
+        )
+        LEFTOVERS.append(keep_uv)
 
         if case.peers:
             out = work / "baseline"
