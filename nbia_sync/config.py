@@ -81,7 +81,8 @@ class TransferSettings:
     bandwidth_limit: int | None = field(default=None, metadata=rules(gt=0))
     chunk_size: int = field(default=256 << 10, metadata=rules(ge=4096))
     # The event loop every command runs on: "auto" = uvloop where it is installed (a
-    # dependency on Linux and macOS), else Python's asyncio; "asyncio" = always asyncio.
+    # dependency on Linux and macOS on x86-64 and ARM64), else Python's asyncio;
+    # "asyncio" = always asyncio.
     event_loop: EventLoopChoice = "auto"
 
 
