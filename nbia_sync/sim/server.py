@@ -22,6 +22,7 @@ import asyncio
 import csv
 import io
 import json
+import ssl
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -108,6 +109,7 @@ class SimServer:
     restricted: collection -> usernames who may read it; everyone else gets 400.
     compression: "stored" (sizes and CRC in local headers) or "deflate" (data descriptors).
     keycloak: the real server's auth behaviour (default); False: the older Spring one.
+    tls: serve HTTPS with this server context (tests of certificate checking).
     """
 
     def __init__(
@@ -121,8 +123,10 @@ class SimServer:
         compression: Compression = "stored",
         keycloak: bool = True,
         clock: Clock = SYSTEM_CLOCK,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.archive = archive
+        self.tls = tls
         self.keycloak = keycloak
         self.faults = faults or SimFaults()
         self.counters = SimCounters()
@@ -142,7 +146,8 @@ class SimServer:
     def url(self) -> str:
         if self._runner is None:
             raise RuntimeError("SimServer is not running")
-        return f"http://{self.host}:{self.port}{ROOT}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}{ROOT}"
 
     async def start(self) -> None:
         app = web.Application(middlewares=[self._middleware])
@@ -154,7 +159,7 @@ class SimServer:
             app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
+        site = web.TCPSite(runner, self.host, self.port, ssl_context=self.tls)
         await site.start()
         self._runner = runner
         address = runner.addresses[0]

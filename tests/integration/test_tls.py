@@ -1,0 +1,91 @@
+"""HTTPS end to end: the archive's certificate is checked, on both event loops.
+
+The simulator serves HTTPS with a certificate from a throwaway CA (trustme). `nbia-sync`
+runs as a real process, so the CA reaches it the way an operator's would: through
+SSL_CERT_FILE, which OpenSSL reads when the default trust store is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import trustme
+from cli_fixtures import expected_files, mirror_files, run_subprocess, write_config
+
+from nbia_sync.sim import SimArchive, SimServer
+from nbia_sync.sim.testing import small_archive
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest_asyncio.fixture
+async def https_sim(ca: trustme.CA) -> AsyncIterator[SimServer]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    async with SimServer(small_archive(), tls=context) as server:
+        yield server
+
+
+def _config(tmp_path: Path, sim: SimServer, *, event_loop: str = "auto", **source: object) -> Path:
+    return write_config(
+        tmp_path / "tls.toml",
+        tmp_path / "mirror",
+        sim.url,
+        transfer={"event_loop": event_loop},
+        source=source,
+    )
+
+
+def _trusting(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    return {"SSL_CERT_FILE": str(bundle)}
+
+
+def _assert_mirrored(archive: SimArchive, root: Path) -> None:
+    expected = expected_files(archive, root)
+    assert mirror_files(root) == set(expected)
+    for path, md5 in expected.items():
+        assert hashlib.md5(path.read_bytes()).hexdigest() == md5, path
+
+
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
+async def test_sync_over_https_with_a_trusted_certificate_mirrors_everything(
+    event_loop: str, https_sim: SimServer, ca: trustme.CA, tmp_path: Path
+) -> None:
+    assert https_sim.url.startswith("https://")
+    config = _config(tmp_path, https_sim, event_loop=event_loop)
+    done = await run_subprocess("-c", str(config), "sync", env=_trusting(ca, tmp_path))
+    assert done.code == 0, done.stderr
+    _assert_mirrored(https_sim.archive, tmp_path / "mirror")
+
+
+async def test_an_untrusted_certificate_stops_the_sync_naming_the_cause(
+    https_sim: SimServer, tmp_path: Path
+) -> None:
+    # TLS verification is on by default: a certificate no trusted CA signed is refused.
+    done = await run_subprocess("-c", str(_config(tmp_path, https_sim)), "sync")
+    assert done.code == 2  # a source unreachable at discovery
+    assert done.stderr.rstrip().endswith("): TLS certificate not accepted")
+    assert mirror_files(tmp_path / "mirror") == set()
+    assert sum(https_sim.counters.downloads_started.values()) == 0
+
+
+async def test_verification_turned_off_mirrors_an_untrusted_archive_with_a_warning(
+    https_sim: SimServer, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, https_sim, verify_tls=False)
+    done = await run_subprocess("-c", str(config), "sync")
+    assert done.code == 0, done.stderr
+    assert "client.tls_verification_off" in done.stderr
+    _assert_mirrored(https_sim.archive, tmp_path / "mirror")
