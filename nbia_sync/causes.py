@@ -20,7 +20,8 @@ _ERRNO_WORDS = {
 }
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what caused it, outermost first (each exception once)."""
     seen: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in seen:
@@ -29,16 +30,23 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
+def certificate_refusal(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The TLS certificate check behind a failure, if that is what it was: the innermost
+    one, ssl's own (aiohttp's wrapper is a subclass too, without ssl's details)."""
+    found = [c for c in exception_chain(exc) if isinstance(c, ssl.SSLCertVerificationError)]
+    return found[-1] if found else None
+
+
 def network_cause(exc: BaseException) -> str | None:
     """'cannot connect (connection refused)' and the like, or None when the failure was
     not a network one (an HTTP answer, refused credentials: their messages say it)."""
     import aiohttp  # only when a source failed: the CLI imports it lazily
 
-    for cause in _chain(exc):
-        if isinstance(
-            cause, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError
-        ):
-            return "TLS certificate not accepted"
+    refusal = certificate_refusal(exc)
+    if refusal is not None:
+        why = getattr(refusal, "verify_message", None)  # OpenSSL's: expired, self-signed...
+        return "TLS certificate not accepted" + (f" ({why})" if why else "")
+    for cause in exception_chain(exc):
         if isinstance(cause, aiohttp.ClientConnectorDNSError | socket.gaierror):
             return "cannot resolve the host name"
         if isinstance(cause, aiohttp.ClientConnectorError):

@@ -29,11 +29,11 @@ from nbia_sync.config import Settings, SourceSettings
 from nbia_sync.discovery import DiscoveryOptions, DiscoveryReport, discover
 from nbia_sync.errors import (
     ArchiveError,
-    AuthError,
     CatalogError,
     ConfigError,
     DiskSpaceError,
     NbiaSyncError,
+    SourceUnusableError,
 )
 from nbia_sync.outcome import Outcome
 from nbia_sync.progress import ProgressSink
@@ -248,9 +248,10 @@ async def _work(
                 stop=stop,
                 report=drained,
             )
-        except AuthError as exc:
-            # The token could not be renewed mid-drain (password revoked, login outage):
-            # the claims went back, no series was failed for it.
+        except SourceUnusableError as exc:
+            # The token could not be renewed mid-drain (password revoked, login outage),
+            # or the certificate is no longer trusted: the claims went back, no series
+            # was failed for it.
             raise SourceError(str(exc)) from exc
         finally:
             tally.done, tally.files, tally.bytes = drained.done, drained.files, drained.bytes

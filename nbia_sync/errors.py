@@ -52,8 +52,18 @@ class PermanentError(ArchiveError):
     """A failure that retrying will not fix: 400, no access, malformed request."""
 
 
-class AuthError(PermanentError):
+class SourceUnusableError(PermanentError):
+    """No request to this source can succeed this pass, whatever the series: the pool
+    gives its series back (no attempt counted) and the pass stops with exit 2."""
+
+
+class AuthError(SourceUnusableError):
     """The archive refused our credentials (bad username/password)."""
+
+
+class UntrustedServerError(SourceUnusableError):
+    """The archive's TLS certificate was not accepted (verify_tls is on): no retry, as
+    no wait makes an untrusted certificate trusted."""
 
 
 class IntegrityError(RetryableError):

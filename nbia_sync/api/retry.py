@@ -21,9 +21,10 @@ from typing import TypeVar
 
 import structlog
 
+from nbia_sync.causes import certificate_refusal, network_cause
 from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.config import TransferSettings
-from nbia_sync.errors import ArchiveError, PermanentError, RetryableError
+from nbia_sync.errors import ArchiveError, PermanentError, RetryableError, UntrustedServerError
 
 log = structlog.get_logger(__name__)
 
@@ -99,7 +100,10 @@ class RetryPolicy:
             except RetryableError as exc:
                 error: RetryableError = exc
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                error = error_for_exception(exc, what)
+                mapped = error_for_exception(exc, what)
+                if not isinstance(mapped, RetryableError):
+                    raise mapped from exc
+                error = mapped
             attempt += 1
             if attempt >= self.attempts:
                 log.warning("retry.gave_up", what=what, attempts=attempt, error=str(error))
@@ -177,8 +181,14 @@ def error_for_status(
     return PermanentError(f"{what}: HTTP {status}{detail}")
 
 
-def error_for_exception(exc: BaseException, what: str) -> RetryableError:
-    """Connection errors, resets and timeouts: retryable, with a message that says which."""
+def error_for_exception(exc: BaseException, what: str) -> RetryableError | UntrustedServerError:
+    """Connection errors, resets and timeouts: retryable, with a message that says which;
+    a TLS certificate not accepted: UntrustedServerError."""
+    refusal = certificate_refusal(exc)
+    if refusal is not None:
+        untrusted = UntrustedServerError(f"{what}: {network_cause(exc)}")
+        untrusted.__cause__ = exc
+        return untrusted
     if isinstance(exc, TimeoutError):
         reason = "timed out"
     else:

@@ -11,8 +11,9 @@ schedule); the pool only classifies failures by their exception class:
 
 * RetryableError (IntegrityError included): counted, retried after the policy's delay;
 * PermanentError (HostileArchiveError, no access): failed for good;
-* DiskSpaceError / CatalogError / AuthError (the credentials cannot be renewed): the
-  claim is released, no attempt is counted, and the whole drain stops;
+* DiskSpaceError / CatalogError / SourceUnusableError (the credentials cannot be
+  renewed, the TLS certificate is not accepted): the claim is released, no attempt is
+  counted, and the whole drain stops;
 * LeaseLostError: someone else owns the series now; our copy is dropped.
 
 The drain ends when nothing is claimable and nothing will be (``next_ready_at`` is None),
@@ -50,12 +51,12 @@ from nbia_sync.api.retry import RetryPolicy
 from nbia_sync.catalog import Catalog, Claim, InstanceRecord, LeaseLostError, SeriesState
 from nbia_sync.config import Settings
 from nbia_sync.errors import (
-    AuthError,
     CatalogError,
     DiskSpaceError,
     Interrupted,
     PermanentError,
     RetryableError,
+    SourceUnusableError,
     sole_error,
 )
 from nbia_sync.progress import ProgressSink
@@ -391,10 +392,11 @@ class _Drain:
             self.report.lease_lost += 1
             log.warning("series_lease_lost", series_uid=claim.series_uid, reason=str(exc))
             self._finish(claim, ok=False, files=0, error=exc)
-        except (DiskSpaceError, CatalogError, AuthError) as exc:
+        except (DiskSpaceError, CatalogError, SourceUnusableError) as exc:
             # Not this series' fault, and no other series will do better: give it back
-            # (no attempt counted) and stop the drain. AuthError: the token could not be
-            # renewed (password revoked, login outage), so every later download fails too.
+            # (no attempt counted) and stop the drain. SourceUnusableError: the token
+            # could not be renewed (password revoked, login outage) or the certificate is
+            # not trusted, so every later download fails too.
             await self._give_back(claim, staging)
             self._finish(claim, ok=False, files=0, error=exc)
             self._abort(exc)
@@ -624,7 +626,8 @@ async def drain(
 ) -> DrainReport:
     """Download every claimable series of the sources in ``clients`` until none is left
     (waiting out backoffs), or until ``stop`` is set. Raises DiskSpaceError, CatalogError
-    or AuthError when the pass cannot go on; the claims in flight are released first.
+    or SourceUnusableError when the pass cannot go on; the claims in flight are released
+    first.
     ``report``, when given, is the one filled in (so its counts survive such an error)."""
     pool = _Drain(settings, catalog, clients, mirror, owner, progress)
     if report is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -13,6 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
+import trustme
 from served_apps import serving
 from sqlalchemy.exc import OperationalError
 
@@ -22,7 +24,7 @@ from nbia_sync.catalog import Catalog, SeriesState
 from nbia_sync.catalog import queue as catalog_queue
 from nbia_sync.clock import SYSTEM_CLOCK, Clock, FakeClock
 from nbia_sync.config import Settings, settings_from_dict
-from nbia_sync.errors import AuthError, CatalogError, DiskSpaceError
+from nbia_sync.errors import AuthError, CatalogError, DiskSpaceError, UntrustedServerError
 from nbia_sync.sim import SimArchive, SimFaults, SimServer
 from nbia_sync.sim.testing import running_sim
 from nbia_sync.storage import Mirror
@@ -518,6 +520,25 @@ async def test_refused_credentials_mid_drain_stop_it_without_failing_series(
     assert counts.get(SeriesState.FAILED, (0, 0))[0] == 0
     assert counts.get(SeriesState.PENDING, (0, 0))[0] == 0  # no attempt was counted
     assert counts.get(SeriesState.WANTED, (0, 0))[0] + counts.get(SeriesState.DONE, (0, 0))[0] == 8
+    assert await catalog.failures() == []
+    assert staging_files(tmp_path / "mirror") == []
+
+
+async def test_an_untrusted_certificate_stops_the_drain_without_failing_series(
+    catalog: Catalog, sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    # The archive serves a certificate no CA of this process's trust store signed: no
+    # request can succeed, so none is retried and no series is failed for it.
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(context)
+    async with SimServer(sim_archive, tls=context) as sim:
+        settings = make_settings(tmp_path / "mirror", sim)
+        await queue_all(catalog, settings, sim_archive)
+        with anyio.fail_after(20), pytest.raises(UntrustedServerError, match="not accepted"):
+            await run_drain(settings, catalog)
+    assert await downloading(catalog) == 0
+    counts = await catalog.state_counts()
+    assert counts.get(SeriesState.WANTED, (0, 0))[0] == len(sim_archive.series)
     assert await catalog.failures() == []
     assert staging_files(tmp_path / "mirror") == []
 

@@ -5,6 +5,7 @@ The simulator covers real wire behaviour; these are the small units of classific
 
 from __future__ import annotations
 
+import ssl
 import types
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from nbia_sync.api.client import NbiaClient
 from nbia_sync.api.retry import RetryPolicy
 from nbia_sync.clock import FakeClock
 from nbia_sync.config import SourceSettings, TransferSettings
-from nbia_sync.errors import PermanentError, RetryableError
+from nbia_sync.errors import PermanentError, RetryableError, UntrustedServerError
 
 pytestmark = pytest.mark.asyncio
 
@@ -136,3 +137,39 @@ async def test_no_aiohttp_exception_leaves_a_download_opening(client: NbiaClient
         with pytest.raises(RetryableError, match="ClientOSError"):
             async with client.stream_series("1.2.3"):
                 pass
+
+
+def _refused_certificate() -> aiohttp.ClientError:
+    refused = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    refused.verify_message = "self-signed certificate"
+    wrapped = aiohttp.ClientConnectionError("cannot connect: ssl")
+    wrapped.__cause__ = refused  # as aiohttp raises it: `... from` ssl's error
+    return wrapped
+
+
+async def test_a_certificate_not_accepted_is_not_worth_a_retry(client: NbiaClient) -> None:
+    with aioresponses() as m:
+        m.get(API + "getCollectionValues", exception=_refused_certificate())
+        with pytest.raises(UntrustedServerError, match=r"not accepted \(self-signed"):
+            await client.collections()
+
+
+async def test_a_tls_handshake_cut_short_is_retryable(client: NbiaClient) -> None:
+    with aioresponses() as m:
+        m.get(API + "getCollectionValues", exception=ssl.SSLError(1, "unexpected eof"))
+        with pytest.raises(RetryableError):
+            await client.collections()
+
+
+async def test_the_retry_policy_gives_up_at_once_on_a_refused_certificate() -> None:
+    calls = 0
+
+    async def connect() -> None:
+        nonlocal calls
+        calls += 1
+        raise _refused_certificate()
+
+    policy = RetryPolicy(base_delay=0.0, max_delay=0.0, attempts=5, clock=FakeClock())
+    with pytest.raises(UntrustedServerError):
+        await policy.call(connect, what="getSeries")
+    assert calls == 1
