@@ -184,8 +184,7 @@ def error_for_status(
 def error_for_exception(exc: BaseException, what: str) -> RetryableError | UntrustedServerError:
     """Connection errors, resets and timeouts: retryable, with a message that says which;
     a TLS certificate not accepted: UntrustedServerError."""
-    refusal = certificate_refusal(exc)
-    if refusal is not None:
+    if certificate_refusal(exc) is not None:
         untrusted = UntrustedServerError(f"{what}: {network_cause(exc)}")
         untrusted.__cause__ = exc
         return untrusted
