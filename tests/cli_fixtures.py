@@ -8,6 +8,7 @@ worker thread (`main([...])` gets its own event loop there) or as a real subproc
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -92,6 +93,19 @@ def mirror_files(root: Path) -> set[Path]:
             dirnames.remove(STATE)
         found.update(Path(dirpath) / f for f in filenames)
     return found
+
+
+def assert_mirror_is_truth(archive: SimArchive, root: Path) -> None:
+    """Exactly the archive's files under the mirror tree (bookkeeping dir excluded), each
+    with the archive's MD5: nothing missing, nothing partial, nothing extra."""
+    expected = expected_files(archive, root)
+    assert mirror_files(root) == set(expected)
+    wrong = [str(p) for p, md5 in expected.items() if md5_of(p) != md5]
+    assert wrong == []
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def free_port() -> int:

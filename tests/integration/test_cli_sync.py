@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import signal
 import sys
@@ -14,6 +13,7 @@ import pytest
 from cli_fixtures import (
     REPO,
     SimMirror,
+    assert_mirror_is_truth,
     expected_files,
     free_port,
     mirror_files,
@@ -29,10 +29,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("restore_logging")]
 
 
 def assert_mirror_complete(m: SimMirror) -> None:
-    expected = expected_files(m.archive, m.root)
-    assert mirror_files(m.root) == set(expected)
-    for path, md5 in expected.items():
-        assert hashlib.md5(path.read_bytes()).hexdigest() == md5, path
+    assert_mirror_is_truth(m.archive, m.root)
 
 
 async def status_json(m: SimMirror) -> dict[str, object]:

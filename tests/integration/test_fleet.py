@@ -10,7 +10,6 @@ processes genuinely overlap.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import signal
 import socket
@@ -25,7 +24,7 @@ from typing import Any
 
 import pytest
 from catalog_fixtures import fresh_pg_database
-from cli_fixtures import REPO, expected_files, mirror_files, write_config
+from cli_fixtures import REPO, assert_mirror_is_truth, write_config
 from sqlalchemy import select
 
 from nbia_sync.catalog import Catalog, SeriesState
@@ -157,19 +156,6 @@ async def fleet_on(
         fleet.kill_all()
         for proc in fleet.procs:
             await proc.wait()
-
-
-def md5_of(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def assert_mirror_is_truth(archive: SimArchive, root: Path) -> None:
-    """Exactly the archive's files under the mirror tree (bookkeeping dir excluded), each
-    with the archive's MD5: nothing missing, nothing partial, nothing extra."""
-    expected = expected_files(archive, root)
-    assert mirror_files(root) == set(expected)
-    wrong = [str(p) for p, md5 in expected.items() if md5_of(p) != md5]
-    assert wrong == []
 
 
 def assert_each_series_fetched_once(archive: SimArchive, counters: SimCounters) -> None:

@@ -7,7 +7,6 @@ SSL_CERT_FILE, which OpenSSL reads when the default trust store is loaded.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import ssl
 from collections.abc import AsyncIterator
@@ -16,9 +15,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import trustme
-from cli_fixtures import expected_files, mirror_files, run_subprocess, write_config
+from cli_fixtures import assert_mirror_is_truth, mirror_files, run_subprocess, write_config
 
-from nbia_sync.sim import SimArchive, SimServer
+from nbia_sync.sim import SimServer
 from nbia_sync.sim.testing import small_archive
 
 pytestmark = pytest.mark.asyncio
@@ -53,13 +52,6 @@ def _trusting(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
     return {"SSL_CERT_FILE": str(bundle)}
 
 
-def _assert_mirrored(archive: SimArchive, root: Path) -> None:
-    expected = expected_files(archive, root)
-    assert mirror_files(root) == set(expected)
-    for path, md5 in expected.items():
-        assert hashlib.md5(path.read_bytes()).hexdigest() == md5, path
-
-
 @pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
 async def test_sync_over_https_with_a_trusted_certificate_mirrors_everything(
     event_loop: str, https_sim: SimServer, ca: trustme.CA, tmp_path: Path
@@ -68,7 +60,7 @@ async def test_sync_over_https_with_a_trusted_certificate_mirrors_everything(
     config = _config(tmp_path, https_sim, event_loop=event_loop)
     done = await run_subprocess("-c", str(config), "sync", env=_trusting(ca, tmp_path))
     assert done.code == 0, done.stderr
-    _assert_mirrored(https_sim.archive, tmp_path / "mirror")
+    assert_mirror_is_truth(https_sim.archive, tmp_path / "mirror")
 
 
 async def test_an_untrusted_certificate_stops_the_sync_naming_the_cause(
@@ -91,4 +83,5 @@ async def test_verification_turned_off_mirrors_an_untrusted_archive_with_a_warni
     done = await run_subprocess("-c", str(config), "sync")
     assert done.code == 0, done.stderr
     assert "client.tls_verification_off" in done.stderr
-    _assert_mirrored(https_sim.archive, tmp_path / "mirror")
+    assert_mirror_is_truth(https_sim.archive, tmp_path / "mirror")
+
