@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,15 +11,18 @@ from aiohttp import web
 
 
 @asynccontextmanager
-async def serving(app: web.Application, **options: Any) -> AsyncIterator[str]:
-    """Serve ``app`` on a free loopback port (``options``: web.AppRunner's); the NBIA API
-    root URL under it."""
+async def serving(
+    app: web.Application, *, tls: ssl.SSLContext | None = None, **options: Any
+) -> AsyncIterator[str]:
+    """Serve ``app`` on a free loopback port (``options``: web.AppRunner's; ``tls``: over
+    HTTPS with this server context); the NBIA API root URL under it."""
     runner = web.AppRunner(app, **options)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
     await site.start()
     port = runner.addresses[0][1]
+    scheme = "https" if tls is not None else "http"
     try:
-        yield f"http://127.0.0.1:{port}/nbia-api/"
+        yield f"{scheme}://127.0.0.1:{port}/nbia-api/"
     finally:
         await runner.cleanup()

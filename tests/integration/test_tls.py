@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import trustme
+from aiohttp import web
 from cli_fixtures import assert_mirror_is_truth, mirror_files, run_subprocess, write_config
+from served_apps import serving
 
 from nbia_sync.sim import SimServer
 from nbia_sync.sim.testing import small_archive
@@ -85,3 +87,24 @@ async def test_verification_turned_off_mirrors_an_untrusted_archive_with_a_warni
     assert "client.tls_verification_off" in done.stderr
     assert_mirror_is_truth(https_sim.archive, tmp_path / "mirror")
 
+
+async def test_a_trusted_certificate_for_another_host_name_is_refused(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    # A small real-shaped server: valid answers, and a certificate the trusted CA signed,
+    # but for another name than the one connected to (a misrouted or hijacked address;
+    # connected to by IP, so OpenSSL calls it an IP address mismatch).
+    async def empty_listing(request: web.Request) -> web.Response:
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_get("/nbia-api/services/{version}/{endpoint}", empty_listing)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("archive.example").configure_cert(context)
+    async with serving(app, tls=context) as url:
+        config = write_config(tmp_path / "tls.toml", tmp_path / "mirror", url)
+        done = await run_subprocess("-c", str(config), "sync", env=_trusting(ca, tmp_path))
+    assert done.code == 2
+    refused = r"TLS certificate not accepted \(IP address mismatch.*127\.0\.0\.1.*\)$"
+    assert re.search(refused, done.stderr.rstrip())
+    assert "retry." not in done.stderr

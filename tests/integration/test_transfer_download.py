@@ -448,6 +448,34 @@ async def test_a_300_digit_sop_uid_is_stored_under_a_short_safe_name(
     assert len(f.path.name.encode()) <= 255 and f.path.is_file()
 
 
+@pytest.mark.parametrize("right", [True, False], ids=["matching", "one-digit-off"])
+async def test_a_hash_list_with_crlf_lines_and_quoted_rows_is_checked_all_the_same(
+    right: bool, sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    # The archive writes plain "\n" lines; a proxy or another deployment may write the
+    # list as a spreadsheet does: CRLF line ends, every field quoted. Read as csv then.
+    from transfer_zips import Entry, build_zip
+
+    s = first_series(sim_archive)
+    files = {f"{i:08d}.dcm": inst.read() for i, inst in enumerate(s.instances, 1)}
+    sums = {name: md5_hex(data) for name, data in files.items()}
+    if not right:
+        first = next(iter(sums))
+        sums[first] = sums[first][:-1] + ("0" if sums[first][-1] != "0" else "1")
+    rows = ['"Filename","MD5Hash"', *(f'"{n}","{m}"' for n, m in sums.items()), ""]
+    body = build_zip(
+        [Entry(n, d) for n, d in files.items()]
+        + [Entry("md5hashes.csv", "\r\n".join(rows).encode())]
+    )
+    async with serving(body) as url:
+        if right:
+            fetched = await fetch_from(url, claim_for(s), tmp_path / "st")
+            assert sorted(f.md5 for f in fetched.files) == sorted(sums.values())
+        else:
+            with pytest.raises(IntegrityError, match="MD5 mismatch"):
+                await fetch_from(url, claim_for(s), tmp_path / "st")
+
+
 def md5_hex(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
