@@ -10,8 +10,9 @@ Memory stays flat: one chunk at a time, whatever the series size.
 A series is accepted only when the server's hash list (md5hashes.csv) is there (its absence
 is the server's silent truncation), every file is listed and matches its MD5, no listed
 file is missing, the count matches the catalog's ImageCount, and every file is DICOM of
-this series with a distinct SOPInstanceUID. Staged files are then named
-``<SOPInstanceUID>.dcm``. On any failure the series' staging is removed.
+this series with a distinct SOPInstanceUID. Each staged file is named
+``<SOPInstanceUID>.dcm`` as soon as it is whole (its header read), while the rest still
+streams. On any failure the series' staging is removed.
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ class FetchedSeries:
 @dataclass(slots=True)
 class _Entry:
     name: str
-    part: str  # its staging file's name (a counter), made only if it is written
+    # Its staging file's name, made only if it is written: a counter while it is being
+    # written, its final name (see _SeriesWriter._name) once its SOP UID is known.
+    part: str
     md5: str = ""
     size: int = 0
     sop_uid: str = ""
@@ -173,6 +176,7 @@ class _SeriesWriter:
     entries: list[_Entry] = field(default_factory=list)
     hash_list: bytearray | None = None
     _names: set[str] = field(default_factory=set)
+    _fnames: set[str] = field(default_factory=set)  # the files' names (see _name)
     _fd: int | None = None  # the current file, written with os.write (no buffer layer)
     _buf: bytearray | None = None  # or, in memory mode, its bytes so far
     _md5: hashlib._Hash | None = None
@@ -289,6 +293,22 @@ class _SeriesWriter:
         entry.size = size
         self._sink = "skip"
         self._read_dicom(entry, head)
+        self._name(entry)
+
+    def _name(self, entry: _Entry) -> None:
+        """Give a whole file its mirror name now, while the rest still streams: only
+        checks are left for the end (ten series ending together queue on the GIL)."""
+        # A SOP UID comes from inside the file: never trust it as a path. safe_part
+        # leaves a plain UID as it is and shortens (hashes) one too long for a name.
+        fname = safe_part(entry.sop_uid) + ".dcm"
+        if fname in self._fnames:
+            raise IntegrityError(
+                f"series {self.series_uid}: SOPInstanceUID {entry.sop_uid} appears twice"
+            )
+        self._fnames.add(fname)
+        if entry.data is None:  # on disk (else it keeps its counter until spilled, if ever)
+            os.rename(self.staging / entry.part, self.staging / fname)
+        entry.part = fname
 
     def _spill(self) -> None:
         """Leave memory mode: what is held goes to staging, the rest is written there."""
@@ -382,21 +402,11 @@ class _SeriesWriter:
                     )
                 if self.study_uid and e.uids[1] != self.study_uid:
                     raise IntegrityError(f"series {uid}: {e.name!r} belongs to study {e.uids[1]!r}")
-        names: dict[str, _Entry] = {}
-        for e in self.entries:
-            # A SOP UID comes from inside the file: never trust it as a path. safe_part
-            # leaves a plain UID as it is and shortens (hashes) one too long for a name.
-            fname = safe_part(e.sop_uid) + ".dcm"
-            if fname in names:
-                raise IntegrityError(f"series {uid}: SOPInstanceUID {e.sop_uid} appears twice")
-            names[fname] = e
-        staged = []
-        for fname, e in names.items():
-            final = self.staging / fname
-            if e.data is None:
-                os.rename(self.staging / e.part, final)
-            staged.append(StagedFile(e.sop_uid, e.md5, e.size, final, e.name, e.data))
-        return staged
+        staging = self.staging
+        return [
+            StagedFile(e.sop_uid, e.md5, e.size, staging / e.part, e.name, e.data)
+            for e in self.entries
+        ]
 
 
 def _size_limit(file_size: int) -> int:
@@ -451,8 +461,8 @@ def _disk_errors(staging: Path) -> Iterator[None]:
 @dataclass(slots=True)
 class _ThreadSide:
     """Everything fetch_series does off the event loop: staging set-up on the first hop;
-    on the last, the end-of-archive checks, the renames and the directory fsync (the
-    files were fsynced as they completed), so only those follow the last byte."""
+    on the last, the end-of-archive checks and the directory fsync (the files were named
+    and fsynced as they completed), so only those follow the last byte."""
 
     writer: _SeriesWriter
     _ready: bool = False

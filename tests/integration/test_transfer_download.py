@@ -448,6 +448,50 @@ async def test_a_300_digit_sop_uid_is_stored_under_a_short_safe_name(
     assert len(f.path.name.encode()) <= 255 and f.path.is_file()
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["in-memory", "on-disk"])
+async def test_two_entries_holding_one_sop_uid_are_refused_and_nothing_is_left_staged(
+    inline: bool, sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    # One file under two names, both listed with the right MD5: as files of the mirror
+    # they would be one name, so the archive is not a series.
+    from transfer_zips import Entry, build_zip
+
+    s = first_series(sim_archive)
+    dcm = s.instances[0].read()
+    body = build_zip(
+        [Entry("1.dcm", dcm), Entry("2.dcm", dcm)]
+        + [Entry("md5hashes.csv", _hash_list([("1.dcm", md5_hex(dcm)), ("2.dcm", md5_hex(dcm))]))]
+    )
+    staging = tmp_path / "st"
+    async with serving(body) as url:
+        claim = claim_for(s, image_count=2, file_size=2 * len(dcm) if inline else None)
+        with pytest.raises(
+            IntegrityError, match=f"SOPInstanceUID {s.instances[0].sop_uid} appears twice"
+        ):
+            await fetch_from(url, claim, staging, inline=inline)
+    assert not staging.exists()
+
+
+def test_a_file_takes_its_mirror_name_as_soon_as_it_is_whole(
+    sim_archive: SimArchive, tmp_path: Path
+) -> None:
+    # Named while the rest of the archive still streams, not all at once after its
+    # last byte: the end of a series is left with checks only.
+    from transfer_zips import Entry, build_zip
+
+    s = first_series(sim_archive)
+    first, second = s.instances[0], s.instances[1]
+    body = build_zip([Entry("1.dcm", first.read()), Entry("2.dcm", second.read())])
+    cut = body.index(b"PK\x03\x04", 1) + 200  # the second entry's header, then some data
+    staging = tmp_path / "st"
+    staging.mkdir()
+    writer = download._SeriesWriter(staging, s.uid, s.study_uid, 2, True)
+    writer.feed(body[:cut])
+    assert sorted(p.name for p in staging.iterdir()) == sorted(
+        [f"{first.sop_uid}.dcm", "00000001.part"]
+    )
+
+
 @pytest.mark.parametrize("right", [True, False], ids=["matching", "one-digit-off"])
 async def test_a_hash_list_with_crlf_lines_and_quoted_rows_is_checked_all_the_same(
     right: bool, sim_archive: SimArchive, tmp_path: Path
