@@ -200,6 +200,8 @@ def run_measured(
     then reap it with wait4 for its own rusage (not the sum of every child so far)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
+    # The previous run's dirty pages are written back now, not during this one.
+    os.sync()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.monotonic()
         proc = subprocess.Popen(
