@@ -458,10 +458,8 @@ async def test_two_entries_holding_one_sop_uid_are_refused_and_nothing_is_left_s
 
     s = first_series(sim_archive)
     dcm = s.instances[0].read()
-    body = build_zip(
-        [Entry("1.dcm", dcm), Entry("2.dcm", dcm)]
-        + [Entry("md5hashes.csv", _hash_list([("1.dcm", md5_hex(dcm)), ("2.dcm", md5_hex(dcm))]))]
-    )
+    listed = _hash_list([("1.dcm", md5_hex(dcm)), ("2.dcm", md5_hex(dcm))])
+    body = build_zip([Entry("1.dcm", dcm), Entry("2.dcm", dcm), Entry("md5hashes.csv", listed)])
     staging = tmp_path / "st"
     async with serving(body) as url:
         claim = claim_for(s, image_count=2, file_size=2 * len(dcm) if inline else None)
