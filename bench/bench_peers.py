@@ -4,6 +4,7 @@
     python bench/bench_peers.py --case series40 --case onefile
     python bench/bench_peers.py --quick         # fewer one-file series
     python bench/bench_peers.py --no-peers      # skip the real peers (no venv needed)
+    python bench/bench_peers.py --repeat 3      # every client 3 times in turn: medians
 
 The peers are installed on first use into bench/.peers-venv (git-ignored; they are not
 project dependencies) with pip: ``tcia_utils==3.3.5 nbiatoolkit==1.3.1``. Each client is a
@@ -44,7 +45,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -208,8 +209,9 @@ def cpu_floor(zips: Path) -> tuple[float, int]:
     t0 = time.process_time()
     total = 0
     for path in sorted(zips.iterdir()):
-        data = path.read_bytes()
-        total += len(data)
+        # Streamed, never read whole: a child forked after this process grew would report
+        # this process's peak as its own (Linux carries the high-water mark across exec).
+        total += path.stat().st_size
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
                 h = hashlib.md5(usedforsecurity=False)
@@ -225,16 +227,33 @@ class Row:
     m: Measured
     downloaded: int
     right: str = ""
+    walls: list[float] = field(default_factory=list)  # every run's, with --repeat
+
+
+def median_row(rows: list[Row]) -> Row:
+    """The run of median wall (the lower one of two), carrying every run's wall; a run
+    that failed or left a series wrong instead, so that no median hides it."""
+    bad = [r for r in rows if r.m.returncode != 0 or _wrong(r.right)]
+    row = bad[0] if bad else sorted(rows, key=lambda r: r.m.wall)[(len(rows) - 1) // 2]
+    row.walls = [r.m.wall for r in rows]
+    return row
+
+
+def _wrong(right: str) -> bool:
+    """A "right" of "k/n" with k < n."""
+    done, _, total = right.partition("/")
+    return bool(total) and done != total
 
 
 def sent(sim: SimProcess) -> int:
     return int(sim.counters()["counters"]["bytes_sent"])
 
 
-def run_case(case: Case, work: Path, peers: Path | None) -> list[dict[str, Any]]:
+def run_case(case: Case, work: Path, peers: Path | None, repeat: int = 1) -> list[dict[str, Any]]:
     faults: dict[str, Any] = {"latency": case.latency, "bandwidth": case.bandwidth}
-    rows: list[Row] = []
+    runs: dict[str, list[Row]] = {}  # per client, in the order they run
     floor: tuple[float, int] | None = None
+    startup: dict[str, float] = {}
     with SimProcess(case.archive, faults, work / "sim") as sim:
         uids_path = work / "uids.json"
         uids_path.write_text(json.dumps(sorted(sim.sizes)))
@@ -250,83 +269,99 @@ def run_case(case: Case, work: Path, peers: Path | None) -> list[dict[str, Any]]
                 print(f"  {name} exited {m.returncode}: {m.stderr[-1500:]}", file=sys.stderr)
             if check is not None:
                 row.right = check()
-            rows.append(row)
+            runs.setdefault(name, []).append(row)
 
-        # nbia-sync
-        root = work / "mirror"
-        # Info logs (a line per series placed) where they are few: the drain's window.
-        level = "info" if n <= DRAIN_LOG_MAX_SERIES else "warning"
-        cfg = write_config(
-            work / "nbia-sync.toml", root=root, url=sim.url, workers=streams, log_level=level
-        )
-        cfg.write_text(cfg.read_text().replace('api = "v2"', 'api = "v4"'))
-        measure(
-            "nbia-sync",
-            engine_argv(cfg, "sync"),
-            lambda: f"{check_engine_mirror(root, sim.truth, sim.layout)[0]}/{n}",
-        )
-        # Start-up on the complete mirror: alternating runs, medians (single ~0.5 s runs
-        # are at the mercy of whatever else the machine does).
-        starts: dict[str, list[Measured]] = {"sync": [], "status": []}
-        for _ in range(STARTUP_RUNS):
-            for command, runs in starts.items():
-                argv = engine_argv(cfg, command)
-                runs.append(run_measured(argv, cwd=REPO, log_dir=work, name="startup"))
-        wall = {c: statistics.median(m.wall for m in runs) for c, runs in starts.items()}
-        idle_cpu = statistics.median(m.cpu for m in starts["sync"])
-        print(
-            f"  [{case.name}] start-up on the complete mirror, median of {STARTUP_RUNS}: "
-            f"sync {wall['sync']:.2f} s ({idle_cpu:.2f} s CPU), status {wall['status']:.2f} s"
-        )
-        startup = {"sync": wall["sync"], "status": wall["status"], "sync_cpu": idle_cpu}
-        LEFTOVERS.append(root)
-
-        # the bare client (kept archives give the CPU floor)
-        keep = work / "zips"
-        bare = [PYTHON, str(BENCH / "bare_fetch.py"), "--url", sim.url, "--uids", str(uids_path)]
-        measure("bare aiohttp", [*bare, "--workers", str(streams), "--keep", str(keep)])
-        floor = cpu_floor(keep)
-        LEFTOVERS.append(keep)
-        # As issue 15 defines the bare client: fetch and discard, here on the event loop
-        # nbia-sync runs on where uvloop is installed (the default). Its CPU is what
-        # receiving the bytes alone costs.
-        discard = [*bare, "--workers", str(streams), "--uvloop"]
-        measure("bare aiohttp, uvloop, discard", discard)
-        # What a client process costs before its first request: that client with no
-        # series (Python, asyncio, aiohttp, a session), medians as for nbia-sync's start-up.
-        nothing = work / "no-uids.json"
-        nothing.write_text("[]")
-        discard[discard.index(str(uids_path))] = str(nothing)
-        empty = [
-            run_measured(discard, cwd=REPO, log_dir=work, name="bare-startup")
-            for _ in range(STARTUP_RUNS)
-        ]
-        startup["bare"] = statistics.median(m.wall for m in empty)
-        startup["bare_cpu"] = statistics.median(m.cpu for m in empty)
-
-        if case.peers:
-            out = work / "baseline"
-            measure(
-                "in-house baseline",
-                [
-                    PYTHON,
-                    str(BENCH / "baseline_tciautils.py"),
-                    *("--url", sim.url, "--out", str(out), "--threads", str(streams)),
-                ],
+        # Every client once per round, in the same order; each round on fresh folders.
+        for round_ in range(repeat):
+            tag = f"-{round_}" if round_ else ""
+            # nbia-sync
+            root = work / f"mirror{tag}"
+            # Info logs (a line per series placed) where they are few: the drain's window.
+            level = "info" if n <= DRAIN_LOG_MAX_SERIES else "warning"
+            cfg = write_config(
+                work / f"nbia-sync{tag}.toml",
+                root=root,
+                url=sim.url,
+                workers=streams,
+                log_level=level,
             )
-            LEFTOVERS.append(out)
-        if case.peers and peers is not None:
-            for peer, default in (("tcia-utils", 10), ("nbiatoolkit", 1)):
-                for workers in sorted({default, streams}):
-                    out = work / f"{peer}-{workers}"
-                    argv = [str(peers), str(BENCH / "peers.py"), peer, "--url", sim.url]
-                    argv += ["--uids", str(uids_path), "--out", str(out)]
-                    if workers != default:
-                        argv += ["--workers", str(workers)]
-                    label = f"{peer} x{workers}" + (" (default)" if workers == default else "")
-                    measure(label, argv)
-                    LEFTOVERS.append(out)
+            cfg.write_text(cfg.read_text().replace('api = "v2"', 'api = "v4"'))
+            measure(
+                "nbia-sync",
+                engine_argv(cfg, "sync"),
+                lambda root=root: f"{check_engine_mirror(root, sim.truth, sim.layout)[0]}/{n}",
+            )
+            LEFTOVERS.append(root)
+            if not round_:
+                startup = measure_startup(case, cfg, work)
+
+            # the bare client (kept archives give the CPU floor)
+            keep = work / f"zips{tag}"
+            bare = [PYTHON, str(BENCH / "bare_fetch.py"), "--url", sim.url]
+            bare += ["--uids", str(uids_path)]
+            measure("bare aiohttp", [*bare, "--workers", str(streams), "--keep", str(keep)])
+            if floor is None:
+                floor = cpu_floor(keep)
+            LEFTOVERS.append(keep)
+            # As issue 15 defines the bare client: fetch and discard, here on the event
+            # loop nbia-sync runs on where uvloop is installed (the default). Its CPU is
+            # what receiving the bytes alone costs.
+            discard = [*bare, "--workers", str(streams), "--uvloop"]
+            measure("bare aiohttp, uvloop, discard", discard)
+            if not round_:
+                # What a client process costs before its first request: that client with
+                # no series (Python, asyncio, aiohttp, a session), medians as above.
+                nothing = work / "no-uids.json"
+                nothing.write_text("[]")
+                discard[discard.index(str(uids_path))] = str(nothing)
+                empty = [
+                    run_measured(discard, cwd=REPO, log_dir=work, name="bare-startup")
+                    for _ in range(STARTUP_RUNS)
+                ]
+                startup["bare"] = statistics.median(m.wall for m in empty)
+                startup["bare_cpu"] = statistics.median(m.cpu for m in empty)
+
+            if case.peers:
+                out = work / f"baseline{tag}"
+                measure(
+                    "in-house baseline",
+                    [
+                        PYTHON,
+                        str(BENCH / "baseline_tciautils.py"),
+                        *("--url", sim.url, "--out", str(out), "--threads", str(streams)),
+                    ],
+                )
+                LEFTOVERS.append(out)
+            if case.peers and peers is not None:
+                for peer, default in (("tcia-utils", 10), ("nbiatoolkit", 1)):
+                    for workers in sorted({default, streams}):
+                        out = work / f"{peer}-{workers}{tag}"
+                        argv = [str(peers), str(BENCH / "peers.py"), peer, "--url", sim.url]
+                        argv += ["--uids", str(uids_path), "--out", str(out)]
+                        if workers != default:
+                            argv += ["--workers", str(workers)]
+                        label = f"{peer} x{workers}"
+                        measure(label + (" (default)" if workers == default else ""), argv)
+                        LEFTOVERS.append(out)
+    rows = [median_row(rs) for rs in runs.values()]
     return report(case, rows, (ideal, rounds), n, floor, startup)
+
+
+def measure_startup(case: Case, cfg: Path, work: Path) -> dict[str, float]:
+    """`sync` and `status` on the complete mirror: alternating runs, medians (single
+    ~0.5 s runs are at the mercy of whatever else the machine does)."""
+    starts: dict[str, list[Measured]] = {"sync": [], "status": []}
+    for _ in range(STARTUP_RUNS):
+        for command, runs in starts.items():
+            argv = engine_argv(cfg, command)
+            runs.append(run_measured(argv, cwd=REPO, log_dir=work, name="startup"))
+    wall = {c: statistics.median(m.wall for m in runs) for c, runs in starts.items()}
+    idle_cpu = statistics.median(m.cpu for m in starts["sync"])
+    print(
+        f"  [{case.name}] start-up on the complete mirror, median of {STARTUP_RUNS}: "
+        f"sync {wall['sync']:.2f} s ({idle_cpu:.2f} s CPU), status {wall['status']:.2f} s"
+    )
+    return {"sync": wall["sync"], "status": wall["status"], "sync_cpu": idle_cpu}
 
 
 def report(
@@ -360,6 +395,8 @@ def report(
             "cpu_s_per_gb": round(r.m.cpu / gb, 1),
             "right": r.right,
         }
+        if len(r.walls) > 1:
+            rec["walls"] = [round(w, 2) for w in r.walls]
         out.append(rec)
         frac = f"{rec['fraction_of_ideal']:.2f}" if ideal else "-"
         print(
@@ -368,6 +405,10 @@ def report(
             f"{rec['rss_mib']:>8.1f}{rec['cpu_s_per_gb']:>9.1f}{r.right:>11}"
         )
     by = {r.client: r for r in rows}
+    if len(engine.walls) > 1:
+        print(f"  (each row: the run of median wall of {len(engine.walls)}; every run's wall:)")
+        for r in rows:
+            print(f"  {r.client:<28}" + " ".join(f"{w:6.2f}" for w in r.walls))
     lines = [f"peak RSS nbia-sync {engine.m.maxrss / 2**20:.0f} MiB (target <= 96)"]
     if ideal:
         lines.append(f"nbia-sync fraction of ideal {ideal / engine.m.wall:.2f}")
@@ -448,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peers", action="store_true", help="skip tcia-utils and nbiatoolkit")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every client N times in turn, fresh folders each time; report medians",
+    )
     args = ap.parse_args(argv)
     peers = None if args.no_peers else ensure_peers()
     # Bytecode, as an installed nbia-sync has (pip compiles it; the peers' venv has it
@@ -464,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases(args.quick):
         if args.case and case.name not in args.case:
             continue
-        results.extend(run_case(case, base / case.name, peers))
+        results.extend(run_case(case, base / case.name, peers, args.repeat))
     load = os.getloadavg()
     print(f"\nload average after the run: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     if args.json:
