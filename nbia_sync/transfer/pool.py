@@ -111,6 +111,7 @@ class _Placement:
     claim: Claim
     fetched: FetchedSeries
     final: Path
+    where: str  # final as the catalog records it (Mirror.relative)
     instances: list[InstanceRecord]
     settled: bool = False
     error: BaseException | None = None
@@ -442,7 +443,7 @@ class _Drain:
             InstanceRecord(f.sop_uid, f.md5, f.size, f"{where}/{f.path.name}")
             for f in fetched.files
         ]
-        item = _Placement(claim, fetched, final, instances)
+        item = _Placement(claim, fetched, final, where, instances)
         self._to_place.append(item)
         # Group commit: whoever holds the lock places everything queued so far, ours
         # included unless an earlier holder already did.
@@ -506,7 +507,7 @@ class _Drain:
                         held.done(
                             p.claim,
                             p.instances,
-                            mirror.relative(p.final),
+                            p.where,
                             p.fetched.size,
                             p.fetched.unverified,
                         )
