@@ -187,6 +187,18 @@ class Measured:
     stderr: str
 
 
+def series_seconds(sizes: dict[str, int], latency: float, bandwidth: int | None) -> list[float]:
+    """Each series' least time on one stream: the answer's wait, then its bytes at the cap
+    (uncapped: the latency alone, a floor no client beats). Empty when nothing bounds it."""
+    if bandwidth is None and not latency:
+        return []
+    return [latency + (size / bandwidth if bandwidth else 0.0) for size in sizes.values()]
+
+
+def ideal_seconds(per_series: list[float], n: int) -> float:
+    return max(sum(per_series) / n, max(per_series)) if per_series else 0.0
+
+
 def run_measured(
     argv: list[str],
     *,

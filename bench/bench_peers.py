@@ -58,8 +58,10 @@ from _common import (
     SimProcess,
     check_engine_mirror,
     engine_argv,
+    ideal_seconds,
     machine_fingerprint,
     run_measured,
+    series_seconds,
     write_config,
 )
 
@@ -181,25 +183,13 @@ def ensure_peers() -> Path:
     return python
 
 
-def ideal_seconds(sizes: dict[str, int], latency: float, bandwidth: int | None, n: int) -> float:
-    if bandwidth is None and not latency:
-        return 0.0
-    # Uncapped: the latency alone (one answer's wait per series), a floor no client beats.
-    per_series = [latency + (size / bandwidth if bandwidth else 0.0) for size in sizes.values()]
-    return max(sum(per_series) / n, max(per_series))
-
-
-def rounds_floor(sizes: dict[str, int], latency: float, bandwidth: int | None, n: int) -> float:
+def rounds_floor(per_series: list[float], n: int) -> float:
     """The ideal's bound when a stream carries one whole series at a time, as every client
     here does (an archive is one answer: it cannot be split across streams): the longest
     series first, each onto the stream free soonest. Above the ideal when the series do
     not divide evenly among the streams (48 onto 10: the fifth round has 8)."""
-    if bandwidth is None and not latency:
-        return 0.0
     free = [0.0] * n
-    for t in sorted(
-        (latency + (s / bandwidth if bandwidth else 0.0) for s in sizes.values()), reverse=True
-    ):
+    for t in sorted(per_series, reverse=True):
         heapq.heapreplace(free, free[0] + t)
     return max(free)
 
@@ -258,8 +248,9 @@ def run_case(case: Case, work: Path, peers: Path | None, repeat: int = 1) -> lis
         uids_path = work / "uids.json"
         uids_path.write_text(json.dumps(sorted(sim.sizes)))
         n, streams = len(sim.sizes), case.streams
-        ideal = ideal_seconds(sim.sizes, case.latency, case.bandwidth, streams)
-        rounds = rounds_floor(sim.sizes, case.latency, case.bandwidth, streams)
+        per_series = series_seconds(sim.sizes, case.latency, case.bandwidth)
+        ideal = ideal_seconds(per_series, streams)
+        rounds = rounds_floor(per_series, streams)
 
         def measure(name: str, argv: list[str], check: Any = None) -> None:
             before = sent(sim)
@@ -271,13 +262,15 @@ def run_case(case: Case, work: Path, peers: Path | None, repeat: int = 1) -> lis
                 row.right = check()
             runs.setdefault(name, []).append(row)
 
+        # Info logs (a line per series placed) where they are few: the drain's window.
+        level = "info" if n <= DRAIN_LOG_MAX_SERIES else "warning"
+        bare = [PYTHON, str(BENCH / "bare_fetch.py"), "--url", sim.url]
+        bare += ["--uids", str(uids_path), "--workers", str(streams)]
         # Every client once per round, in the same order; each round on fresh folders.
         for round_ in range(repeat):
             tag = f"-{round_}" if round_ else ""
             # nbia-sync
             root = work / f"mirror{tag}"
-            # Info logs (a line per series placed) where they are few: the drain's window.
-            level = "info" if n <= DRAIN_LOG_MAX_SERIES else "warning"
             cfg = write_config(
                 work / f"nbia-sync{tag}.toml",
                 root=root,
@@ -297,16 +290,14 @@ def run_case(case: Case, work: Path, peers: Path | None, repeat: int = 1) -> lis
 
             # the bare client (kept archives give the CPU floor)
             keep = work / f"zips{tag}"
-            bare = [PYTHON, str(BENCH / "bare_fetch.py"), "--url", sim.url]
-            bare += ["--uids", str(uids_path)]
-            measure("bare aiohttp", [*bare, "--workers", str(streams), "--keep", str(keep)])
+            measure("bare aiohttp", [*bare, "--keep", str(keep)])
             if floor is None:
                 floor = cpu_floor(keep)
             LEFTOVERS.append(keep)
             # As issue 15 defines the bare client: fetch and discard, here on the event
             # loop nbia-sync runs on where uvloop is installed (the default). Its CPU is
             # what receiving the bytes alone costs.
-            discard = [*bare, "--workers", str(streams), "--uvloop"]
+            discard = [*bare, "--uvloop"]
             measure("bare aiohttp, uvloop, discard", discard)
             if not round_:
                 # What a client process costs before its first request: that client with

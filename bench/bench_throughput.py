@@ -53,7 +53,9 @@ from _common import (
     check_baseline_dir,
     check_engine_mirror,
     engine_argv,
+    ideal_seconds,
     run_measured,
+    series_seconds,
     write_config,
 )
 
@@ -132,11 +134,6 @@ def cases(quick: bool) -> list[Case]:
     ]
 
 
-def ideal_seconds(sizes: dict[str, int], latency: float, bandwidth: int) -> float:
-    per_series = [latency + size / bandwidth for size in sizes.values()]
-    return max(sum(per_series) / STREAMS, max(per_series))
-
-
 def bytes_sent(before: dict[str, Any], after: dict[str, Any]) -> int:
     return int(after["counters"]["bytes_sent"]) - int(before["counters"]["bytes_sent"])
 
@@ -153,7 +150,7 @@ class Row:
 def run_case(case: Case, work: Path) -> tuple[list[Row], float, int, int]:
     faults = {"latency": case.latency, "bandwidth": case.bandwidth, **case.faults}
     with SimProcess(case.archive, faults, work / "sim") as sim:
-        ideal = ideal_seconds(sim.sizes, case.latency, case.bandwidth)
+        ideal = ideal_seconds(series_seconds(sim.sizes, case.latency, case.bandwidth), STREAMS)
         total = sum(sim.sizes.values())
         rows: list[Row] = []
 
