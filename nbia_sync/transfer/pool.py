@@ -26,7 +26,9 @@ pace (bench/README.md): one SQLite writer serialises every transaction.
   claims, in one transaction, a series for every worker then idle; the others pick
   theirs from ``_prefetched`` (workers that queued on the lock meanwhile find theirs
   there). Prefetched claims are heartbeated like running ones, dropped if their lease is
-  lost, and released when the drain stops or ends.
+  lost, and released when the drain stops or ends. A claim that comes back short marks
+  the queue dry: until a notice (a job ended, a connection came free) or an idle wait
+  that runs out, idle workers skip the claim that would come back short again.
 * Completions (group commit): a worker with a verified series queues it and
   takes the place lock; whoever holds it places every queued series in one
   ``placing_many`` transaction (ownership and generation re-checked per series under the
@@ -171,6 +173,13 @@ class _Drain:
         # The last claim found fewer series than asked for: placements stop claiming
         # for their workers (a wasted query each) until a claim comes back full again.
         self._queue_dry = False
+        # The notice current when a claim came back short: until the next notice (a job
+        # ended, a connection came free) or an idle wait that times out, a claim would
+        # come back short again, so idle workers skip it. Without this, once the queue
+        # runs dry, every idle worker (TASKS_PER_SLOT per slot) asked the catalog after
+        # each series that ended: 84 empty write transactions over the last round of 48
+        # ~1 MB series.
+        self._dry_mark: asyncio.Event | None = None
         # The series claimed last were all small: their group commits set the pace, so
         # every worker claims (see _claimers). Until a claim says so, fewer do.
         self._small_queue = False
@@ -257,6 +266,12 @@ class _Drain:
             return self.tasks
         return LARGE_CLAIMS_PER_SLOT * self.transfer.workers
 
+    def _claimed(self, *, short: bool, quiet: bool) -> None:
+        """After a claim, and any notice it sent: ``short``, it found fewer series than
+        it asked for; ``quiet``, no other notice came while it asked (see _dry_mark)."""
+        self._queue_dry = short
+        self._dry_mark = self._changed if short and quiet else None
+
     def _took(self, claims: list[Claim]) -> None:
         self._prefetched.extend(claims)
         if claims:
@@ -277,7 +292,7 @@ class _Drain:
         async with self._claim_lock:
             # Workers that queued here while another claimed find their series ready.
             claim = self._take_prefetched()
-            if claim is not None or self._finished:
+            if claim is not None or self._finished or self._dry_mark is self._changed:
                 return claim
             free = [self.source_ids[name] for name, sem in self.slots.items() if not sem.locked()]
             # One series for every worker not running a job (this one included) that may
@@ -285,6 +300,7 @@ class _Drain:
             idle = self._claimers() - len(self.jobs)
             if not free or self.downloads.locked() or idle <= 0:
                 return None
+            asked = self._changed
             try:
                 # Every catalog call of the pool is shielded from cancellation: they are
                 # short, and a transaction cut half way can leave the driver's connection
@@ -299,10 +315,11 @@ class _Drain:
             except CatalogError as exc:
                 self._abort(exc)
                 return None
-            self._queue_dry = len(claims) < idle
+            quiet = self._changed is asked
             self._took(claims)
             if len(claims) > 1:
                 self._notify()  # idle workers waiting in _wait_for_work: work is here
+            self._claimed(short=len(claims) < idle, quiet=quiet)
             return self._take_prefetched()
 
     async def _release_prefetched(self) -> None:
@@ -342,8 +359,12 @@ class _Drain:
             wait = (ready - self.catalog.clock.now()).total_seconds()
         else:
             wait = MAX_IDLE_POLL  # a running job or the polling worker will wake us
-        with anyio.move_on_after(min(max(wait, MIN_IDLE_POLL), MAX_IDLE_POLL)):
+        with anyio.move_on_after(min(max(wait, MIN_IDLE_POLL), MAX_IDLE_POLL)) as waited:
             await changed.wait()
+        if waited.cancelled_caught:
+            # Time, not a notice: a backoff ran out, a lease expired, or another
+            # process queued work. The next claim asks the catalog again.
+            self._dry_mark = None
         return not self._finished
 
     async def _run_job(self, claim: Claim) -> None:
@@ -474,6 +495,7 @@ class _Drain:
             for name, sem in self.slots.items()
             if not sem.locked() or name in batch_sources
         ]
+        asked = self._changed
         try:
             async with self.catalog.queue.placing_many(
                 [p.claim for p in batch],
@@ -519,10 +541,11 @@ class _Drain:
                     p.error = lost
             settled = True
             if claim_next:
-                self._queue_dry = len(held.claimed) < claim_next
+                quiet = self._changed is asked
                 self._took(held.claimed)
                 if held.claimed:
                     self._notify()
+                self._claimed(short=len(held.claimed) < claim_next, quiet=quiet)
         except Exception as exc:
             # Nothing of this transaction was committed: every series of it failed alike,
             # as one `placing` each would have.

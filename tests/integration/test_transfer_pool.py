@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -122,6 +122,20 @@ async def queue_all(
 async def clients_for(settings: Settings) -> AsyncIterator[dict[str, NbiaClient]]:
     async with NbiaClient(settings.sources[0], settings.transfer) as client:
         yield {"sim": client}
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> Callable[[], int]:
+    """Count the calls of the coroutine method ``owner.name`` (still called through)."""
+    real = getattr(owner, name)
+    calls = 0
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return lambda: calls
 
 
 async def run_drain(
@@ -655,20 +669,42 @@ async def test_idle_workers_ask_the_catalog_once_when_the_drain_ends(
 ) -> None:
     settings = make_settings(tmp_path / "mirror", sim)
     await queue_all(catalog, settings, sim_archive)
-    asked = 0
-    next_ready_at = type(catalog.queue).next_ready_at
-
-    async def counting(queue: Any, *args: Any, **kwargs: Any) -> Any:
-        nonlocal asked
-        asked += 1
-        return await next_ready_at(queue, *args, **kwargs)
-
-    monkeypatch.setattr(type(catalog.queue), "next_ready_at", counting)
+    asked = count_calls(monkeypatch, type(catalog.queue), "next_ready_at")
     report = await run_drain(settings, catalog)
     assert report.done == len(sim_archive.series)
     # Every worker went idle at the end; one of them asked for all.
     assert settings.transfer.workers > 1
-    assert asked == 1
+    assert asked() == 1
+
+
+async def test_after_a_claim_comes_back_short_workers_ask_again_only_after_a_notice_or_a_wait(
+    catalog: Catalog,
+    sim: SimServer,
+    sim_archive: SimArchive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nbia_sync.transfer import pool
+
+    settings = make_settings(tmp_path / "mirror", sim)
+    await queue_all(catalog, settings, sim_archive)
+    asked = count_calls(monkeypatch, type(catalog.queue), "claim")
+    monkeypatch.setattr(pool, "MAX_IDLE_POLL", 0.05)
+    async with clients_for(settings) as clients:
+        d = pool._Drain(settings, catalog, clients, Mirror(settings.mirror.root), OWNER, Recorder())
+        d.source_ids["sim"] = await catalog.sources.ensure_source(settings.sources[0])
+        taken = [await d._claim() for _ in range(len(sim_archive.series))]
+        assert None not in taken and asked() == 1  # one claim took all eight
+        assert await d._claim() is None and asked() == 2  # the queue is empty now
+        assert [await d._claim() for _ in range(20)] == [None] * 20
+        assert asked() == 2  # nothing changed since: nobody asked
+        d._notify()  # a series ended
+        assert [await d._claim() for _ in range(20)] == [None] * 20
+        assert asked() == 3  # the first idle worker asked, once
+        d.jobs[0] = pool._Job(taken[0])  # a job runs: an idle wait lasts MAX_IDLE_POLL
+        assert await d._wait_for_work()
+        assert await d._claim() is None
+        assert asked() == 4  # the wait ran out, not noticed: the catalog may hold more now
 
 
 async def test_a_worker_waiting_for_its_commit_leaves_its_connection_to_another(
