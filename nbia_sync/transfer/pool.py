@@ -68,12 +68,12 @@ from nbia_sync.transfer.download import FetchedSeries, fetch_series, is_small
 
 log = structlog.get_logger(__name__)
 
-# Longest an idle worker sleeps before asking the catalog again (other processes may add
-# or finish work without telling us).
-# In a fleet this is also how late a process notices that a peer finished the last series
-# it was waiting for (bench/bench_fleet.py: 5 s here cost a 2-process fleet ~30 % of its
-# wall time); one short indexed read per idle worker per second is cheap.
-MAX_IDLE_POLL = 1.0
+# Longest the polling worker (one per drain, see _wait_for_work) sleeps before it asks
+# the catalog again: other processes add or finish work without telling us. In a fleet
+# this is also how late a process notices that a peer finished the last series it was
+# waiting for (bench/bench_fleet.py: 5 s here cost a 2-process fleet ~30 % of its wall
+# time). One claim or one indexed read per IDLE_POLL per process is cheap.
+IDLE_POLL = 0.2
 MIN_IDLE_POLL = 0.05
 # Most series placed in one catalog transaction (bounds the time the write lock is held:
 # a few renames and directory fsyncs per series).
@@ -333,34 +333,43 @@ class _Drain:
                     log.warning("release_failed", series_uid=claim.series_uid, error=str(exc))
 
     async def _wait_for_work(self) -> bool:
-        """Wait until more work may be claimable; False when the drain is over."""
+        """Wait until more work may be claimable; False when the drain is over.
+
+        One idle worker at a time polls: with nothing in flight it first asks the catalog
+        what is left for all of them, then it sleeps at most IDLE_POLL and claims again.
+        The others wait for a notice (a series ended, a connection came free, claims were
+        made for them), so a dry queue costs one claim per IDLE_POLL, not one per idle
+        worker (TASKS_PER_SLOT per slot)."""
         if self._finished:
             return False
         changed = self._changed
         if self._prefetched:
             return True
-        if not self.jobs and not self._polling:
-            # One idle worker asks for all: the others wait for its notice (when a drain
-            # ends, every worker goes idle at once).
-            self._polling = True
-            try:
-                with anyio.CancelScope(shield=True):  # see _claim
-                    ready = await self.catalog.queue.next_ready_at(list(self.source_ids.values()))
-            except CatalogError as exc:
-                self._abort(exc)
-                return False
-            finally:
-                self._polling = False
-            if ready is None:
-                # Nothing queued, nothing backing off, nothing in flight: done.
-                self._finished = True
-                self._notify()
-                return False
-            wait = (ready - self.catalog.clock.now()).total_seconds()
-        else:
-            wait = MAX_IDLE_POLL  # a running job or the polling worker will wake us
-        with anyio.move_on_after(min(max(wait, MIN_IDLE_POLL), MAX_IDLE_POLL)) as waited:
+        if self._polling:
             await changed.wait()
+            return not self._finished
+        self._polling = True
+        try:
+            wait = IDLE_POLL  # a running job will wake us sooner
+            if not self.jobs:
+                try:
+                    with anyio.CancelScope(shield=True):  # see _claim
+                        ready = await self.catalog.queue.next_ready_at(
+                            list(self.source_ids.values())
+                        )
+                except CatalogError as exc:
+                    self._abort(exc)
+                    return False
+                if ready is None:
+                    # Nothing queued, nothing backing off, nothing in flight: done.
+                    self._finished = True
+                    self._notify()
+                    return False
+                wait = (ready - self.catalog.clock.now()).total_seconds()
+            with anyio.move_on_after(min(max(wait, MIN_IDLE_POLL), IDLE_POLL)) as waited:
+                await changed.wait()
+        finally:
+            self._polling = False
         if waited.cancelled_caught:
             # Time, not a notice: a backoff ran out, a lease expired, or another
             # process queued work. The next claim asks the catalog again.

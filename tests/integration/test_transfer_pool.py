@@ -689,7 +689,7 @@ async def test_after_a_claim_comes_back_short_workers_ask_again_only_after_a_not
     settings = make_settings(tmp_path / "mirror", sim)
     await queue_all(catalog, settings, sim_archive)
     asked = count_calls(monkeypatch, type(catalog.queue), "claim")
-    monkeypatch.setattr(pool, "MAX_IDLE_POLL", 0.05)
+    monkeypatch.setattr(pool, "IDLE_POLL", 0.05)
     async with clients_for(settings) as clients:
         d = pool._Drain(settings, catalog, clients, Mirror(settings.mirror.root), OWNER, Recorder())
         d.source_ids["sim"] = await catalog.sources.ensure_source(settings.sources[0])
@@ -701,10 +701,63 @@ async def test_after_a_claim_comes_back_short_workers_ask_again_only_after_a_not
         d._notify()  # a series ended
         assert [await d._claim() for _ in range(20)] == [None] * 20
         assert asked() == 3  # the first idle worker asked, once
-        d.jobs[0] = pool._Job(taken[0])  # a job runs: an idle wait lasts MAX_IDLE_POLL
+        d.jobs[0] = pool._Job(taken[0])  # a job runs: an idle wait lasts IDLE_POLL
         assert await d._wait_for_work()
         assert await d._claim() is None
         assert asked() == 4  # the wait ran out, not noticed: the catalog may hold more now
+
+
+async def test_while_a_series_downloads_one_idle_worker_polls_the_dry_queue(
+    catalog: Catalog,
+    sim: SimServer,
+    sim_archive: SimArchive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nbia_sync.transfer import pool
+
+    monkeypatch.setattr(pool, "IDLE_POLL", 0.05)
+    settings = make_settings(tmp_path / "mirror", sim)
+    await queue_all(catalog, settings, sim_archive)
+    held = min(sim_archive.series)
+    release = anyio.Event()
+    fetch_series = pool.fetch_series
+
+    async def holding(client: Any, claim: Any, *args: Any, **kwargs: Any) -> Any:
+        if claim.series_uid == held:
+            await release.wait()
+        return await fetch_series(client, claim, *args, **kwargs)
+
+    monkeypatch.setattr(pool, "fetch_series", holding)
+    asked = count_calls(monkeypatch, type(catalog.queue), "claim")
+    others = anyio.Event()
+
+    class Progress(Recorder):
+        def series_finished(self, series_uid: str, **kwargs: Any) -> None:
+            super().series_finished(series_uid, **kwargs)
+            if len(self.finished) == len(sim_archive.series) - 1:
+                others.set()
+
+    progress = Progress()
+    polled = -1
+
+    async def watch() -> None:
+        nonlocal polled
+        with anyio.fail_after(30):
+            await others.wait()
+        # The others are placed and the queue is dry: only the held series runs.
+        before = asked()
+        await anyio.sleep(0.5)
+        polled = asked() - before
+        release.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        report = await run_drain(settings, catalog, progress)
+    assert report.done == len(sim_archive.series)
+    # Ten IDLE_POLLs went by with 31 workers idle: one of them asked each time.
+    assert pool.TASKS_PER_SLOT * settings.transfer.workers - 1 > 12
+    assert 0 < polled <= 12
 
 
 async def test_a_worker_waiting_for_its_commit_leaves_its_connection_to_another(
