@@ -75,6 +75,9 @@ log = structlog.get_logger(__name__)
 # time). One claim or one indexed read per IDLE_POLL per process is cheap.
 IDLE_POLL = 0.2
 MIN_IDLE_POLL = 0.05
+# Longest the other idle workers wait for a notice: then one of them polls if the
+# polling worker has left to run a series it claimed (so polling never stops for long).
+IDLE_WAIT = 1.0
 # Most series placed in one catalog transaction (bounds the time the write lock is held:
 # a few renames and directory fsyncs per series).
 MAX_PLACE_BATCH = 64
@@ -287,7 +290,7 @@ class _Drain:
 
     async def _claim(self) -> Claim | None:
         claim = self._take_prefetched()
-        if claim is not None:
+        if claim is not None or self._dry_mark is self._changed:
             return claim
         async with self._claim_lock:
             # Workers that queued here while another claimed find their series ready.
@@ -339,14 +342,16 @@ class _Drain:
         what is left for all of them, then it sleeps at most IDLE_POLL and claims again.
         The others wait for a notice (a series ended, a connection came free, claims were
         made for them), so a dry queue costs one claim per IDLE_POLL, not one per idle
-        worker (TASKS_PER_SLOT per slot)."""
+        worker (TASKS_PER_SLOT per slot). If the poller claims a series and runs it,
+        another takes over the polling within IDLE_WAIT."""
         if self._finished:
             return False
         changed = self._changed
         if self._prefetched:
             return True
         if self._polling:
-            await changed.wait()
+            with anyio.move_on_after(IDLE_WAIT):
+                await changed.wait()
             return not self._finished
         self._polling = True
         try:

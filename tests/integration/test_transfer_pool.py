@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -97,8 +97,13 @@ def make_settings(root: Path, sim: SimServer, **transfer: Any) -> Settings:
 
 
 async def queue_all(
-    catalog: Catalog, settings: Settings, archive: SimArchive, source: int = 0
+    catalog: Catalog,
+    settings: Settings,
+    archive: SimArchive,
+    source: int = 0,
+    only: Collection[str] | None = None,
 ) -> None:
+    """Queue the archive's series (``only`` these UIDs, when given)."""
     source_id = await catalog.sources.ensure_source(settings.sources[source])
     await catalog.sources.upsert_series(
         source_id,
@@ -114,6 +119,7 @@ async def queue_all(
                 date_released=s.date_released,
             )
             for s in archive.series.values()
+            if only is None or s.uid in only
         ],
     )
 
@@ -136,6 +142,23 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> Call
 
     monkeypatch.setattr(owner, name, counting)
     return lambda: calls
+
+
+def hold_fetches(monkeypatch: pytest.MonkeyPatch, uids: Collection[str]) -> anyio.Event:
+    """Downloads of these series wait (their connection slot taken) until the returned
+    event is set."""
+    from nbia_sync.transfer import pool
+
+    release = anyio.Event()
+    fetch_series = pool.fetch_series
+
+    async def holding(client: Any, claim: Any, *args: Any, **kwargs: Any) -> Any:
+        if claim.series_uid in uids:
+            await release.wait()
+        return await fetch_series(client, claim, *args, **kwargs)
+
+    monkeypatch.setattr(pool, "fetch_series", holding)
+    return release
 
 
 async def run_drain(
@@ -719,16 +742,7 @@ async def test_while_a_series_downloads_one_idle_worker_polls_the_dry_queue(
     monkeypatch.setattr(pool, "IDLE_POLL", 0.05)
     settings = make_settings(tmp_path / "mirror", sim)
     await queue_all(catalog, settings, sim_archive)
-    held = min(sim_archive.series)
-    release = anyio.Event()
-    fetch_series = pool.fetch_series
-
-    async def holding(client: Any, claim: Any, *args: Any, **kwargs: Any) -> Any:
-        if claim.series_uid == held:
-            await release.wait()
-        return await fetch_series(client, claim, *args, **kwargs)
-
-    monkeypatch.setattr(pool, "fetch_series", holding)
+    release = hold_fetches(monkeypatch, {min(sim_archive.series)})
     asked = count_calls(monkeypatch, type(catalog.queue), "claim")
     others = anyio.Event()
 
@@ -758,6 +772,59 @@ async def test_while_a_series_downloads_one_idle_worker_polls_the_dry_queue(
     # Ten IDLE_POLLs went by with 31 workers idle: one of them asked each time.
     assert pool.TASKS_PER_SLOT * settings.transfer.workers - 1 > 12
     assert 0 < polled <= 12
+
+
+async def test_when_the_polling_worker_takes_a_series_another_polls_in_its_place(
+    catalog: Catalog,
+    sim: SimServer,
+    sim_archive: SimArchive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nbia_sync.transfer import pool
+
+    monkeypatch.setattr(pool, "IDLE_POLL", 0.05)
+    monkeypatch.setattr(pool, "IDLE_WAIT", 0.2)
+    settings = make_settings(tmp_path / "mirror", sim)
+    first, second, third, *rest = sorted(sim_archive.series)
+    await queue_all(catalog, settings, sim_archive, only={first, *rest})
+    release = hold_fetches(monkeypatch, {first, second})
+    others, second_started, third_done = anyio.Event(), anyio.Event(), anyio.Event()
+
+    class Progress(Recorder):
+        def series_started(self, series_uid: str, expected_bytes: int | None) -> None:
+            super().series_started(series_uid, expected_bytes)
+            if series_uid == second:
+                second_started.set()
+
+        def series_finished(self, series_uid: str, **kwargs: Any) -> None:
+            super().series_finished(series_uid, **kwargs)
+            if len(self.finished) == len(rest):
+                others.set()
+            if series_uid == third:
+                third_done.set()
+
+    placed_while_held = False
+
+    async def add_late_series() -> None:
+        nonlocal placed_while_held
+        with anyio.fail_after(30):
+            await others.wait()
+            # Only `first` is in flight; the polling worker claims `second` and runs it.
+            await queue_all(catalog, settings, sim_archive, only={second})
+            await second_started.wait()
+        # Both in flight are held, so no notice comes: only a poll finds `third`.
+        await queue_all(catalog, settings, sim_archive, only={third})
+        with anyio.move_on_after(10):
+            await third_done.wait()
+            placed_while_held = True
+        release.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(add_late_series)
+        report = await run_drain(settings, catalog, Progress())
+    assert placed_while_held
+    assert report.done == len(sim_archive.series)
 
 
 async def test_a_worker_waiting_for_its_commit_leaves_its_connection_to_another(
