@@ -342,7 +342,8 @@ class _Drain:
         what is left for all of them, then it sleeps at most IDLE_POLL and claims again.
         The others wait for a notice (a series ended, a connection came free, claims were
         made for them), so a dry queue costs one claim per IDLE_POLL, not one per idle
-        worker (TASKS_PER_SLOT per slot). If the poller claims a series and runs it,
+        worker (TASKS_PER_SLOT per slot); with nothing in flight, it claims only when
+        the catalog says something is ready. If the poller claims a series and runs it,
         another takes over the polling within IDLE_WAIT."""
         if self._finished:
             return False
@@ -356,6 +357,7 @@ class _Drain:
         self._polling = True
         try:
             wait = IDLE_POLL  # a running job will wake us sooner
+            due = True  # with series in flight, only a claim can tell
             if not self.jobs:
                 try:
                     with anyio.CancelScope(shield=True):  # see _claim
@@ -371,11 +373,14 @@ class _Drain:
                     self._notify()
                     return False
                 wait = (ready - self.catalog.clock.now()).total_seconds()
+                # Nothing is claimable before this sleep ends (a backoff, a peer's lease):
+                # the next poll reads again instead of claiming (a write) for nothing.
+                due = wait <= IDLE_POLL
             with anyio.move_on_after(min(max(wait, MIN_IDLE_POLL), IDLE_POLL)) as waited:
                 await changed.wait()
         finally:
             self._polling = False
-        if waited.cancelled_caught:
+        if waited.cancelled_caught and due:
             # Time, not a notice: a backoff ran out, a lease expired, or another
             # process queued work. The next claim asks the catalog again.
             self._dry_mark = None

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import anyio
@@ -24,7 +25,13 @@ from nbia_sync.catalog import Catalog, SeriesState
 from nbia_sync.catalog import queue as catalog_queue
 from nbia_sync.clock import SYSTEM_CLOCK, Clock, FakeClock
 from nbia_sync.config import Settings, settings_from_dict
-from nbia_sync.errors import AuthError, CatalogError, DiskSpaceError, UntrustedServerError
+from nbia_sync.errors import (
+    AuthError,
+    CatalogError,
+    DiskSpaceError,
+    RetryableError,
+    UntrustedServerError,
+)
 from nbia_sync.sim import SimArchive, SimFaults, SimServer
 from nbia_sync.sim.testing import running_sim
 from nbia_sync.storage import Mirror
@@ -40,6 +47,15 @@ def clock(request: pytest.FixtureRequest) -> Clock:
 
 
 OWNER = "test-host:1:run"
+
+
+@pytest.fixture
+def pool(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The pool module, its polling idle worker asking every 50 ms (IDLE_POLL)."""
+    from nbia_sync.transfer import pool
+
+    monkeypatch.setattr(pool, "IDLE_POLL", 0.05)
+    return pool
 
 
 class Recorder:
@@ -706,13 +722,11 @@ async def test_after_a_claim_comes_back_short_workers_ask_again_only_after_a_not
     sim_archive: SimArchive,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    pool: ModuleType,
 ) -> None:
-    from nbia_sync.transfer import pool
-
     settings = make_settings(tmp_path / "mirror", sim)
     await queue_all(catalog, settings, sim_archive)
     asked = count_calls(monkeypatch, type(catalog.queue), "claim")
-    monkeypatch.setattr(pool, "IDLE_POLL", 0.05)
     async with clients_for(settings) as clients:
         d = pool._Drain(settings, catalog, clients, Mirror(settings.mirror.root), OWNER, Recorder())
         d.source_ids["sim"] = await catalog.sources.ensure_source(settings.sources[0])
@@ -736,10 +750,8 @@ async def test_while_a_series_downloads_one_idle_worker_polls_the_dry_queue(
     sim_archive: SimArchive,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    pool: ModuleType,
 ) -> None:
-    from nbia_sync.transfer import pool
-
-    monkeypatch.setattr(pool, "IDLE_POLL", 0.05)
     settings = make_settings(tmp_path / "mirror", sim)
     await queue_all(catalog, settings, sim_archive)
     release = hold_fetches(monkeypatch, {min(sim_archive.series)})
@@ -780,10 +792,8 @@ async def test_when_the_polling_worker_takes_a_series_another_polls_in_its_place
     sim_archive: SimArchive,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    pool: ModuleType,
 ) -> None:
-    from nbia_sync.transfer import pool
-
-    monkeypatch.setattr(pool, "IDLE_POLL", 0.05)
     monkeypatch.setattr(pool, "IDLE_WAIT", 0.2)
     settings = make_settings(tmp_path / "mirror", sim)
     first, second, third, *rest = sorted(sim_archive.series)
@@ -825,6 +835,54 @@ async def test_when_the_polling_worker_takes_a_series_another_polls_in_its_place
         report = await run_drain(settings, catalog, Progress())
     assert placed_while_held
     assert report.done == len(sim_archive.series)
+
+
+async def test_while_the_only_series_left_backs_off_the_drain_reads_and_does_not_claim(
+    catalog: Catalog,
+    sim: SimServer,
+    sim_archive: SimArchive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pool: ModuleType,
+) -> None:
+    settings = make_settings(tmp_path / "mirror", sim, retry_max_delay=1.5)
+    await queue_all(catalog, settings, sim_archive)
+    failing = min(sim_archive.series)
+    fetch_series = pool.fetch_series
+    attempts = 0
+
+    async def failing_once(client: Any, claim: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal attempts
+        if claim.series_uid == failing:
+            attempts += 1
+            if attempts == 1:
+                raise RetryableError("503 from the archive", retry_after=1.5)
+        return await fetch_series(client, claim, *args, **kwargs)
+
+    monkeypatch.setattr(pool, "fetch_series", failing_once)
+    asked = count_calls(monkeypatch, type(catalog.queue), "claim")
+    polled = count_calls(monkeypatch, type(catalog.queue), "next_ready_at")
+    counts: dict[str, tuple[int, int]] = {}
+
+    class Progress(Recorder):
+        def series_started(self, series_uid: str, expected_bytes: int | None) -> None:
+            super().series_started(series_uid, expected_bytes)
+            if series_uid == failing and attempts == 1:
+                counts["retried"] = (asked(), polled())  # its backoff is over
+
+        def series_finished(self, series_uid: str, **kwargs: Any) -> None:
+            super().series_finished(series_uid, **kwargs)
+            if len(self.finished) == len(sim_archive.series):  # the others, and its failure
+                counts["all_idle"] = (asked(), polled())
+
+    report = await run_drain(settings, catalog, Progress())
+    assert (report.done, report.retried) == (len(sim_archive.series), 1)
+    claims, polls = (a - b for a, b in zip(counts["retried"], counts["all_idle"], strict=True))
+    # Most of 1.5 s of backoff (Retry-After) with nothing in flight: the catalog read every
+    # IDLE_POLL, and claimed from once the series was due (and once after the notice
+    # of the last series to end), not every IDLE_POLL.
+    assert polls >= 5
+    assert claims <= 2
 
 
 async def test_a_worker_waiting_for_its_commit_leaves_its_connection_to_another(
