@@ -21,6 +21,9 @@ is timed from the first start to the last exit. Printed per N:
   ideal      fraction of the cap: (bytes / (N x workers x cap)) / wall
   right      series whose files carry the archive's MD5s (must be all)
   twice      series the catalog says were downloaded more than once (must be 0)
+  tx/s       catalog transactions committed by the fleet per series (PostgreSQL's
+             pg_stat_database.xact_commit over the run): the load the claim protocol
+             puts on the shared database
 
 The bandwidth cap makes each stream slow on purpose: a fleet is for aggregating streams
 the archive limits one by one, so linear scaling is what a working claim protocol gives.
@@ -64,6 +67,7 @@ class Result:
     series: int
     twice: int
     codes: list[int]
+    commits: int
 
     @property
     def rate(self) -> float:
@@ -90,6 +94,20 @@ async def _admin(sql: str) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+async def _commits(database: str) -> int:
+    """Transactions committed in ``database`` so far (pg_stat_database)."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    conn = await asyncpg.connect(PG_ADMIN)
+    try:
+        value = await conn.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = $1", database
+        )
+    finally:
+        await conn.close()
+    return int(value or 0)
 
 
 def start_sim(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[str], str]:
@@ -214,6 +232,7 @@ def run_fleet(
         subprocess.run(
             [*ENGINE, "-c", str(config), "status"], cwd=REPO, check=True, capture_output=True
         )
+        committed = asyncio.run(_commits(name))
         logs = [open(work / f"fleet-{n}-{i}.err", "wb") for i in range(n)]  # noqa: SIM115
         t0 = time.time()
         procs = [
@@ -229,6 +248,9 @@ def run_fleet(
         wall = time.time() - t0
         for log in logs:
             log.close()
+        # Each backend reports its counts as it ends; give the last ones a moment.
+        time.sleep(1.0)
+        committed = asyncio.run(_commits(name)) - committed
         first, last, twice = asyncio.run(catalog_facts(catalog))
         span = (last.timestamp() - t0) if last is not None else float("nan")
         work = (last - first).total_seconds() if first and last else float("nan")
@@ -236,9 +258,8 @@ def run_fleet(
     finally:
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         shutil.rmtree(root, ignore_errors=True)
-    return Result(
-        n, wall, span, work, total_bytes, right, len({r.parent for r in truth}), twice, codes
-    )
+    series = len({r.parent for r in truth})
+    return Result(n, wall, span, work, total_bytes, right, series, twice, codes, committed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"{'procs':>5} {'wall s':>7} {'span s':>7} {'work s':>7} {'MB/s':>6} {'linear':>7} "
-        f"{'w-lin':>6} {'ideal':>6} {'right':>7} {'twice':>5}"
+        f"{'w-lin':>6} {'ideal':>6} {'right':>7} {'twice':>5} {'tx/s':>5}"
     )
     for r in results:
         linear = r.rate / (r.procs * base)
@@ -302,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r.procs:>5} {r.wall:>7.1f} {r.span:>7.1f} {r.work:>7.1f} {r.rate / MB:>6.2f} "
             f"{linear:>7.2f} {work_linear:>6.2f} {ideal:>6.2f} {r.right:>3}/{r.series:<3} "
-            f"{r.twice:>5}"
+            f"{r.twice:>5} {r.commits / r.series:>5.1f}"
         )
     ok = all(r.right == r.series and r.twice == 0 and set(r.codes) == {0} for r in results)
     return 0 if ok else 1
