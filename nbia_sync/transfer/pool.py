@@ -68,15 +68,16 @@ from nbia_sync.transfer.download import FetchedSeries, fetch_series, is_small
 
 log = structlog.get_logger(__name__)
 
-# Longest the polling worker (one per drain, see _wait_for_work) sleeps before it asks
-# the catalog again: other processes add or finish work without telling us. In a fleet
-# this is also how late a process notices that a peer finished the last series it was
-# waiting for (bench/bench_fleet.py: 5 s here cost a 2-process fleet ~30 % of its wall
-# time). One claim or one indexed read per IDLE_POLL per process is cheap.
+# Longest the polling worker (one per drain, see _wait_for_work) sleeps, with nothing in
+# flight, before it asks the catalog again: other processes add or finish work without
+# telling us. In a fleet this is how late a process notices that a peer finished the
+# last series it was waiting for (bench/bench_fleet.py: 5 s here cost a 2-process fleet
+# ~30 % of its wall time). One indexed read per IDLE_POLL per process is cheap.
 IDLE_POLL = 0.2
 MIN_IDLE_POLL = 0.05
-# Longest the other idle workers wait for a notice: then one of them polls if the
-# polling worker has left to run a series it claimed (so polling never stops for long).
+# With series in flight (each wakes the idle workers when it ends), how long the poller
+# waits before it claims again, and the other idle workers for a notice before one of
+# them polls in case the poller left to run a series it claimed.
 IDLE_WAIT = 1.0
 # Most series placed in one catalog transaction (bounds the time the write lock is held:
 # a few renames and directory fsyncs per series).
@@ -338,13 +339,13 @@ class _Drain:
     async def _wait_for_work(self) -> bool:
         """Wait until more work may be claimable; False when the drain is over.
 
-        One idle worker at a time polls: with nothing in flight it first asks the catalog
-        what is left for all of them, then it sleeps at most IDLE_POLL and claims again.
-        The others wait for a notice (a series ended, a connection came free, claims were
-        made for them), so a dry queue costs one claim per IDLE_POLL, not one per idle
-        worker (TASKS_PER_SLOT per slot); with nothing in flight, it claims only when
-        the catalog says something is ready. If the poller claims a series and runs it,
-        another takes over the polling within IDLE_WAIT."""
+        One idle worker at a time polls: with series in flight it claims again after
+        IDLE_WAIT; with none, it asks the catalog what is left for all of them every
+        IDLE_POLL and claims only once the catalog says a series is ready. The others
+        wait for a notice (a series ended, a connection came free, claims were made for
+        them), so a dry queue costs one poll at a time, not one claim per idle worker
+        (TASKS_PER_SLOT per slot). If the poller claims a series and runs it, another
+        takes over the polling within IDLE_WAIT."""
         if self._finished:
             return False
         changed = self._changed
@@ -356,7 +357,7 @@ class _Drain:
             return not self._finished
         self._polling = True
         try:
-            wait = IDLE_POLL  # a running job will wake us sooner
+            wait = IDLE_WAIT  # a running job will wake us sooner
             due = True  # with series in flight, only a claim can tell
             if not self.jobs:
                 try:
@@ -376,7 +377,8 @@ class _Drain:
                 # Nothing is claimable before this sleep ends (a backoff, a peer's lease):
                 # the next poll reads again instead of claiming (a write) for nothing.
                 due = wait <= IDLE_POLL
-            with anyio.move_on_after(min(max(wait, MIN_IDLE_POLL), IDLE_POLL)) as waited:
+                wait = min(wait, IDLE_POLL)
+            with anyio.move_on_after(max(wait, MIN_IDLE_POLL)) as waited:
                 await changed.wait()
         finally:
             self._polling = False

@@ -51,10 +51,11 @@ OWNER = "test-host:1:run"
 
 @pytest.fixture
 def pool(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """The pool module, its polling idle worker asking every 50 ms (IDLE_POLL)."""
+    """The pool module, its idle workers polling every 50 ms (IDLE_POLL, IDLE_WAIT)."""
     from nbia_sync.transfer import pool
 
     monkeypatch.setattr(pool, "IDLE_POLL", 0.05)
+    monkeypatch.setattr(pool, "IDLE_WAIT", 0.05)
     return pool
 
 
@@ -738,7 +739,7 @@ async def test_after_a_claim_comes_back_short_workers_ask_again_only_after_a_not
         d._notify()  # a series ended
         assert [await d._claim() for _ in range(20)] == [None] * 20
         assert asked() == 3  # the first idle worker asked, once
-        d.jobs[0] = pool._Job(taken[0])  # a job runs: an idle wait lasts IDLE_POLL
+        d.jobs[0] = pool._Job(taken[0])  # a job runs: the poller waits IDLE_WAIT
         assert await d._wait_for_work()
         assert await d._claim() is None
         assert asked() == 4  # the wait ran out, not noticed: the catalog may hold more now
@@ -752,6 +753,9 @@ async def test_while_a_series_downloads_one_idle_worker_polls_the_dry_queue(
     monkeypatch: pytest.MonkeyPatch,
     pool: ModuleType,
 ) -> None:
+    # With a series in flight the poller claims every IDLE_WAIT, not every IDLE_POLL.
+    monkeypatch.setattr(pool, "IDLE_POLL", 0.01)
+    monkeypatch.setattr(pool, "IDLE_WAIT", 0.1)
     settings = make_settings(tmp_path / "mirror", sim)
     await queue_all(catalog, settings, sim_archive)
     release = hold_fetches(monkeypatch, {min(sim_archive.series)})
@@ -781,9 +785,9 @@ async def test_while_a_series_downloads_one_idle_worker_polls_the_dry_queue(
         tg.start_soon(watch)
         report = await run_drain(settings, catalog, progress)
     assert report.done == len(sim_archive.series)
-    # Ten IDLE_POLLs went by with 31 workers idle: one of them asked each time.
-    assert pool.TASKS_PER_SLOT * settings.transfer.workers - 1 > 12
-    assert 0 < polled <= 12
+    # Five IDLE_WAITs went by with 31 workers idle: one of them asked each time.
+    assert pool.TASKS_PER_SLOT * settings.transfer.workers - 1 > 7
+    assert 0 < polled <= 7
 
 
 async def test_when_the_polling_worker_takes_a_series_another_polls_in_its_place(
@@ -794,7 +798,6 @@ async def test_when_the_polling_worker_takes_a_series_another_polls_in_its_place
     monkeypatch: pytest.MonkeyPatch,
     pool: ModuleType,
 ) -> None:
-    monkeypatch.setattr(pool, "IDLE_WAIT", 0.2)
     settings = make_settings(tmp_path / "mirror", sim)
     first, second, third, *rest = sorted(sim_archive.series)
     await queue_all(catalog, settings, sim_archive, only={first, *rest})
