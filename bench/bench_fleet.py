@@ -232,7 +232,7 @@ def run_fleet(
         subprocess.run(
             [*ENGINE, "-c", str(config), "status"], cwd=REPO, check=True, capture_output=True
         )
-        committed = asyncio.run(_commits(name))
+        commits_before = asyncio.run(_commits(name))
         logs = [open(work / f"fleet-{n}-{i}.err", "wb") for i in range(n)]  # noqa: SIM115
         t0 = time.time()
         procs = [
@@ -250,7 +250,7 @@ def run_fleet(
             log.close()
         # Each backend reports its counts as it ends; give the last ones a moment.
         time.sleep(1.0)
-        committed = asyncio.run(_commits(name)) - committed
+        committed = asyncio.run(_commits(name)) - commits_before
         first, last, twice = asyncio.run(catalog_facts(catalog))
         span = (last.timestamp() - t0) if last is not None else float("nan")
         work = (last - first).total_seconds() if first and last else float("nan")

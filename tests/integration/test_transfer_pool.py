@@ -25,13 +25,7 @@ from nbia_sync.catalog import Catalog, SeriesState
 from nbia_sync.catalog import queue as catalog_queue
 from nbia_sync.clock import SYSTEM_CLOCK, Clock, FakeClock
 from nbia_sync.config import Settings, settings_from_dict
-from nbia_sync.errors import (
-    AuthError,
-    CatalogError,
-    DiskSpaceError,
-    RetryableError,
-    UntrustedServerError,
-)
+from nbia_sync.errors import AuthError, CatalogError, DiskSpaceError, UntrustedServerError
 from nbia_sync.sim import SimArchive, SimFaults, SimServer
 from nbia_sync.sim.testing import running_sim
 from nbia_sync.storage import Mirror
@@ -848,21 +842,13 @@ async def test_while_the_only_series_left_backs_off_the_drain_reads_and_does_not
     monkeypatch: pytest.MonkeyPatch,
     pool: ModuleType,
 ) -> None:
-    settings = make_settings(tmp_path / "mirror", sim, retry_max_delay=1.5)
+    # One request a download: the archive's 429 fails the series, which waits out the
+    # Retry-After as a backoff with nothing in flight.
+    settings = make_settings(tmp_path / "mirror", sim, retry_max_delay=1.5, request_attempts=1)
     await queue_all(catalog, settings, sim_archive)
     failing = min(sim_archive.series)
-    fetch_series = pool.fetch_series
-    attempts = 0
-
-    async def failing_once(client: Any, claim: Any, *args: Any, **kwargs: Any) -> Any:
-        nonlocal attempts
-        if claim.series_uid == failing:
-            attempts += 1
-            if attempts == 1:
-                raise RetryableError("503 from the archive", retry_after=1.5)
-        return await fetch_series(client, claim, *args, **kwargs)
-
-    monkeypatch.setattr(pool, "fetch_series", failing_once)
+    sim.faults.retry_after = 1.5
+    sim.faults.script_series(failing, ["429"])
     asked = count_calls(monkeypatch, type(catalog.queue), "claim")
     polled = count_calls(monkeypatch, type(catalog.queue), "next_ready_at")
     counts: dict[str, tuple[int, int]] = {}
@@ -870,7 +856,7 @@ async def test_while_the_only_series_left_backs_off_the_drain_reads_and_does_not
     class Progress(Recorder):
         def series_started(self, series_uid: str, expected_bytes: int | None) -> None:
             super().series_started(series_uid, expected_bytes)
-            if series_uid == failing and attempts == 1:
+            if self.started.count(failing) == 2:
                 counts["retried"] = (asked(), polled())  # its backoff is over
 
         def series_finished(self, series_uid: str, **kwargs: Any) -> None:
