@@ -264,6 +264,15 @@ def _setup(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _prepare_tls(settings: Settings) -> None:
+    """For a command that talks to the archive: the trust store loads in a thread while
+    the command goes on importing (see tls)."""
+    if any(source.verify_tls for source in settings.sources):
+        from nbia_sync.tls import prepare
+
+        prepare()
+
+
 def _configure_logging(args: argparse.Namespace, level: str, fmt: str) -> None:
     from nbia_sync.log import configure_logging, level_from_flags
 
@@ -379,6 +388,7 @@ def _run_pass_command(
 ) -> int:
     """One pass (sync, fetch) with a progress display; the pass's exit code, or after()'s
     when the pass itself ended ok."""
+    _prepare_tls(settings)
     # Imported after the config loaded: a config error must not depend on them.
     from nbia_sync.display import terminal_progress
     from nbia_sync.engine import run_pass
@@ -512,6 +522,7 @@ def _conflicts(report: PassReport) -> int:
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     settings = _setup(args)
+    _prepare_tls(settings)
     # Imported after the config loaded: a config error must not depend on them.
     from nbia_sync.daemon import run_daemon
     from nbia_sync.storage import check_writable
@@ -605,6 +616,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_add_manifest(args: argparse.Namespace) -> int:
     settings = _setup(args)
+    _prepare_tls(settings)
     from nbia_sync.api.client import NbiaClient
     from nbia_sync.api.manifest import parse_manifest
     from nbia_sync.discovery import add_manifest

@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import date
+from ssl import SSLContext
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -32,6 +33,7 @@ from nbia_sync.clock import SYSTEM_CLOCK, Clock
 from nbia_sync.config import SourceSettings, TransferSettings
 from nbia_sync.errors import RetryableError
 from nbia_sync.redaction import redact_text
+from nbia_sync.tls import verified_context
 
 log = structlog.get_logger(__name__)
 
@@ -121,8 +123,11 @@ class NbiaClient:
 
     def _new_session(self) -> aiohttp.ClientSession:
         limit = self.source.max_connections or self.transfer.workers + QUERY_CONNECTIONS
-        ssl = self.source.verify_tls  # True: aiohttp's default context, verified
-        if not ssl and self.source.name not in _warned_insecure:
+        # Never ssl=True: aiohttp's own verified context has no trust store (see tls).
+        ssl: SSLContext | bool = False
+        if self.source.verify_tls:
+            ssl = verified_context()
+        elif self.source.name not in _warned_insecure:
             _warned_insecure.add(self.source.name)
             log.warning("client.tls_verification_off", source=self.source.name)
         connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ssl=ssl)
