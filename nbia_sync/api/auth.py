@@ -25,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import structlog
 import yarl
 
 from nbia_sync.api import bodies
+from nbia_sync.api._aiohttp import aiohttp
 from nbia_sync.api.retry import error_for_exception, error_for_status
 from nbia_sync.config import SourceSettings, TransferSettings
 from nbia_sync.errors import AuthError, RetryableError

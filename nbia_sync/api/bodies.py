@@ -24,8 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
+from nbia_sync.api._aiohttp import aiohttp
 from nbia_sync.api.retry import error_for_exception
 from nbia_sync.config import TransferSettings
 from nbia_sync.errors import PermanentError, RetryableError

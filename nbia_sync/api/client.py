@@ -20,11 +20,11 @@ from ssl import SSLContext
 from types import TracebackType
 from typing import Self, TypeVar
 
-import aiohttp
 import structlog
 
 from nbia_sync.api import _records as records
 from nbia_sync.api import bodies
+from nbia_sync.api._aiohttp import aiohttp
 from nbia_sync.api.auth import TokenSession
 from nbia_sync.api.dates import new_since_param, updated_series_param
 from nbia_sync.api.models import PatientInfo, SeriesInfo, SeriesSize, StudyInfo

@@ -42,7 +42,7 @@ def test_contexts_made_after_the_import_load_the_trust_store_again(
     one_ca: dict[str, str],
 ) -> None:
     code = (
-        "import ssl, nbia_sync.api; "
+        "import ssl, nbia_sync.api.client; "
         "print(ssl.create_default_context().cert_store_stats()['x509_ca'])"
     )
     assert _run(code, one_ca) == "1"
