@@ -305,12 +305,13 @@ class _Pass:
         )
         await self.store(found)
 
-    async def increments(self, listing: Coroutine[Any, Any, list[str]], since: date) -> None:
-        """getUpdatedSeries and each known collection's new-patient and new-study queries
-        in the same round as the archive's list of collections (``listing``): each waits
-        on the archive, not on the others. Then the collections new to the catalog are
-        listed in full."""
-        known = await self.catalog.sources.known_collections(self.source_id)
+    async def increments(
+        self, listing: Coroutine[Any, Any, list[str]], since: date, known: list[str]
+    ) -> None:
+        """getUpdatedSeries and each ``known`` collection's new-patient and new-study
+        queries in the same round as the archive's list of collections (``listing``): each
+        waits on the archive, not on the others. Then the collections new to the catalog
+        are listed in full."""
         if self.source.collections:  # the ones still asked for
             asked = {c.casefold() for c in self.source.collections}
             known = [c for c in known if c.casefold() in asked]
@@ -478,7 +479,8 @@ async def _discover_once(
     full_listing: bool,
 ) -> DiscoveryReport:
     started = datetime.now(UTC)
-    watermark = _not_after(await catalog.sources.get_watermark(source_id), started)
+    start = await catalog.sources.discovery_start(source_id)
+    watermark = _not_after(start.watermark, started)
     if watermark is not None and watermark < EARLIEST_RELEASE:
         # Stored before absurd dates were ignored (api/_records.py): list in full instead
         # of doing arithmetic on year 1.
@@ -486,9 +488,7 @@ async def _discover_once(
     full = (
         full_listing
         or options.full
-        or _full_listing_due(
-            watermark, await catalog.sources.last_full_listing_at(source_id), schedule
-        )
+        or _full_listing_due(watermark, start.last_full_listing_at, schedule)
     )
     work = _Pass(catalog, client, source, source_id)
     since = None
@@ -502,7 +502,7 @@ async def _discover_once(
         await work.full_listing(await _collections(client, source))
         listed = True
     else:
-        await work.increments(_collections(client, source), since)
+        await work.increments(_collections(client, source), since, start.collections)
     await client.confirm()  # before anything trusts an empty answer
     # Conflicts are judged, and released, only on a listing of whole collections.
     work.listing.full = listed

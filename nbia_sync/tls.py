@@ -8,11 +8,11 @@ an unverified one with aiohttp's unverified context, which needs no trust store.
 calls `prepare()` as soon as the config is read, so the one trust store loads in a thread
 while the rest of the program imports (OpenSSL releases the GIL meanwhile).
 
-`install()` (run by the api package, before anything imports aiohttp) imports aiohttp with
-`set_default_verify_paths` made a no-op in the importing thread only. aiohttp's verified
-context is then left without trust anchors: anything that used it by mistake would have
-every certificate refused, never accepted. If aiohttp is already imported, nothing is
-changed.
+`install()` (run by api/_aiohttp.py, through which the api modules import aiohttp)
+imports it with `set_default_verify_paths` made a no-op in the importing thread only.
+aiohttp's verified context is then left without trust anchors: anything that used it by
+mistake would have every certificate refused, never accepted. If aiohttp is already
+imported, nothing is changed.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import delete, func, insert, or_, select, update
@@ -24,8 +24,7 @@ from nbia_sync.catalog.membership import Membership, join
 from nbia_sync.catalog.models import SeriesState
 from nbia_sync.catalog.queue import Queue
 from nbia_sync.catalog.records import RunCounts, RunInfo, WorkerInfo
-from nbia_sync.catalog.sources import Sources
-from nbia_sync.catalog.tables import LOCKS, RUNS, SERIES, WORKERS, insert_for
+from nbia_sync.catalog.tables import LOCKS, RUNS, SERIES, SOURCES, WORKERS, insert_for
 from nbia_sync.clock import Clock
 from nbia_sync.config import Settings
 
@@ -69,17 +68,39 @@ def process_gone(pid: int, started: int | None) -> bool:
     return started is not None and now is not None and now != started
 
 
+async def _workers(conn: AsyncConnection, now: datetime) -> list[WorkerInfo]:
+    counted = await conn.execute(
+        select(SERIES.c.lease_owner, func.count())
+        .where(SERIES.c.state == SeriesState.DOWNLOADING)
+        .group_by(SERIES.c.lease_owner)
+    )
+    in_flight = {str(lease_owner): int(n) for lease_owner, n in counted}
+    rows = (await conn.execute(select(WORKERS).order_by(WORKERS.c.started_at))).all()
+    return [
+        WorkerInfo(
+            owner=r.owner,
+            host=r.host,
+            pid=r.pid,
+            run_id=r.run_id,
+            started_at=r.started_at,
+            heartbeat_at=r.heartbeat_at,
+            heartbeat_age=max(0.0, (now - r.heartbeat_at).total_seconds()),
+            in_flight=in_flight.get(r.owner, 0),
+        )
+        for r in rows
+    ]
+
+
 # ---- named locks ------------------------------------------------------------------------
 
 
 class Fleet:
     """Runs, the workers of the fleet and named lease locks; `join` to take part."""
 
-    def __init__(self, db: Database, *, queue: Queue, sources: Sources) -> None:
+    def __init__(self, db: Database, *, queue: Queue) -> None:
         self._db = db
-        # For members: leaving gives their leases back to the queue, and whether the
-        # fleet discovered a source already is read from the source's row.
-        self._queue, self._sources = queue, sources
+        # For members: leaving gives their leases back to the queue.
+        self._queue = queue
 
     @property
     def clock(self) -> Clock:
@@ -99,7 +120,6 @@ class Fleet:
         return join(
             self,
             self._queue,
-            self._sources,
             settings,
             owner=owner,
             host=host,
@@ -270,28 +290,18 @@ class Fleet:
         return sorted(dead)
 
     async def workers(self) -> list[WorkerInfo]:
-        async def op(conn: AsyncConnection) -> list[WorkerInfo]:
-            counted = await conn.execute(
-                select(SERIES.c.lease_owner, func.count())
-                .where(SERIES.c.state == SeriesState.DOWNLOADING)
-                .group_by(SERIES.c.lease_owner)
+        return await self._db.run_read(lambda conn: _workers(conn, self._db.clock.now()))
+
+    async def discovery_and_workers(
+        self, source_id: int
+    ) -> tuple[datetime | None, list[WorkerInfo]]:
+        """When the source's last discovery committed, and the workers: one read."""
+
+        async def op(conn: AsyncConnection) -> tuple[datetime | None, list[WorkerInfo]]:
+            last = await conn.scalar(
+                select(SOURCES.c.last_discovery_at).where(SOURCES.c.id == source_id)
             )
-            in_flight = {str(lease_owner): int(n) for lease_owner, n in counted}
-            rows = (await conn.execute(select(WORKERS).order_by(WORKERS.c.started_at))).all()
-            now = self._db.clock.now()
-            return [
-                WorkerInfo(
-                    owner=r.owner,
-                    host=r.host,
-                    pid=r.pid,
-                    run_id=r.run_id,
-                    started_at=r.started_at,
-                    heartbeat_at=r.heartbeat_at,
-                    heartbeat_age=max(0.0, (now - r.heartbeat_at).total_seconds()),
-                    in_flight=in_flight.get(r.owner, 0),
-                )
-                for r in rows
-            ]
+            return last, await _workers(conn, self._db.clock.now())
 
         return await self._db.run_read(op)
 

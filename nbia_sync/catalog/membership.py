@@ -27,7 +27,6 @@ from nbia_sync.errors import CatalogError, sole_error
 if TYPE_CHECKING:
     from nbia_sync.catalog.fleet import Fleet
     from nbia_sync.catalog.queue import Queue
-    from nbia_sync.catalog.sources import Sources
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +48,6 @@ class Membership:
         self,
         fleet: Fleet,
         queue: Queue,
-        sources: Sources,
         settings: Settings,
         *,
         owner: str,
@@ -59,7 +57,7 @@ class Membership:
         on_heartbeat: Callable[[], None] | None = None,
     ) -> None:
         self.owner, self.host, self.pid, self.run_id = owner, host, pid, run_id
-        self._fleet, self._queue, self._sources = fleet, queue, sources
+        self._fleet, self._queue = fleet, queue
         self._clock = fleet.clock
         self._on_heartbeat = on_heartbeat
         # Seconds without a heartbeat after which a worker counts as dead.
@@ -98,12 +96,11 @@ class Membership:
         process that runs after the others have finished (a later sync, the daemon's next
         pass) discovers for itself.
         """
-        last = await self._sources.last_discovery_at(source_id)
+        last, workers = await self._fleet.discovery_and_workers(source_id)
         if last is None:
             return False
         if (self._clock.now() - last).total_seconds() >= self.fresh_for:
             return False
-        workers = await self._fleet.workers()
         starts = [w.started_at for w in workers if w.is_live(self.stale_after)]
         return bool(starts) and last >= min(starts)
 
@@ -214,7 +211,6 @@ class Membership:
 async def join(
     fleet: Fleet,
     queue: Queue,
-    sources: Sources,
     settings: Settings,
     *,
     owner: str,
@@ -227,7 +223,6 @@ async def join(
     me = Membership(
         fleet,
         queue,
-        sources,
         settings,
         owner=owner,
         host=host,

@@ -9,6 +9,15 @@ from nbia_sync.catalog.models import SeriesState
 
 
 @dataclass(frozen=True, slots=True)
+class DiscoveryStart:
+    """What a discovery pass starts from: the source's row and its known collections."""
+
+    watermark: datetime | None  # the newest release date a committed pass saw
+    last_full_listing_at: datetime | None
+    collections: list[str]  # sorted
+
+
+@dataclass(frozen=True, slots=True)
 class UpsertResult:
     new: int = 0
     changed: int = 0

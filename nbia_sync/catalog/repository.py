@@ -40,7 +40,7 @@ class Catalog:
         self._db = db
         self.sources = Sources(db)
         self.queue = Queue(db)
-        self.fleet = Fleet(db, queue=self.queue, sources=self.sources)
+        self.fleet = Fleet(db, queue=self.queue)
 
     # ---- lifecycle ----------------------------------------------------------------------
 

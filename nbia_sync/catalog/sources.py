@@ -37,7 +37,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from nbia_sync.api.models import PatientInfo, SeriesInfo, StudyInfo
 from nbia_sync.catalog.db import Database
 from nbia_sync.catalog.models import SeriesState
-from nbia_sync.catalog.records import PlacedWithdrawn, UpsertResult, WithdrawnInfo
+from nbia_sync.catalog.records import (
+    DiscoveryStart,
+    PlacedWithdrawn,
+    UpsertResult,
+    WithdrawnInfo,
+)
 from nbia_sync.catalog.tables import (
     COLLECTIONS,
     INSTANCES,
@@ -463,6 +468,15 @@ def _in_collection(collection: str) -> Any:
 # ---- the source rows --------------------------------------------------------------------
 
 
+async def _known_collections(conn: AsyncConnection, source_id: int) -> list[str]:
+    rows = await conn.execute(
+        select(COLLECTIONS.c.name)
+        .where(COLLECTIONS.c.source_id == source_id)
+        .order_by(COLLECTIONS.c.name)
+    )
+    return [str(n) for n in rows.scalars()]
+
+
 async def _source_column(db: Database, source_id: int, column: Any) -> datetime | None:
     async def op(conn: AsyncConnection) -> datetime | None:
         value = await conn.scalar(select(column).where(SOURCES.c.id == source_id))
@@ -476,9 +490,30 @@ class Sources:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._ensured: dict[tuple[str, str, str], int] = {}  # (name, url, api) -> id
 
     async def ensure_source(self, source: SourceSettings) -> int:
-        """The source's id, creating its row (or updating its url/api) as needed."""
+        """The source's id, creating its row (or updating its url/api) as needed.
+
+        Asked once a pass by discovery and once by the drain: the answer is kept (a source
+        row is never renamed or deleted), and a row already as configured is only read,
+        so a pass takes no write lock for it."""
+        key = (source.name, source.url, source.api)
+        known = self._ensured.get(key)
+        if known is not None:
+            return known
+
+        async def read(conn: AsyncConnection) -> int | None:
+            row = (
+                await conn.execute(
+                    select(SOURCES.c.id).where(
+                        SOURCES.c.name == source.name,
+                        SOURCES.c.url == source.url,
+                        SOURCES.c.api == source.api,
+                    )
+                )
+            ).first()
+            return None if row is None else int(row.id)
 
         async def op(conn: AsyncConnection) -> int:
             # Insert-if-absent first: fleet processes starting together must not collide.
@@ -502,17 +537,15 @@ class Sources:
                 )
             return int(row.id)
 
-        return await self._db.run_write(op)
+        found = await self._db.run_read(read)
+        self._ensured[key] = found if found is not None else await self._db.run_write(op)
+        return self._ensured[key]
 
     async def get_watermark(self, source_id: int) -> datetime | None:
         return await _source_column(self._db, source_id, SOURCES.c.watermark)
 
     async def last_full_listing_at(self, source_id: int) -> datetime | None:
         return await _source_column(self._db, source_id, SOURCES.c.last_full_listing_at)
-
-    async def last_discovery_at(self, source_id: int) -> datetime | None:
-        """When a discovery of the source (by any process of the fleet) last committed."""
-        return await _source_column(self._db, source_id, SOURCES.c.last_discovery_at)
 
     async def set_watermark(
         self, source_id: int, value: datetime | None, *, full_listing: bool = False
@@ -538,13 +571,23 @@ class Sources:
         await _insert_absent(self._db, COLLECTIONS, rows, ["source_id", "name"])
 
     async def known_collections(self, source_id: int) -> list[str]:
-        async def op(conn: AsyncConnection) -> list[str]:
-            rows = await conn.execute(
-                select(COLLECTIONS.c.name)
-                .where(COLLECTIONS.c.source_id == source_id)
-                .order_by(COLLECTIONS.c.name)
-            )
-            return [str(n) for n in rows.scalars()]
+        return await self._db.run_read(lambda conn: _known_collections(conn, source_id))
+
+    async def discovery_start(self, source_id: int) -> DiscoveryStart:
+        """Watermark, last full listing and known collections: one read."""
+
+        async def op(conn: AsyncConnection) -> DiscoveryStart:
+            row = (
+                await conn.execute(
+                    select(SOURCES.c.watermark, SOURCES.c.last_full_listing_at).where(
+                        SOURCES.c.id == source_id
+                    )
+                )
+            ).first()
+            collections = await _known_collections(conn, source_id)
+            if row is None:
+                return DiscoveryStart(None, None, collections)
+            return DiscoveryStart(row.watermark, row.last_full_listing_at, collections)
 
         return await self._db.run_read(op)
 
@@ -600,6 +643,8 @@ class Sources:
     async def finish_listing(self, source_id: int, listing: Listing) -> UpsertResult:
         """End of a pass: hold its conflicts, apply its moves, and (full listing) release the
         conflicts it saw resolved. Counts moves as changed and newly held series as conflicts."""
+        if not (listing.full or listing.moves or listing.conflicts):
+            return UpsertResult()  # nothing to judge: no write transaction
 
         async def op(conn: AsyncConnection) -> UpsertResult:
             now = self._db.clock.now()
